@@ -1,0 +1,1 @@
+"""Beluga: a KV-cache store on a shared (CXL) memory pool. Imports nothing from testbed."""

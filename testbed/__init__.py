@@ -1,0 +1,1 @@
+"""beluga-testbed: emulated CXL memory pools shared by QEMU hosts."""
