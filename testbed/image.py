@@ -1,0 +1,403 @@
+"""The guest image: a recipe in images/, built into a cache folder keyed by the recipe's hash.
+
+A built image is a folder `<cache>/images/<key>/` holding `vmlinuz`, `initrd.img`,
+`rootfs.raw` and `manifest.json`. It is built in a temporary folder next to it and
+renamed into place only when complete, so an interrupted build never looks good.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import gzip
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import paths
+from .initrd import CpioWriter
+from .log import TestbedError, info, step
+
+# Bump when the build logic changes in a way that changes the image: it is part
+# of the key, like the files of the recipe.
+BUILDER_VERSION = "1"
+API_VERSION = "beluga.testbed/v1alpha1"
+RECIPE_FILE = "recipe.yaml"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    suite: str
+    variant: str
+    packages: tuple[str, ...]
+    strip: tuple[str, ...]
+    disk_size_mib: int
+    initrd_modules: tuple[str, ...]
+    kernel_cmdline: str
+    source: Path
+
+    @property
+    def key(self) -> str:
+        return recipe_key(self.source)
+
+
+@dataclass(frozen=True)
+class Image:
+    key: str
+    path: Path
+    manifest: dict
+
+    @property
+    def kernel(self) -> Path:
+        return self.path / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.path / "initrd.img"
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "rootfs.raw"
+
+    @property
+    def kernel_cmdline(self) -> str:
+        return self.manifest["kernel_cmdline"]
+
+
+_FIELDS = {
+    "apiVersion": str, "kind": str, "name": str, "suite": str, "variant": str,
+    "packages": list, "strip": list, "disk_size_mib": int, "initrd_modules": list,
+    "kernel_cmdline": str,
+}
+
+
+def load_recipe(src: Path | None = None) -> Recipe:
+    src = src or paths.images_src()
+    file = src / RECIPE_FILE
+    try:
+        data = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise TestbedError(f"{file}: cannot read the image recipe: {e}") from None
+    errors = []
+    if not isinstance(data, dict):
+        raise TestbedError(f"{file}: expected a mapping of recipe fields")
+    for k in data:
+        if k not in _FIELDS:
+            errors.append(f"{file}: {k}: unknown field (known: {', '.join(_FIELDS)})")
+    for k, typ in _FIELDS.items():
+        if k not in data:
+            errors.append(f"{file}: {k}: missing (expected a {typ.__name__})")
+        elif not isinstance(data[k], typ):
+            errors.append(f"{file}: {k}: expected a {typ.__name__}, got {type(data[k]).__name__}")
+    if not errors and data["apiVersion"] != API_VERSION:
+        errors.append(f"{file}: apiVersion: expected {API_VERSION!r}, got {data['apiVersion']!r}")
+    if not errors and data["kind"] != "ImageRecipe":
+        errors.append(f"{file}: kind: expected 'ImageRecipe', got {data['kind']!r}")
+    if errors:
+        raise TestbedError("\n".join(errors))
+    return Recipe(
+        name=data["name"], suite=data["suite"], variant=data["variant"],
+        packages=tuple(data["packages"]), strip=tuple(data["strip"]),
+        disk_size_mib=data["disk_size_mib"], initrd_modules=tuple(data["initrd_modules"]),
+        kernel_cmdline=" ".join(data["kernel_cmdline"].split()), source=src,
+    )
+
+
+def recipe_key(src: Path | None = None) -> str:
+    """sha256 over every file of the recipe folder (path, mode's exec bit, bytes) and
+    the builder version; the first 16 hex digits name the image."""
+    src = src or paths.images_src()
+    h = hashlib.sha256(f"builder {BUILDER_VERSION}\n".encode())
+    for f in sorted(p for p in src.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        rel = f.relative_to(src).as_posix()
+        if rel == "README.md":
+            continue
+        h.update(f"{rel}\0{'x' if os.access(f, os.X_OK) else '-'}\0{f.stat().st_size}\0".encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def images_dir() -> Path:
+    return paths.cache_dir() / "images"
+
+
+def list_images() -> list[Image]:
+    out = []
+    d = images_dir()
+    if not d.is_dir():
+        return out
+    for p in sorted(d.iterdir()):
+        m = p / "manifest.json"
+        if p.is_dir() and not p.name.startswith(".") and m.is_file():
+            out.append(Image(key=p.name, path=p, manifest=json.loads(m.read_text())))
+    return out
+
+
+def find_image(key: str | None = None) -> Image | None:
+    """The image built from the current recipe (or the given key), if present and complete."""
+    key = key or recipe_key()
+    p = images_dir() / key
+    m = p / "manifest.json"
+    if not m.is_file():
+        return None
+    img = Image(key=key, path=p, manifest=json.loads(m.read_text()))
+    if not all(f.is_file() for f in (img.kernel, img.initrd, img.disk)):
+        return None
+    return img
+
+
+def require_image() -> Image:
+    img = find_image()
+    if img is None:
+        raise TestbedError(
+            f"no guest image for the current recipe (key {recipe_key()})",
+            hint="run 'beluga-testbed image build' (about 2 minutes)",
+        )
+    return img
+
+
+def remove_images(keys: list[str], all_: bool = False) -> list[str]:
+    removed = []
+    d = images_dir()
+    targets = [i.key for i in list_images()] if all_ else keys
+    for k in targets:
+        p = d / k
+        if not p.is_dir() or not re.fullmatch(r"[0-9a-f]{16}", k):
+            raise TestbedError(f"no image {k!r}", hint="'beluga-testbed image list' shows the keys")
+        shutil.rmtree(p)
+        removed.append(k)
+    # Leftovers of interrupted builds.
+    if all_ and d.is_dir():
+        for p in d.glob(".build-*"):
+            shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def apt_mirror() -> str:
+    """The Debian mirror: `BELUGA_TESTBED_MIRROR`, else the one the host's apt uses."""
+    if env := os.environ.get("BELUGA_TESTBED_MIRROR"):
+        return env
+    files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for f in files:
+        try:
+            text = f.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("#") or "security" in line:
+                continue
+            m = re.search(r"(https?://\S*/debian)/?(\s|$)", line)
+            if m:
+                return m.group(1)
+    raise TestbedError(
+        "no Debian mirror found in /etc/apt/sources.list*",
+        hint="set BELUGA_TESTBED_MIRROR to a Debian mirror URL",
+    )
+
+
+def build(*, force: bool = False, log_path: Path | None = None) -> tuple[Image, bool]:
+    """Build the image of the current recipe unless it is up to date.
+    Returns the image and whether it was built now."""
+    recipe = load_recipe()
+    key = recipe.key
+    if not force and (img := find_image(key)):
+        return img, False
+    if os.geteuid() != 0:
+        raise TestbedError("building the guest image needs root (debootstrap, device nodes)",
+                           hint="run it as root, or 'sudo make image'")
+    for tool in ("debootstrap", "mkfs.ext4"):
+        if not shutil.which(tool):
+            raise TestbedError(f"{tool} not found", hint="run 'make setup'")
+    images_dir().mkdir(parents=True, exist_ok=True)
+    work = images_dir() / f".build-{key}-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    # The log lives beside the build folder, so it survives a failed build.
+    log_path = log_path or images_dir() / f"build-{key}.log"
+    log_path.unlink(missing_ok=True)
+    timings: dict[str, float] = {}
+    t_all = time.monotonic()
+    try:
+        rootfs = work / "rootfs"
+        with open(log_path, "a") as log:
+            mirror = apt_mirror()
+            t = time.monotonic()
+            with step(f"debootstrap {recipe.suite} ({len(recipe.packages)} packages, from {mirror}; log {log_path})"):
+                debs = paths.cache_dir() / "debs"
+                debs.mkdir(parents=True, exist_ok=True)
+                _run(["debootstrap", f"--variant={recipe.variant}", f"--include={','.join(recipe.packages)}",
+                      f"--cache-dir={debs}", recipe.suite, str(rootfs), mirror], log)
+            timings["debootstrap_s"] = time.monotonic() - t
+            t = time.monotonic()
+            with step("configure the guest (init, sshd, kmem blocked)"):
+                kver = _configure(recipe, rootfs)
+            timings["configure_s"] = time.monotonic() - t
+            t = time.monotonic()
+            with step(f"tiny initrd ({', '.join(recipe.initrd_modules)})"):
+                _write_initrd(recipe, rootfs, kver, work / "initrd.img")
+                shutil.copy2(rootfs / "boot" / f"vmlinuz-{kver}", work / "vmlinuz")
+            timings["initrd_s"] = time.monotonic() - t
+            versions = _package_versions(rootfs, ["linux-image-amd64", "cxl", "ndctl", "daxctl", "python3", "python3-numpy", "openssh-server"])
+            rootfs_bytes = _du(rootfs)
+            t = time.monotonic()
+            with step(f"disk image ({recipe.disk_size_mib} MiB ext4, {rootfs_bytes / 2**20:.0f} MiB used)"):
+                _run(["mkfs.ext4", "-q", "-F", "-L", "beluga-root", "-d", str(rootfs),
+                      "-E", "root_owner=0:0", str(work / "rootfs.raw"), f"{recipe.disk_size_mib}M"], log)
+            timings["mkfs_s"] = time.monotonic() - t
+            shutil.rmtree(rootfs)
+        manifest = {
+            "key": key,
+            "name": recipe.name,
+            "suite": recipe.suite,
+            "kernel_version": kver,
+            "kernel_cmdline": recipe.kernel_cmdline,
+            "packages": versions,
+            "rootfs_bytes": rootfs_bytes,
+            "disk_allocated_bytes": (work / "rootfs.raw").stat().st_blocks * 512,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "build_s": round(time.monotonic() - t_all, 1),
+            "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        }
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        dest = images_dir() / key
+        if dest.exists():
+            shutil.rmtree(dest)
+        work.rename(dest)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return find_image(key), True  # type: ignore[return-value]
+
+
+def _run(argv: list[str], log) -> None:
+    log.write(f"$ {' '.join(argv)}\n")
+    log.flush()
+    r = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise TestbedError(f"{argv[0]} failed (exit {r.returncode})", hint=f"see {log.name}")
+
+
+def _configure(recipe: Recipe, rootfs: Path) -> str:
+    """Copy the recipe's rootfs overlay in, make busybox PID 1, strip what guests never read."""
+    overlay = recipe.source / "rootfs"
+    for f in sorted(overlay.rglob("*")):
+        dest = rootfs / f.relative_to(overlay)
+        if f.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest)
+    init = rootfs / "usr/lib/beluga/init"
+    init.unlink(missing_ok=True)
+    # busybox picks the applet from argv[0]'s basename: this link runs `init`.
+    init.symlink_to("/bin/busybox")
+    (rootfs / "etc/hostname").write_text("beluga\n")
+    (rootfs / "etc/hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
+    for pattern in recipe.strip:
+        for p in rootfs.glob(pattern):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+                p.mkdir()
+            else:
+                p.unlink()
+    kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise TestbedError(f"expected one kernel in the rootfs' /boot, found {[k.name for k in kernels]}")
+    return kernels[0].name.removeprefix("vmlinuz-")
+
+
+def _write_initrd(recipe: Recipe, rootfs: Path, kver: str, out: Path) -> None:
+    moddir = rootfs / "lib/modules" / kver
+    deps = _modules_dep(moddir / "modules.dep")
+    by_name = {_modname(p): p for p in deps}
+    order: list[str] = []
+
+    def visit(rel: str) -> None:
+        for d in deps[rel]:
+            visit(d)
+        if rel not in order:
+            order.append(rel)
+
+    for name in recipe.initrd_modules:
+        rel = by_name.get(name.replace("-", "_"))
+        if rel is None:
+            # Built into the kernel: nothing to load.
+            if name in (moddir / "modules.builtin").read_text():
+                continue
+            raise TestbedError(f"initrd module {name!r} not found in {moddir}")
+        visit(rel)
+    with CpioWriter(out) as cpio:
+        for d in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"):
+            cpio.directory(d)
+        cpio.char_device("dev/console", 5, 1)
+        cpio.file("bin/busybox", (rootfs / "bin/busybox").read_bytes(), 0o755)
+        cpio.file("init", (recipe.source / "initrd/init").read_bytes(), 0o755)
+        names = []
+        for rel in order:
+            name = _modname(rel) + ".ko"
+            cpio.file(f"lib/modules/{name}", _read_module(moddir / rel), 0o644)
+            names.append(name)
+        cpio.file("modules.order", ("\n".join(names) + "\n").encode(), 0o644)
+
+
+def _modules_dep(path: Path) -> dict[str, list[str]]:
+    deps = {}
+    for line in path.read_text().splitlines():
+        mod, _, rest = line.partition(":")
+        deps[mod] = rest.split()
+    return deps
+
+
+def _modname(rel: str) -> str:
+    base = rel.rsplit("/", 1)[-1]
+    return base.split(".ko")[0].replace("-", "_")
+
+
+def _read_module(p: Path) -> bytes:
+    # busybox insmod hands the bytes to init_module(): decompress here.
+    data = p.read_bytes()
+    if p.name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if p.name.endswith(".ko.gz"):
+        return gzip.decompress(data)
+    if p.name.endswith(".ko"):
+        return data
+    raise TestbedError(f"{p}: unsupported module compression")
+
+
+def _package_versions(rootfs: Path, names: list[str]) -> dict[str, str]:
+    status = (rootfs / "var/lib/dpkg/status").read_text()
+    out = {}
+    for block in status.split("\n\n"):
+        fields = dict(re.findall(r"^([A-Za-z-]+): (.*)$", block, re.M))
+        if fields.get("Package") in names and "installed" in fields.get("Status", ""):
+            out[fields["Package"]] = fields.get("Version", "?")
+    return out
+
+
+def _du(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def describe(img: Image) -> dict:
+    m = dict(img.manifest)
+    m["path"] = str(img.path)
+    m["current"] = img.key == recipe_key()
+    return m
+
+

@@ -1,0 +1,537 @@
+"""Topology files: versioned YAML describing the hosts and the CXL fabric they share.
+
+Parsed once, validated once (every error gathered, each with file:line and the YAML
+path), then passed around as frozen dataclasses. Imports nothing else of the project.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+API_VERSION = "beluga.testbed/v1alpha1"
+BUILTIN_DIR = Path(__file__).resolve().parent / "topologies"
+
+# What the Linux CXL driver accepts (drivers/cxl: eiw/eig encodings).
+KERNEL_WAYS = (1, 2, 3, 4, 6, 8, 12, 16)
+KERNEL_GRANULARITIES = (256, 512, 1024, 2048, 4096, 8192, 16384)
+DEVICE_SIZE_ALIGN_MIB = 256  # CXL decoders map in 256 MiB units
+MAX_HOSTS = 8
+
+
+class TopologyError(Exception):
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    vcpus: int
+    memory_mib: int
+
+
+@dataclass(frozen=True)
+class Device:
+    id: str
+    size_mib: int
+    serial: int
+
+    @property
+    def size_bytes(self) -> int:
+        return self.size_mib << 20
+
+
+@dataclass(frozen=True)
+class DownstreamPort:
+    id: str
+    index: int
+    device: str | None
+
+
+@dataclass(frozen=True)
+class Switch:
+    id: str
+    ports: tuple[DownstreamPort, ...]
+
+
+@dataclass(frozen=True)
+class RootPort:
+    id: str
+    index: int
+    switch: Switch | None
+    device: str | None
+
+
+@dataclass(frozen=True)
+class HostBridge:
+    id: str
+    bus_nr: int
+    root_ports: tuple[RootPort, ...]
+
+
+@dataclass(frozen=True)
+class Window:
+    id: str
+    size_mib: int
+    targets: tuple[str, ...]
+    granularity_bytes: int
+
+
+@dataclass(frozen=True)
+class Pool:
+    window: str
+    devices: tuple[str, ...]  # in interleave order: position i is devices[i]
+    granularity_bytes: int
+
+
+@dataclass(frozen=True)
+class Topology:
+    name: str
+    description: str
+    source: str
+    hosts: tuple[Host, ...]
+    host_bridges: tuple[HostBridge, ...]
+    devices: tuple[Device, ...]
+    windows: tuple[Window, ...]
+    pool: Pool
+
+    def device(self, id: str) -> Device:
+        return next(d for d in self.devices if d.id == id)
+
+    def window(self, id: str) -> Window:
+        return next(w for w in self.windows if w.id == id)
+
+    def host(self, name: str) -> Host:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+    @property
+    def pool_size_bytes(self) -> int:
+        return sum(self.device(d).size_bytes for d in self.pool.devices)
+
+    def host_bridge_of(self, device_id: str) -> str:
+        for hb in self.host_bridges:
+            for rp in hb.root_ports:
+                if rp.device == device_id:
+                    return hb.id
+                if rp.switch and any(p.device == device_id for p in rp.switch.ports):
+                    return hb.id
+        raise KeyError(device_id)
+
+    def port_of(self, device_id: str) -> str:
+        for hb in self.host_bridges:
+            for rp in hb.root_ports:
+                if rp.device == device_id:
+                    return rp.id
+                for p in rp.switch.ports if rp.switch else ():
+                    if p.device == device_id:
+                        return p.id
+        raise KeyError(device_id)
+
+
+# ---------------------------------------------------------------- YAML with lines
+
+class _Doc:
+    """Plain data from YAML plus the line of every node, by path."""
+
+    def __init__(self, file: str, text: str) -> None:
+        self.file = file
+        self.lines: dict[tuple, int] = {}
+        try:
+            node = yaml.compose(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise TopologyError([f"{file}{line}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
+        self.data = self._plain(node, ()) if node is not None else None
+
+    def _plain(self, node: yaml.Node, path: tuple) -> Any:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out = {}
+            for k, v in node.value:
+                key = k.value
+                self.lines[path + (key,)] = k.start_mark.line + 1
+                out[key] = self._plain(v, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self._plain(v, path + (i,)) for i, v in enumerate(node.value)]
+        return yaml.safe_load(yaml.serialize(node))
+
+    def line(self, path: tuple) -> int:
+        while path and path not in self.lines:
+            path = path[:-1]
+        return self.lines.get(path, 1)
+
+
+def _fmt_path(path: tuple) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top)"
+
+
+class _Checker:
+    def __init__(self, doc: _Doc) -> None:
+        self.doc = doc
+        self.errors: list[str] = []
+
+    def err(self, path: tuple, msg: str) -> None:
+        self.errors.append(f"{self.doc.file}:{self.doc.line(path)}: {_fmt_path(path)}: {msg}")
+
+    def mapping(self, value: Any, path: tuple, required: dict[str, type], optional: dict[str, type]) -> dict | None:
+        if not isinstance(value, dict):
+            self.err(path, f"expected a mapping, got {_typename(value)}")
+            return None
+        known = {**required, **optional}
+        for k in value:
+            if k not in known:
+                close = difflib.get_close_matches(str(k), known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
+                self.err(path + (k,), f"unknown key{hint}")
+        for k in required:
+            if k not in value:
+                self.err(path, f"missing required key '{k}'")
+        ok = {}
+        for k, typ in known.items():
+            if k in value:
+                v = value[k]
+                if typ is int and (not isinstance(v, int) or isinstance(v, bool)):
+                    self.err(path + (k,), f"expected an integer, got {_typename(v)} {v!r}")
+                elif typ is not int and not isinstance(v, typ):
+                    self.err(path + (k,), f"expected {_typename_of(typ)}, got {_typename(v)}")
+                else:
+                    ok[k] = v
+        return ok
+
+
+def _typename(v: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer", bool: "a boolean",
+            float: "a number", type(None): "nothing"}.get(type(v), type(v).__name__)
+
+
+def _typename_of(t: type) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer"}.get(t, t.__name__)
+
+
+# ---------------------------------------------------------------- loading
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def resolve(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or "/" in name_or_path:
+        if not p.is_file():
+            raise TopologyError([f"{name_or_path}: no such topology file"])
+        return p
+    builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return builtin
+    close = difflib.get_close_matches(name_or_path, builtin_names(), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise TopologyError([f"{name_or_path}: no built-in topology of that name ({hint}built in: "
+                         f"{', '.join(builtin_names())}); give a path to use a file"])
+
+
+def load(name_or_path: str) -> Topology:
+    path = resolve(name_or_path)
+    shown = path.name if path.parent == BUILTIN_DIR else str(path)
+    return parse(path.read_text(), shown)
+
+
+def parse(text: str, file: str = "<topology>") -> Topology:
+    doc = _Doc(file, text)
+    c = _Checker(doc)
+    top = c.mapping(doc.data, (), {"apiVersion": str, "kind": str, "name": str, "hosts": object,
+                                   "host_bridges": list, "devices": list, "windows": list, "pool": dict},
+                    {"description": str})
+    if top is None:
+        raise TopologyError(c.errors)
+    if top.get("apiVersion") not in (None, API_VERSION):
+        c.err(("apiVersion",), f"expected '{API_VERSION}', got '{top['apiVersion']}'")
+    if top.get("kind") not in (None, "Topology"):
+        c.err(("kind",), f"expected 'Topology', got '{top['kind']}'")
+
+    hosts = _hosts(c, doc.data.get("hosts"), ("hosts",)) if "hosts" in doc.data else []
+    devices = _devices(c, top.get("devices", []))
+    dev_ids = {d.id for d in devices}
+    bridges, attached = _bridges(c, top.get("host_bridges", []), dev_ids)
+    windows = _windows(c, top.get("windows", []), {b.id for b in bridges})
+    pool = _pool(c, top.get("pool"), windows, devices, bridges, attached)
+
+    # Unique ids across the whole fabric: they become QEMU ids and QOM paths.
+    seen: dict[str, tuple] = {}
+    all_ids: list[tuple[str, tuple]] = []
+    for i, b in enumerate(bridges):
+        all_ids.append((b.id, ("host_bridges", i, "id")))
+        for j, rp in enumerate(b.root_ports):
+            all_ids.append((rp.id, ("host_bridges", i, "root_ports", j, "id")))
+            if rp.switch:
+                all_ids.append((rp.switch.id, ("host_bridges", i, "root_ports", j, "switch", "id")))
+                all_ids.extend((p.id, ("host_bridges", i, "root_ports", j, "switch")) for p in rp.switch.ports)
+    all_ids += [(d.id, ("devices", i, "id")) for i, d in enumerate(devices)]
+    all_ids += [(w.id, ("windows", i, "id")) for i, w in enumerate(windows)]
+    for id_, path in all_ids:
+        if id_ in seen:
+            c.err(path, f"duplicate id '{id_}' (first used at line {doc.line(seen[id_])})")
+        else:
+            seen[id_] = path
+    bus_nrs: dict[int, int] = {}
+    for i, b in enumerate(bridges):
+        if b.bus_nr in bus_nrs:
+            c.err(("host_bridges", i, "bus_nr"), f"bus number {b.bus_nr} already used by host_bridges[{bus_nrs[b.bus_nr]}]")
+        bus_nrs[b.bus_nr] = i
+
+    if c.errors:
+        raise TopologyError(c.errors)
+    return Topology(name=top["name"], description=top.get("description", ""), source=file,
+                    hosts=tuple(hosts), host_bridges=tuple(bridges), devices=tuple(devices),
+                    windows=tuple(windows), pool=pool)  # type: ignore[arg-type]
+
+
+def _hosts(c: _Checker, value: Any, path: tuple) -> list[Host]:
+    out: list[Host] = []
+    if isinstance(value, dict):
+        m = c.mapping(value, path, {"count": int}, {"vcpus": int, "memory_mib": int, "name_prefix": str})
+        if m is None or "count" not in m:
+            return out
+        if not 1 <= m["count"] <= MAX_HOSTS:
+            c.err(path + ("count",), f"expected 1 to {MAX_HOSTS} hosts, got {m['count']}")
+            return out
+        prefix = m.get("name_prefix", "host")
+        specs = [({"name": f"{prefix}{i}", "vcpus": m.get("vcpus", 1), "memory_mib": m.get("memory_mib", 1024)}, path)
+                 for i in range(m["count"])]
+    elif isinstance(value, list):
+        if not 1 <= len(value) <= MAX_HOSTS:
+            c.err(path, f"expected 1 to {MAX_HOSTS} hosts, got {len(value)}")
+        specs = []
+        for i, h in enumerate(value):
+            m = c.mapping(h, path + (i,), {"name": str}, {"vcpus": int, "memory_mib": int})
+            if m and "name" in m:
+                specs.append(({"vcpus": 1, "memory_mib": 1024, **m}, path + (i,)))
+    else:
+        c.err(path, f"expected a mapping with 'count' or a list of hosts, got {_typename(value)}")
+        return out
+    names: set[str] = set()
+    for spec, p in specs:
+        if spec["vcpus"] < 1:
+            c.err(p + ("vcpus",), f"expected at least 1 vCPU, got {spec['vcpus']}")
+        if spec["memory_mib"] < 512:
+            c.err(p + ("memory_mib",), f"expected at least 512 MiB (the guest kernel and sshd need it), got {spec['memory_mib']}")
+        if spec["name"] in names:
+            c.err(p + ("name",), f"duplicate host name '{spec['name']}'")
+        if not spec["name"].replace("-", "").isalnum():
+            c.err(p + ("name",), f"expected letters, digits and '-', got '{spec['name']}'")
+        names.add(spec["name"])
+        out.append(Host(name=spec["name"], vcpus=spec["vcpus"], memory_mib=spec["memory_mib"]))
+    return out
+
+
+def _devices(c: _Checker, value: list) -> list[Device]:
+    out = []
+    serials: dict[int, int] = {}
+    for i, d in enumerate(value):
+        p = ("devices", i)
+        m = c.mapping(d, p, {"id": str, "size_mib": int, "serial": int}, {})
+        if not m or len(m) < 3:
+            continue
+        if m["size_mib"] <= 0 or m["size_mib"] % DEVICE_SIZE_ALIGN_MIB:
+            c.err(p + ("size_mib",), f"expected a positive multiple of {DEVICE_SIZE_ALIGN_MIB} MiB "
+                                     f"(CXL decoders map 256 MiB units), got {m['size_mib']}")
+        if m["serial"] in serials:
+            c.err(p + ("serial",), f"serial {m['serial']:#x} already used by devices[{serials[m['serial']]}]: "
+                                   "serial numbers tell the devices apart inside the guests")
+        serials[m["serial"]] = i
+        out.append(Device(id=m["id"], size_mib=m["size_mib"], serial=m["serial"]))
+    return out
+
+
+def _bridges(c: _Checker, value: list, dev_ids: set[str]) -> tuple[list[HostBridge], dict[str, tuple]]:
+    out = []
+    attached: dict[str, tuple] = {}
+
+    def attach(dev: str, path: tuple) -> None:
+        if dev not in dev_ids:
+            close = difflib.get_close_matches(dev, dev_ids, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            c.err(path, f"unknown device '{dev}' ({hint}known: {', '.join(sorted(dev_ids))})")
+        elif dev in attached:
+            c.err(path, f"device '{dev}' is already attached at {_fmt_path(attached[dev])}")
+        else:
+            attached[dev] = path
+
+    for i, b in enumerate(value):
+        p = ("host_bridges", i)
+        m = c.mapping(b, p, {"id": str, "bus_nr": int, "root_ports": list}, {})
+        if not m or len(m) < 3:
+            continue
+        if not 1 <= m["bus_nr"] <= 254:
+            c.err(p + ("bus_nr",), f"expected a PCI bus number 1..254, got {m['bus_nr']}")
+        rps = []
+        for j, rp in enumerate(m["root_ports"]):
+            rpp = p + ("root_ports", j)
+            r = c.mapping(rp, rpp, {"id": str}, {"switch": dict, "device": str})
+            if not r or "id" not in r:
+                continue
+            if ("switch" in r) == ("device" in r):
+                c.err(rpp, "expected exactly one of 'switch' or 'device' below a root port")
+                continue
+            sw = None
+            if "device" in r:
+                attach(r["device"], rpp + ("device",))
+            else:
+                sp = rpp + ("switch",)
+                s = c.mapping(r["switch"], sp, {"id": str, "downstream_ports": int, "devices": list}, {})
+                if not s or len(s) < 3:
+                    continue
+                if s["downstream_ports"] < 1:
+                    c.err(sp + ("downstream_ports",), f"expected at least 1 downstream port, got {s['downstream_ports']}")
+                if len(s["devices"]) > s["downstream_ports"]:
+                    c.err(sp + ("devices",), f"{len(s['devices'])} devices below switch '{s['id']}' but only "
+                                             f"{s['downstream_ports']} downstream ports")
+                ports = []
+                for k in range(max(s["downstream_ports"], 0)):
+                    dev = s["devices"][k] if k < len(s["devices"]) else None
+                    if dev is not None:
+                        if not isinstance(dev, str):
+                            c.err(sp + ("devices", k), f"expected a device id, got {_typename(dev)}")
+                            dev = None
+                        else:
+                            attach(dev, sp + ("devices", k))
+                    ports.append(DownstreamPort(id=f"{s['id']}-dsp{k}", index=k, device=dev))
+                sw = Switch(id=s["id"], ports=tuple(ports))
+            rps.append(RootPort(id=r["id"], index=j, switch=sw, device=r.get("device")))
+        out.append(HostBridge(id=m["id"], bus_nr=m["bus_nr"], root_ports=tuple(rps)))
+    for d in sorted(dev_ids - set(attached)):
+        c.err(("devices",), f"device '{d}' is not attached to any root port or switch")
+    return out, attached
+
+
+def _check_granularity(c: _Checker, path: tuple, g: int) -> None:
+    if g not in KERNEL_GRANULARITIES:
+        c.err(path, f"expected a power of two the kernel accepts ({', '.join(map(str, KERNEL_GRANULARITIES))}), got {g}")
+
+
+def _windows(c: _Checker, value: list, bridge_ids: set[str]) -> list[Window]:
+    out = []
+    for i, w in enumerate(value):
+        p = ("windows", i)
+        m = c.mapping(w, p, {"id": str, "size_mib": int, "targets": list, "granularity_bytes": int}, {})
+        if not m or len(m) < 4:
+            continue
+        if m["size_mib"] <= 0 or m["size_mib"] % DEVICE_SIZE_ALIGN_MIB:
+            c.err(p + ("size_mib",), f"expected a positive multiple of {DEVICE_SIZE_ALIGN_MIB} MiB, got {m['size_mib']}")
+        _check_granularity(c, p + ("granularity_bytes",), m["granularity_bytes"])
+        for k, t in enumerate(m["targets"]):
+            if t not in bridge_ids:
+                c.err(p + ("targets", k), f"unknown host bridge '{t}' (known: {', '.join(sorted(bridge_ids))})")
+        if len(m["targets"]) not in KERNEL_WAYS:
+            c.err(p + ("targets",), f"{len(m['targets'])} targets: interleave ways the kernel accepts are "
+                                    f"{', '.join(map(str, KERNEL_WAYS))}")
+        out.append(Window(id=m["id"], size_mib=m["size_mib"], targets=tuple(m["targets"]),
+                          granularity_bytes=m["granularity_bytes"]))
+    return out
+
+
+def _pool(c: _Checker, value: Any, windows: list[Window], devices: list[Device],
+          bridges: list[HostBridge], attached: dict[str, tuple]) -> Pool | None:
+    p = ("pool",)
+    m = c.mapping(value, p, {"window": str, "devices": list, "granularity_bytes": int}, {})
+    if not m or len(m) < 3:
+        return None
+    win = next((w for w in windows if w.id == m["window"]), None)
+    if win is None:
+        c.err(p + ("window",), f"unknown window '{m['window']}' (known: {', '.join(w.id for w in windows)})")
+    by_id = {d.id: d for d in devices}
+    devs = m["devices"]
+    for k, d in enumerate(devs):
+        if d not in by_id:
+            c.err(p + ("devices", k), f"unknown device '{d}' (known: {', '.join(sorted(by_id))})")
+    if len(set(devs)) != len(devs):
+        c.err(p + ("devices",), "a device appears twice in the pool")
+    ways = len(devs)
+    if ways not in KERNEL_WAYS:
+        c.err(p + ("devices",), f"{ways} devices: interleave ways the kernel accepts are {', '.join(map(str, KERNEL_WAYS))}")
+    _check_granularity(c, p + ("granularity_bytes",), m["granularity_bytes"])
+    known = [d for d in devs if d in by_id]
+    if win and known and len(known) == ways:
+        sizes = {by_id[d].size_mib for d in known}
+        if len(sizes) > 1:
+            c.err(p + ("devices",), f"interleaved devices must have one size, got {sorted(sizes)} MiB")
+        need = sum(by_id[d].size_mib for d in known)
+        if need > win.size_mib:
+            c.err(p + ("window",), f"window '{win.id}' is {win.size_mib} MiB, too small for the pool's {need} MiB")
+        hb_of = {}
+        for b in bridges:
+            for rp in b.root_ports:
+                for dev in ([rp.device] if rp.device else [pt.device for pt in rp.switch.ports if pt.device]):
+                    hb_of[dev] = b.id
+        wways = len(win.targets)
+        if ways % wways:
+            c.err(p + ("devices",), f"{ways} devices cannot be spread evenly over the window's {wways} host bridges")
+        else:
+            # Position i must sit below the window's target (i mod window ways):
+            # that is how the host bridges split the address space.
+            for k, d in enumerate(known):
+                want = win.targets[k % wways]
+                if d in hb_of and hb_of[d] != want:
+                    c.err(p + ("devices", k), f"interleave position {k} must be a device below host bridge "
+                                              f"'{want}' (window '{win.id}' target {k % wways}), "
+                                              f"but '{d}' is below '{hb_of[d]}'")
+        if wways > 1 and m["granularity_bytes"] != win.granularity_bytes:
+            c.err(p + ("granularity_bytes",), f"expected {win.granularity_bytes} (the window's): the kernel requires "
+                                              "the region granularity to equal the window's when the window "
+                                              "interleaves host bridges")
+        if m["granularity_bytes"] < win.granularity_bytes:
+            c.err(p + ("granularity_bytes",), f"expected at least the window's {win.granularity_bytes}")
+    return Pool(window=m["window"], devices=tuple(devs), granularity_bytes=m["granularity_bytes"])
+
+
+# ---------------------------------------------------------------- drawing
+
+def draw(t: Topology, pool_files: dict[str, str] | None = None) -> str:
+    """The tree: hosts -> host bridge -> root port -> switch -> port -> device -> backing file."""
+    pool_files = pool_files or {}
+    lines = [f"{t.name}: {len(t.hosts)} host(s) ({', '.join(h.name for h in t.hosts)}), "
+             f"each {t.hosts[0].vcpus} vCPU / {t.hosts[0].memory_mib} MiB, every host sees this fabric:"]
+
+    def dev_line(dev_id: str) -> str:
+        d = t.device(dev_id)
+        f = pool_files.get(dev_id, f"<pools>/{dev_id}.raw")
+        role = f" [pool position {t.pool.devices.index(dev_id)}]" if dev_id in t.pool.devices else ""
+        return f"{d.id} (type-3 volatile, {d.size_mib} MiB, serial {d.serial:#x}){role} -> {f}"
+
+    for bi, hb in enumerate(t.host_bridges):
+        last_b = bi == len(t.host_bridges) - 1
+        lines.append(f"{'└' if last_b else '├'}── {hb.id} (host bridge, bus {hb.bus_nr})")
+        pre_b = "    " if last_b else "│   "
+        for ri, rp in enumerate(hb.root_ports):
+            last_r = ri == len(hb.root_ports) - 1
+            lines.append(f"{pre_b}{'└' if last_r else '├'}── {rp.id} (root port {rp.index})")
+            pre_r = pre_b + ("    " if last_r else "│   ")
+            if rp.device:
+                lines.append(f"{pre_r}└── {dev_line(rp.device)}")
+                continue
+            sw = rp.switch
+            assert sw is not None
+            lines.append(f"{pre_r}└── {sw.id} (switch, {len(sw.ports)} downstream ports)")
+            pre_s = pre_r + "    "
+            for pi, port in enumerate(sw.ports):
+                last_p = pi == len(sw.ports) - 1
+                lines.append(f"{pre_s}{'└' if last_p else '├'}── {port.id}")
+                if port.device:
+                    lines.append(f"{pre_s}{'    ' if last_p else '│   '}└── {dev_line(port.device)}")
+    for w in t.windows:
+        lines.append(f"window {w.id}: {w.size_mib} MiB over {', '.join(w.targets)}, granularity {w.granularity_bytes}")
+    lines.append(f"pool: {len(t.pool.devices)}-way over {', '.join(t.pool.devices)}, granularity "
+                 f"{t.pool.granularity_bytes}, {t.pool_size_bytes >> 20} MiB, in window {t.pool.window}")
+    return "\n".join(lines)
