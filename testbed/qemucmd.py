@@ -1,0 +1,115 @@
+"""The QEMU command line of one host, built in code from the topology: one option per line.
+
+Ids come from the topology (hb0, hb0-rp0, sw0, sw0-dsp3, mem2), so QOM paths read
+naturally: /machine/peripheral/mem2 is the device the topology calls mem2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .topology import Host, Topology
+
+QEMU = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class HostFiles:
+    """Where one host's files live (all under the testbed's state folder)."""
+    dir: Path
+
+    @property
+    def overlay(self) -> Path:
+        return self.dir / "disk.qcow2"
+
+    @property
+    def qmp(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def serial_sock(self) -> Path:
+        return self.dir / "serial.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.dir / "serial.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.dir / "qemu.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "qemu.pid"
+
+
+def _mib(n: int) -> str:
+    return f"{n}M"
+
+
+def _granularity(g: int) -> str:
+    return f"{g // 1024}k" if g >= 1024 else str(g)
+
+
+def host_argv(t: Topology, host: Host, *, kernel: Path, initrd: Path, cmdline: str, files: HostFiles,
+              ssh_port: int, pool_files: dict[str, Path], authorized_keys: Path, accel: str = "tcg") -> list[str]:
+    machine = ["q35", "cxl=on", f"accel={accel}"]
+    for wi, w in enumerate(t.windows):
+        for ti, target in enumerate(w.targets):
+            machine.append(f"cxl-fmw.{wi}.targets.{ti}={target}")
+        machine.append(f"cxl-fmw.{wi}.size={_mib(w.size_mib)}")
+        machine.append(f"cxl-fmw.{wi}.interleave-granularity={_granularity(w.granularity_bytes)}")
+    # `hypervisor=off`: stock kernels refuse to commit a CXL region when they see
+    # the hypervisor CPUID bit ("Failed to synchronize CPU cache state").
+    cpu = "max,hypervisor=off" if accel == "tcg" else "host,hypervisor=off"
+    argv = [
+        QEMU,
+        "-name", f"{t.name}/{host.name},debug-threads=on",
+        "-machine", ",".join(machine),
+        "-cpu", cpu,
+        "-smp", str(host.vcpus),
+        "-m", _mib(host.memory_mib),
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-kernel", str(kernel),
+        "-initrd", str(initrd),
+        "-append", f"{cmdline} beluga.hostname={host.name}",
+        # Virtio devices name bus=pcie.0, or QEMU may try the pxb-cxl bus:
+        # "Only PCI/PCIe bridges can be plugged into pxb-cxl".
+        "-drive", f"file={files.overlay},if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap",
+        "-device", "virtio-blk-pci,drive=disk0,id=disk0-dev,bus=pcie.0",
+        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
+        "-device", "virtio-net-pci,netdev=net0,id=nic0,bus=pcie.0",
+        "-fw_cfg", f"name=opt/beluga/authorized_keys,file={authorized_keys}",
+        "-chardev", f"socket,id=serial0,path={files.serial_sock},server=on,wait=off,logfile={files.serial_log}",
+        "-serial", "chardev:serial0",
+        "-qmp", f"unix:{files.qmp},server=on,wait=off",
+        "-pidfile", str(files.pidfile),
+    ]
+    for d in t.devices:
+        argv += ["-object", f"memory-backend-file,id={d.id}-backend,share=on,mem-path={pool_files[d.id]},"
+                            f"size={_mib(d.size_mib)}"]
+    slot = 0
+    for hb in t.host_bridges:
+        argv += ["-device", f"pxb-cxl,bus_nr={hb.bus_nr},bus=pcie.0,id={hb.id}"]
+        for rp in hb.root_ports:
+            argv += ["-device", f"cxl-rp,port={rp.index},bus={hb.id},id={rp.id},chassis=0,slot={slot}"]
+            slot += 1
+            if rp.device:
+                argv += ["-device", _type3(t, rp.device, rp.id)]
+                continue
+            sw = rp.switch
+            assert sw is not None
+            argv += ["-device", f"cxl-upstream,bus={rp.id},id={sw.id}"]
+            for p in sw.ports:
+                argv += ["-device", f"cxl-downstream,port={p.index},bus={sw.id},id={p.id},chassis=0,slot={slot}"]
+                slot += 1
+                if p.device:
+                    argv += ["-device", _type3(t, p.device, p.id)]
+    return argv
+
+
+def _type3(t: Topology, dev_id: str, bus: str) -> str:
+    d = t.device(dev_id)
+    return f"cxl-type3,bus={bus},volatile-memdev={d.id}-backend,id={d.id},sn={d.serial}"

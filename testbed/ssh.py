@@ -1,0 +1,97 @@
+"""SSH to the guests: a key per testbed, no user ssh config, timeouts everywhere.
+
+The guests are throwaway VMs reached only on 127.0.0.1 with a key made for this
+testbed, so their host keys are accepted without checking, on purpose.
+"""
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+from fabric import Config, Connection
+
+CONNECT_TIMEOUT_S = 10
+COMMAND_TIMEOUT_S = 120
+SSH_OPTIONS = ["-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+               "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}"]
+
+
+def generate_key(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "beluga-testbed", "-f", str(path)],
+                   check=True, stdin=subprocess.DEVNULL)
+
+
+def banner_ready(port: int, timeout_s: float = 0.5) -> bool:
+    """True once sshd answers with its banner. A plain TCP connect is not enough:
+    QEMU's user network accepts connections before the guest listens."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+            s.settimeout(timeout_s)
+            return s.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def config() -> Config:
+    # lazy: read no fabric/invoke config files; load_ssh_configs off: ~/.ssh/config is not read.
+    return Config(lazy=True, ssh_config=paramiko.SSHConfig(), overrides={
+        "load_ssh_configs": False,
+        "timeouts": {"connect": CONNECT_TIMEOUT_S, "command": COMMAND_TIMEOUT_S},
+    })
+
+
+def connection(port: int, key: Path) -> Connection:
+    return Connection(
+        "127.0.0.1", user="root", port=port, config=config(), connect_timeout=CONNECT_TIMEOUT_S,
+        connect_kwargs={"key_filename": str(key), "look_for_keys": False, "allow_agent": False,
+                        "banner_timeout": CONNECT_TIMEOUT_S, "auth_timeout": CONNECT_TIMEOUT_S},
+    )
+
+
+@dataclass(frozen=True)
+class Result:
+    host: str
+    exit_code: int
+    stdout: str
+    stderr: str
+    error: str | None = None  # set when the command could not run at all
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.exit_code == 0
+
+
+def run(host: str, port: int, key: Path, command: str, *, timeout_s: float = COMMAND_TIMEOUT_S) -> Result:
+    try:
+        with connection(port, key) as c:
+            r = c.run(command, hide=True, warn=True, timeout=timeout_s, in_stream=False)
+            return Result(host, r.exited, r.stdout, r.stderr)
+    except Exception as e:  # noqa: BLE001 - reported per host, never swallowed
+        return Result(host, -1, "", "", error=f"{type(e).__name__}: {e}")
+
+
+def wait_ready(port: int, key: Path, *, timeout_s: float, alive=lambda: True) -> None:
+    """Banner probe every ~0.25 s (parallel SSH handshakes slow a TCG guest down),
+    then one real SSH command."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("QEMU exited")
+        if banner_ready(port):
+            r = run("probe", port, key, "true", timeout_s=max(5.0, deadline - time.monotonic()))
+            if r.ok:
+                return
+        time.sleep(0.25)
+    raise TimeoutError(f"no SSH answer on 127.0.0.1:{port} within {timeout_s:.0f} s")
+
+
+def ssh_argv(port: int, key: Path, command: list[str] | None = None) -> list[str]:
+    argv = ["ssh", *SSH_OPTIONS, "-i", str(key), "-p", str(port), "root@127.0.0.1"]
+    if command:
+        argv += ["--", *command]
+    return argv
