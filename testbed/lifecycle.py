@@ -29,6 +29,7 @@ from .qemucmd import HostFiles, host_argv
 
 SSH_READY_TIMEOUT_S = 180
 STATE_FILE = "state.json"
+SSHD_STARTED = b"beluga: sshd started"  # printed on the console by images/rootfs/usr/lib/beluga/boot
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,8 @@ def _host_failed(h: HostState, why: str) -> TestbedError:
 def _wait_all_ssh(tb: Testbed, procs: dict[str, subprocess.Popen]) -> None:
     def wait(h: HostState) -> None:
         try:
-            ssh.wait_ready(h.ssh_port, tb.key, timeout_s=SSH_READY_TIMEOUT_S, alive=lambda: procs[h.name].poll() is None)
+            ssh.wait_ready(h.ssh_port, tb.key, timeout_s=SSH_READY_TIMEOUT_S,
+                           alive=lambda: procs[h.name].poll() is None, gate=lambda: _said(h, SSHD_STARTED))
         except RuntimeError:
             raise _host_failed(h, f"QEMU exited while booting (exit {procs[h.name].returncode})") from None
         except TimeoutError as e:
@@ -267,6 +269,14 @@ def _wait_all_ssh(tb: Testbed, procs: dict[str, subprocess.Popen]) -> None:
         futures = [ex.submit(wait, h) for h in tb.hosts]
         for f in futures:
             f.result()
+
+
+def _said(h: HostState, marker: bytes) -> bool:
+    try:
+        with open(h.files.serial_log, "rb") as f:
+            return marker in f.read()
+    except OSError:
+        return False
 
 
 def down(name: str) -> bool:

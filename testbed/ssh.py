@@ -75,13 +75,18 @@ def run(host: str, port: int, key: Path, command: str, *, timeout_s: float = COM
         return Result(host, -1, "", "", error=f"{type(e).__name__}: {e}")
 
 
-def wait_ready(port: int, key: Path, *, timeout_s: float, alive=lambda: True) -> None:
-    """Banner probe every ~0.25 s (parallel SSH handshakes slow a TCG guest down),
-    then one real SSH command."""
+def wait_ready(port: int, key: Path, *, timeout_s: float, alive=lambda: True, gate=lambda: True) -> None:
+    """Wait for `gate` (the guest saying on its serial console that sshd started), then
+    a banner probe, then one real SSH command. Probing before the guest listens is not
+    free: each connection that QEMU's user network cannot complete stalls the guest for
+    seconds (measured: 4 guests probed from boot took 40 s instead of 15 s to answer)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not alive():
             raise RuntimeError("QEMU exited")
+        if not gate():
+            time.sleep(0.1)
+            continue
         if banner_ready(port):
             r = run("probe", port, key, "true", timeout_s=max(5.0, deadline - time.monotonic()))
             if r.ok:
