@@ -153,7 +153,8 @@ class _Doc:
         self.data = self._plain(node, ()) if node is not None else None
 
     def _plain(self, node: yaml.Node, path: tuple) -> Any:
-        self.lines[path] = node.start_mark.line + 1
+        # A key's own line wins over its value's (a list value starts a line later).
+        self.lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             out = {}
             for k, v in node.value:
@@ -398,16 +399,16 @@ def _bridges(c: _Checker, value: list, dev_ids: set[str]) -> tuple[list[HostBrid
                 if len(s["devices"]) > s["downstream_ports"]:
                     c.err(sp + ("devices",), f"{len(s['devices'])} devices below switch '{s['id']}' but only "
                                              f"{s['downstream_ports']} downstream ports")
-                ports = []
-                for k in range(max(s["downstream_ports"], 0)):
-                    dev = s["devices"][k] if k < len(s["devices"]) else None
-                    if dev is not None:
-                        if not isinstance(dev, str):
-                            c.err(sp + ("devices", k), f"expected a device id, got {_typename(dev)}")
-                            dev = None
-                        else:
-                            attach(dev, sp + ("devices", k))
-                    ports.append(DownstreamPort(id=f"{s['id']}-dsp{k}", index=k, device=dev))
+                listed: list[str | None] = []
+                for k, dev in enumerate(s["devices"]):
+                    if not isinstance(dev, str):
+                        c.err(sp + ("devices", k), f"expected a device id, got {_typename(dev)}")
+                        dev = None
+                    else:
+                        attach(dev, sp + ("devices", k))
+                    listed.append(dev)
+                ports = [DownstreamPort(id=f"{s['id']}-dsp{k}", index=k, device=listed[k] if k < len(listed) else None)
+                         for k in range(max(s["downstream_ports"], 0))]
                 sw = Switch(id=s["id"], ports=tuple(ports))
             rps.append(RootPort(id=r["id"], index=j, switch=sw, device=r.get("device")))
         out.append(HostBridge(id=m["id"], bus_nr=m["bus_nr"], root_ports=tuple(rps)))
@@ -491,7 +492,7 @@ def _pool(c: _Checker, value: Any, windows: list[Window], devices: list[Device],
             c.err(p + ("granularity_bytes",), f"expected {win.granularity_bytes} (the window's): the kernel requires "
                                               "the region granularity to equal the window's when the window "
                                               "interleaves host bridges")
-        if m["granularity_bytes"] < win.granularity_bytes:
+        if m["granularity_bytes"] in KERNEL_GRANULARITIES and m["granularity_bytes"] < win.granularity_bytes:
             c.err(p + ("granularity_bytes",), f"expected at least the window's {win.granularity_bytes}")
     return Pool(window=m["window"], devices=tuple(devs), granularity_bytes=m["granularity_bytes"])
 
