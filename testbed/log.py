@@ -10,6 +10,8 @@ from collections.abc import Iterator
 class TestbedError(Exception):
     """A failure the user can act on: a message and an optional hint."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
