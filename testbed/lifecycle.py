@@ -143,11 +143,13 @@ def plan(topology_ref: str, name: str | None, accel: str = "tcg") -> tuple[topo.
     cmdline = img.kernel_cmdline if img else image_mod.load_recipe().kernel_cmdline
     d = testbed_dir(name)
     pool_files = {dev.id: paths.pool_dir() / name / f"{dev.id}.raw" for dev in t.devices}
+    from .provision import GUEST_SCRIPT
     out = {}
     for i, h in enumerate(t.hosts):
         out[h.name] = host_argv(t, h, kernel=kernel, initrd=initrd, cmdline=cmdline,
                                 files=HostFiles(d / h.name), ssh_port=10022 + i, pool_files=pool_files,
-                                authorized_keys=d / "id_ed25519.pub", accel=accel)
+                                authorized_keys=d / "id_ed25519.pub", accel=accel,
+                                pool_args=d / "pool-args.json", guest_script=GUEST_SCRIPT)
     return t, name, out
 
 
@@ -174,6 +176,11 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
                 d.mkdir(parents=True)
                 ssh.generate_key(d / "id_ed25519")
                 pool_files = _create_pool_files(name, t)
+                args_file = None
+                if provision:
+                    from .provision import GUEST_SCRIPT, pool_args
+                    args_file = d / "pool-args.json"
+                    args_file.write_text(json.dumps(pool_args(t)))
                 hosts = []
                 for h in t.hosts:
                     files = HostFiles(d / h.name)
@@ -184,7 +191,8 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
                     port = _free_port()
                     argv = host_argv(t, h, kernel=img.kernel, initrd=img.initrd, cmdline=img.kernel_cmdline,
                                      files=files, ssh_port=port, pool_files=pool_files,
-                                     authorized_keys=d / "id_ed25519.pub", accel=chosen)
+                                     authorized_keys=d / "id_ed25519.pub", accel=chosen,
+                                     pool_args=args_file, guest_script=GUEST_SCRIPT if provision else None)
                     hosts.append({"name": h.name, "pid": None, "ssh_port": port, "dir": str(files.dir), "argv": argv})
                 tb = Testbed(name, d, {
                     "name": name, "topology": t.name, "topology_source": t.source,
@@ -209,7 +217,7 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
                 _wait_all_ssh(tb, procs)
             if provision:
                 from . import provision as prov
-                prov.provision(tb)
+                prov.provision(tb, at_boot=True)
         except BaseException as e:
             if tb is not None and isinstance(e, KeyboardInterrupt):
                 info("✗ interrupted")

@@ -69,19 +69,39 @@ def _guest(tb, h, verb: str, args: dict, timeout_s: float = 120) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def provision(tb, *, order_override: dict[str, list[str]] | None = None) -> dict:
+def pool_args(t: Topology, order: list[str] | None = None) -> dict:
+    """What the guest side (guest_pool.py create) needs: targets by serial, in order."""
+    serial_of = {d.id: d.serial for d in t.devices}
+    return {"serials": [serial_of[d] for d in (order or t.pool.devices)],
+            "granularity": t.pool.granularity_bytes,
+            "window_index": [w.id for w in t.windows].index(t.pool.window)}
+
+
+# Waits for the region that the guest's boot script creates (images/rootfs/usr/lib/beluga/boot).
+_BOOT_RESULT = ("for i in $(seq 1200); do "
+                "[ -s /run/beluga/pool.json ] && exec cat /run/beluga/pool.json; "
+                "[ -s /run/beluga/pool.err ] && { cat /run/beluga/pool.err >&2; exit 1; }; "
+                "sleep 0.1; done; echo 'no pool after 120 s' >&2; exit 1")
+
+
+def provision(tb, *, order_override: dict[str, list[str]] | None = None, at_boot: bool = False) -> dict:
     """Create and verify the pool on every host of a running testbed; records the result
-    in the testbed's state. `order_override` (host -> device ids) exists to prove that
-    verification catches a wrong target order."""
+    in the testbed's state. With `at_boot`, the guests already create the region while
+    booting and this collects their results. `order_override` (host -> device ids)
+    exists to prove that verification catches a wrong target order."""
     t: Topology = tb.topology
     hosts = tb.hosts
-    serial_of = {d.id: d.serial for d in t.devices}
 
     def create(h):
-        order = (order_override or {}).get(h.name, list(t.pool.devices))
-        return _guest(tb, h, "create", {"serials": [serial_of[d] for d in order],
-                                        "granularity": t.pool.granularity_bytes,
-                                        "window_index": [w.id for w in t.windows].index(t.pool.window)})
+        order = (order_override or {}).get(h.name)
+        if at_boot and order is None:
+            r = ssh.run(h.name, h.ssh_port, tb.key, _BOOT_RESULT,
+                        timeout_s=150)
+            if not r.ok:
+                raise TestbedError(f"{h.name}: pool create failed at boot: "
+                                   f"{(r.error or r.stderr).strip().splitlines()[-1:] or r.exit_code}")
+            return json.loads(r.stdout.strip().splitlines()[-1])
+        return _guest(tb, h, "create", pool_args(t, order))
 
     with step(f"pool: {len(t.pool.devices)}-way RAM region in devdax mode on {len(hosts)} host(s)"):
         with ThreadPoolExecutor(max_workers=len(hosts)) as ex:

@@ -52,7 +52,8 @@ def _granularity(g: int) -> str:
 
 
 def host_argv(t: Topology, host: Host, *, kernel: Path, initrd: Path, cmdline: str, files: HostFiles,
-              ssh_port: int, pool_files: dict[str, Path], authorized_keys: Path, accel: str = "tcg") -> list[str]:
+              ssh_port: int, pool_files: dict[str, Path], authorized_keys: Path, accel: str = "tcg",
+              pool_args: Path | None = None, guest_script: Path | None = None) -> list[str]:
     machine = ["q35", "cxl=on", f"accel={accel}"]
     for wi, w in enumerate(t.windows):
         for ti, target in enumerate(w.targets):
@@ -82,6 +83,12 @@ def host_argv(t: Topology, host: Host, *, kernel: Path, initrd: Path, cmdline: s
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
         "-device", "virtio-net-pci,netdev=net0,id=nic0,bus=pcie.0",
         "-fw_cfg", f"name=opt/beluga/authorized_keys,file={authorized_keys}",
+    ]
+    if pool_args and guest_script:
+        # The guest creates its region at boot, while the host connects over SSH.
+        argv += ["-fw_cfg", f"name=opt/beluga/pool.json,file={pool_args}",
+                 "-fw_cfg", f"name=opt/beluga/guest_pool.py,file={guest_script}"]
+    argv += [
         "-chardev", f"socket,id=serial0,path={files.serial_sock},server=on,wait=off,logfile={files.serial_log}",
         "-serial", "chardev:serial0",
         "-qmp", f"unix:{files.qmp},server=on,wait=off",

@@ -18,8 +18,18 @@ def argv_for(name: str) -> str:
         argv = host_argv(t, h, kernel=Path("/img/vmlinuz"), initrd=Path("/img/initrd.img"),
                          cmdline="console=ttyS0", files=HostFiles(Path(f"/state/{name}/{h.name}")),
                          ssh_port=10022 + i, pool_files={d.id: Path(f"/pools/{name}/{d.id}.raw") for d in t.devices},
-                         authorized_keys=Path(f"/state/{name}/id_ed25519.pub"))
-        out.append(f"# {h.name}\n" + " \\\n  ".join(shlex.quote(a) for a in argv) + "\n")
+                         authorized_keys=Path(f"/state/{name}/id_ed25519.pub"),
+                         pool_args=Path(f"/state/{name}/pool-args.json"), guest_script=Path("/repo/guest_pool.py"))
+        # One option and its value per line.
+        lines, i = [shlex.quote(argv[0])], 1
+        while i < len(argv):
+            if argv[i].startswith("-") and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                lines.append(f"{argv[i]} {shlex.quote(argv[i + 1])}")
+                i += 2
+            else:
+                lines.append(argv[i])
+                i += 1
+        out.append(f"# {h.name}\n" + " \\\n  ".join(lines) + "\n")
     return "".join(out)
 
 
