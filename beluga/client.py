@@ -75,7 +75,10 @@ class BlockView:
         if self.lease:
             self._client._queue_release(self.lease)
             self.lease = 0
-        self.data.release()
+        try:
+            self.data.release()
+        except BufferError:
+            pass  # a zero-copy consumer (numpy/torch) still references it; it goes with that object
 
 
 class BelugaClient:
@@ -409,7 +412,6 @@ class BelugaClient:
         data = self.buf[loc.data_offset : loc.data_offset + loc.length_bytes]
         if not self._verify(key, loc, data):
             self._queue_release(loc.lease)
-            data.release()
             self._corrupt(key, loc)
             return None
         self._counts["hits"] += 1
