@@ -153,6 +153,9 @@ class MetadataService:
         self.started_at = clock()
         self.recovery: dict[str, int | float] = {}
         self._claim_service()
+        # Lease ids must never repeat across restarts: a release of a pre-restart lease
+        # must not end a lease granted by this instance.
+        self._next_lease = (self._restarts << 40) + 1
         self._recover()
 
     # ------------------------------------------------------------ service area
