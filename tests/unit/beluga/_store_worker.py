@@ -26,7 +26,7 @@ from beluga.keys import name_key
 
 
 def block_size(key: bytes) -> int:
-    return 1 + int.from_bytes(hashlib.sha256(key).digest()[:4], "little") % 40000
+    return 1 + int.from_bytes(hashlib.sha256(key).digest()[:4], "little") % 20000
 
 
 def expected(key: bytes) -> bytes:
@@ -49,6 +49,7 @@ def writer(pool: str, log: str, transport: str, stopfile: str, wid: str) -> None
     acked: list[bytes] = []
     while not os.path.exists(stopfile):
         n += 1
+        time.sleep(rng.uniform(0.002, 0.02))  # a steady trickle: the pool must never fill up
         try:
             if acked and rng.random() < 0.1:
                 key = acked.pop(rng.randrange(len(acked)))
