@@ -72,6 +72,8 @@ def _as_bytes(t, what: str):
 
 
 def _check_shape(t, spec: KVBlockSpec | None, what: str) -> None:
+    if not isinstance(t, _torch().Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
     if spec is not None and (tuple(t.shape) != spec.shape or t.dtype != spec.torch_dtype):
         raise ValueError(f"{what} has shape {tuple(t.shape)} dtype {t.dtype}, expected {spec.shape} {spec.torch_dtype}")
     if t.dim() != 5 or t.shape[1] != 2:
