@@ -9,8 +9,11 @@ CXL (non-coherent hosts must not share written cache lines) and for safety
 * host slots           -- per client: a client-written line + request buffer,
                           a service-written line + response buffer
 * segment table, index -- written only by the metadata service
-* segments             -- block headers and data, written only by the client
-                          that holds the slot's reservation
+* block headers        -- one per possible slot, in their own region, written
+                          only by the client that holds the slot's reservation
+* segments             -- block data only, written by the same client; keeping
+                          headers out of segments lets a block fill a whole
+                          segment (a 2 MiB KV block in a 2 MiB segment)
 
 See docs/store.md for the diagram.
 """
@@ -56,8 +59,8 @@ MAX_CLIENTS_LIMIT = 1024
 #   magic 8s | version I | flags I | pool_size Q | segment_size Q | segment_count I |
 #   max_clients I | rpc_buffer I | slot_granularity I | max_slots_per_segment I |
 #   checksum_algo I | service_off Q | host_off Q | segtab_off Q | index_off Q |
-#   segments_off Q | uuid 16s | formatted_unix_ns Q | crc I
-_SB = struct.Struct("<8sIIQQIIIIIIQQQQQ16sQ")
+#   headers_off Q | segments_off Q | uuid 16s | formatted_unix_ns Q | crc I
+_SB = struct.Struct("<8sIIQQIIIIIIQQQQQQ16sQ")
 _SB_CRC = struct.Struct("<I")
 _SB_HEAD = struct.Struct("<8sI")  # magic + version: readable for every version
 
@@ -78,6 +81,7 @@ class Geometry:
     host_offset: int
     segment_table_offset: int
     index_offset: int
+    headers_offset: int
     segments_offset: int
 
     @property
@@ -91,7 +95,7 @@ class Geometry:
     @property
     def max_block_bytes(self) -> int:
         """Largest block that fits in one segment (one slot spanning it)."""
-        return largest_data_slot(self.segment_size_bytes, self.slot_granularity_bytes)
+        return self.segment_size_bytes
 
     def host_slot_offset(self, slot: int) -> int:
         return self.host_offset + slot * self.host_slot_bytes
@@ -111,8 +115,11 @@ class Geometry:
     def index_entry_offset(self, segment: int, slot: int) -> int:
         return self.index_offset + (segment * self.max_slots_per_segment + slot) * INDEX_ENTRY_BYTES
 
+    def header_offset(self, segment: int, slot: int) -> int:
+        return self.headers_offset + (segment * self.max_slots_per_segment + slot) * BLOCK_HEADER_BYTES
+
     def slot_layout(self, data_slot_bytes: int) -> "SlotLayout":
-        return slot_layout(self.segment_size_bytes, data_slot_bytes, self.slot_granularity_bytes)
+        return slot_layout(self.segment_size_bytes, data_slot_bytes)
 
     def data_slot_for(self, length_bytes: int) -> int:
         """Slot size class for a block: its length rounded up to the granularity."""
@@ -122,17 +129,13 @@ class Geometry:
 
 @dataclass(frozen=True)
 class SlotLayout:
-    """How a segment of one slot size class is cut: a header array, then data slots."""
+    """How a segment of one slot size class is cut: equal data slots from its start."""
 
     data_slot_bytes: int
     slot_count: int
-    headers_bytes: int
-
-    def header_offset(self, slot: int) -> int:
-        return slot * BLOCK_HEADER_BYTES
 
     def data_offset(self, slot: int) -> int:
-        return self.headers_bytes + slot * self.data_slot_bytes
+        return slot * self.data_slot_bytes
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -143,18 +146,8 @@ def _is_pow2(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
 
 
-def slot_layout(segment_size_bytes: int, data_slot_bytes: int, granularity_bytes: int) -> SlotLayout:
-    # Headers sit together at the front so recovery reads one small contiguous
-    # range per segment; data slots stay granularity-aligned for zero-copy views.
-    n = segment_size_bytes // (data_slot_bytes + BLOCK_HEADER_BYTES)
-    while n > 0 and _round_up(n * BLOCK_HEADER_BYTES, granularity_bytes) + n * data_slot_bytes > segment_size_bytes:
-        n -= 1
-    headers = _round_up(n * BLOCK_HEADER_BYTES, granularity_bytes) if n else 0
-    return SlotLayout(data_slot_bytes=data_slot_bytes, slot_count=n, headers_bytes=headers)
-
-
-def largest_data_slot(segment_size_bytes: int, granularity_bytes: int) -> int:
-    return segment_size_bytes - _round_up(BLOCK_HEADER_BYTES, granularity_bytes)
+def slot_layout(segment_size_bytes: int, data_slot_bytes: int) -> SlotLayout:
+    return SlotLayout(data_slot_bytes=data_slot_bytes, slot_count=segment_size_bytes // data_slot_bytes)
 
 
 def parse_size(text: str | int) -> int:
@@ -183,10 +176,10 @@ def compute_geometry(
     """Lay out a pool of ``pool_size_bytes``; raise with the reason if it cannot hold one segment."""
     if not _is_pow2(segment_size_bytes) or segment_size_bytes < MIN_SEGMENT_BYTES:
         raise ValueError(f"segment size {segment_size_bytes} must be a power of two >= {MIN_SEGMENT_BYTES}")
-    if not _is_pow2(slot_granularity_bytes) or not 512 <= slot_granularity_bytes <= segment_size_bytes // 4:
+    if not _is_pow2(slot_granularity_bytes) or not 512 <= slot_granularity_bytes <= segment_size_bytes:
         raise ValueError(
-            f"slot granularity {slot_granularity_bytes} must be a power of two between 512 and a quarter "
-            f"of the segment size ({segment_size_bytes // 4})"
+            f"slot granularity {slot_granularity_bytes} must be a power of two between 512 and the segment "
+            f"size ({segment_size_bytes})"
         )
     if not 1 <= max_clients <= MAX_CLIENTS_LIMIT:
         raise ValueError(f"max clients {max_clients} must be between 1 and {MAX_CLIENTS_LIMIT}")
@@ -194,31 +187,32 @@ def compute_geometry(
         raise ValueError(f"rpc buffer {rpc_buffer_bytes} must be a multiple of {PAGE_BYTES} and >= {MIN_RPC_BUFFER_BYTES}")
     if checksum_algorithm not in _checksum.ALGORITHMS:
         raise ValueError(f"unknown checksum algorithm {checksum_algorithm}")
-    max_slots = slot_layout(segment_size_bytes, slot_granularity_bytes, slot_granularity_bytes).slot_count
+    max_slots = segment_size_bytes // slot_granularity_bytes
     service_off = SUPERBLOCK_BYTES
     host_off = service_off + SERVICE_AREA_BYTES
     host_slot_bytes = HOST_LINES_BYTES + 2 * rpc_buffer_bytes
     fixed_end = host_off + max_clients * host_slot_bytes
     align = min(segment_size_bytes, DAX_ALIGN_BYTES)
-    per_segment_meta = SEGMENT_ENTRY_BYTES + max_slots * INDEX_ENTRY_BYTES
+    per_segment_meta = SEGMENT_ENTRY_BYTES + max_slots * (INDEX_ENTRY_BYTES + BLOCK_HEADER_BYTES)
 
-    def place(count: int) -> tuple[int, int, int]:
+    def place(count: int) -> tuple[int, int, int, int]:
         segtab = _round_up(fixed_end, PAGE_BYTES)
         index = _round_up(segtab + count * SEGMENT_ENTRY_BYTES, PAGE_BYTES)
-        segments = _round_up(index + count * max_slots * INDEX_ENTRY_BYTES, align)
-        return segtab, index, segments
+        headers = _round_up(index + count * max_slots * INDEX_ENTRY_BYTES, PAGE_BYTES)
+        segments = _round_up(headers + count * max_slots * BLOCK_HEADER_BYTES, align)
+        return segtab, index, headers, segments
 
     count = max(0, (pool_size_bytes - fixed_end) // (segment_size_bytes + per_segment_meta))
-    while count > 0 and place(count)[2] + count * segment_size_bytes > pool_size_bytes:
+    while count > 0 and place(count)[3] + count * segment_size_bytes > pool_size_bytes:
         count -= 1
     if count < 1:
-        need = place(1)[2] + segment_size_bytes
+        need = place(1)[3] + segment_size_bytes
         raise PoolTooSmallError(
             f"pool of {pool_size_bytes} bytes is too small for its geometry: one {segment_size_bytes}-byte segment "
             f"plus metadata for {max_clients} clients with {rpc_buffer_bytes}-byte RPC buffers needs at least "
             f"{need} bytes"
         )
-    segtab, index, segments = place(count)
+    segtab, index, headers, segments = place(count)
     return Geometry(
         pool_size_bytes=pool_size_bytes,
         segment_size_bytes=segment_size_bytes,
@@ -232,6 +226,7 @@ def compute_geometry(
         host_offset=host_off,
         segment_table_offset=segtab,
         index_offset=index,
+        headers_offset=headers,
         segments_offset=segments,
     )
 
@@ -247,7 +242,8 @@ class Superblock:
         body = _SB.pack(
             MAGIC, LAYOUT_VERSION, 0, g.pool_size_bytes, g.segment_size_bytes, g.segment_count, g.max_clients,
             g.rpc_buffer_bytes, g.slot_granularity_bytes, g.max_slots_per_segment, g.checksum_algorithm,
-            g.service_offset, g.host_offset, g.segment_table_offset, g.index_offset, g.segments_offset,
+            g.service_offset, g.host_offset, g.segment_table_offset, g.index_offset, g.headers_offset,
+            g.segments_offset,
             self.uuid, self.formatted_unix_ns,
         )
         return body + _SB_CRC.pack(_checksum.meta_crc(body))
@@ -278,7 +274,7 @@ def decode_superblock(raw: bytes, *, where: str, actual_size_bytes: int) -> Supe
         )
     f = _SB.unpack(body)
     (_, _, _flags, pool_size, seg_size, seg_count, max_clients, rpc_buf, gran, max_slots, algo,
-     svc_off, host_off, segtab_off, index_off, segs_off, uuid, formatted) = f
+     svc_off, host_off, segtab_off, index_off, hdrs_off, segs_off, uuid, formatted) = f
     try:
         expect = compute_geometry(
             pool_size, segment_size_bytes=seg_size, max_clients=max_clients, rpc_buffer_bytes=rpc_buf,
@@ -287,7 +283,7 @@ def decode_superblock(raw: bytes, *, where: str, actual_size_bytes: int) -> Supe
     except (ValueError, PoolTooSmallError) as exc:
         raise CorruptPoolError(f"{where}: superblock geometry is invalid: {exc}") from None
     recorded = Geometry(pool_size, seg_size, seg_count, max_clients, rpc_buf, gran, max_slots, algo,
-                        svc_off, host_off, segtab_off, index_off, segs_off)
+                        svc_off, host_off, segtab_off, index_off, hdrs_off, segs_off)
     if recorded != expect:
         raise CorruptPoolError(
             f"{where}: superblock geometry is inconsistent (recorded {recorded}, but its parameters imply {expect})"

@@ -42,8 +42,11 @@ class ServiceConfig:
     reservation_ttl_s: float = 30.0
     """An allocated but never committed slot is reclaimed after this long (lost ALLOC answers)."""
     housekeeping_interval_s: float = 0.05
+    poll_spin_s: float = 0.002
+    """After doing work, keep polling without sleeping this long: back-to-back requests stay fast."""
     poll_min_sleep_s: float = 5e-6
     poll_max_sleep_s: float = 1e-3
+    """Idle polling backs off from min to max sleep, so several processes on few cores do not starve."""
     serve_cxl: bool = True
     tcp_host: str | None = None
     """Listen for TCP clients on this address (None: no TCP)."""
@@ -466,7 +469,7 @@ class MetadataService:
         self._persist_entry(seg.index, slot, blk)
         base = self.g.segment_offset(seg.index)
         self.counters["allocs"] += 1
-        return rpc.Allocation(seg.index, slot, blk.generation, base + seg.layout.header_offset(slot),
+        return rpc.Allocation(seg.index, slot, blk.generation, self.g.header_offset(seg.index, slot),
                               base + seg.layout.data_offset(slot), seg.layout.data_slot_bytes)
 
     def _locate(self, seg_index: int, slot: int, who: str) -> tuple[_Segment, L.SlotLayout]:
@@ -501,7 +504,7 @@ class MetadataService:
             if length > lay.data_slot_bytes:
                 raise _Reject(rpc.BAD_REQUEST, f"commit: length {length} exceeds the slot's "
                                                f"{lay.data_slot_bytes} bytes")
-            hoff = self.g.segment_offset(si) + lay.header_offset(sl)
+            hoff = self.g.header_offset(si, sl)
             hdr = L.BlockHeader.decode(self.buf[hoff : hoff + L.BLOCK_HEADER_BYTES])
             expect = (L.BLOCK_COMPLETE, length, gen, crc, key)
             if hdr is None:
@@ -753,7 +756,7 @@ class MetadataService:
                 blk.leases += 1
                 self.counters["leases_granted"] += 1
             base = self.g.segment_offset(si)
-            out.append((rpc.OK, si, sl, blk.generation, base + seg.layout.header_offset(sl),
+            out.append((rpc.OK, si, sl, blk.generation, self.g.header_offset(si, sl),
                         base + seg.layout.data_offset(sl), blk.length, blk.crc, lid))
         return rpc.LOOKUP_RESP.pack(out)
 
@@ -972,6 +975,7 @@ class MetadataService:
             if on_ready is not None:
                 on_ready(self)
             sleep_s = self.cfg.poll_min_sleep_s
+            last_work = time.monotonic()
             while not stop.is_set():
                 worked = self.poll_pool()
                 if sel is not None:
@@ -979,6 +983,10 @@ class MetadataService:
                 self.housekeeping()
                 if worked:
                     sleep_s = self.cfg.poll_min_sleep_s
+                    last_work = time.monotonic()
+                    continue
+                if time.monotonic() - last_work < self.cfg.poll_spin_s:
+                    os.sched_yield()  # hot: the next request is probably microseconds away
                     continue
                 # Idle: back off so that several processes on few cores do not starve each other.
                 if sel is not None:

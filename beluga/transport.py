@@ -26,17 +26,19 @@ _Q = struct.Struct("<Q")
 
 
 class Backoff:
-    """Spin briefly, then sleep with doubling intervals up to a cap, until a deadline."""
+    """Poll (yielding the CPU) for a short while, then sleep with doubling intervals up to a cap."""
 
-    def __init__(self, min_sleep_s: float, max_sleep_s: float, spins: int = 50) -> None:
+    def __init__(self, min_sleep_s: float, max_sleep_s: float, spin_s: float = 0.0005) -> None:
         self.min_sleep_s = min_sleep_s
         self.max_sleep_s = max_sleep_s
-        self.spins = spins
+        self.spin_s = spin_s
 
     def wait(self, ready, deadline: float) -> bool:
-        for _ in range(self.spins):
+        spin_until = min(time.monotonic() + self.spin_s, deadline)
+        while time.monotonic() < spin_until:
             if ready():
                 return True
+            os.sched_yield()
         sleep_s = self.min_sleep_s
         while True:
             if ready():

@@ -32,7 +32,7 @@ def _digest(path: str) -> tuple[str, int]:
 def test_geometry_regions_are_ordered_aligned_and_inside_the_pool(pool_mib, seg_shift, clients, rpc_pages, gran_shift):
     seg = 1 << seg_shift
     gran = 1 << gran_shift
-    if gran > seg // 4:
+    if gran > seg:
         return
     size = pool_mib * L.MiB
     try:
@@ -45,35 +45,39 @@ def test_geometry_regions_are_ordered_aligned_and_inside_the_pool(pool_mib, seg_
     assert L.SUPERBLOCK_BYTES <= g.service_offset < g.host_offset
     assert g.host_offset + clients * g.host_slot_bytes <= g.segment_table_offset
     assert g.segment_table_offset + g.segment_count * L.SEGMENT_ENTRY_BYTES <= g.index_offset
-    assert g.index_offset + g.segment_count * g.max_slots_per_segment * L.INDEX_ENTRY_BYTES <= g.segments_offset
+    assert g.index_offset + g.segment_count * g.max_slots_per_segment * L.INDEX_ENTRY_BYTES <= g.headers_offset
+    assert g.headers_offset + g.segment_count * g.max_slots_per_segment * L.BLOCK_HEADER_BYTES <= g.segments_offset
     assert g.segments_offset % min(seg, L.DAX_ALIGN_BYTES) == 0
     assert g.used_bytes <= size
     # One more segment would not have fitted: the geometry does not waste a segment's worth of pool.
     leftover = size - g.used_bytes
-    assert leftover < (seg + L.SEGMENT_ENTRY_BYTES + g.max_slots_per_segment * L.INDEX_ENTRY_BYTES
-                       + 2 * L.PAGE_BYTES + min(seg, L.DAX_ALIGN_BYTES))
-    assert g.max_block_bytes < seg
+    assert leftover < (seg + L.SEGMENT_ENTRY_BYTES + g.max_slots_per_segment * (L.INDEX_ENTRY_BYTES + L.BLOCK_HEADER_BYTES)
+                       + 3 * L.PAGE_BYTES + min(seg, L.DAX_ALIGN_BYTES))
+    assert g.max_block_bytes == seg  # a block may fill a whole segment
 
 
 @given(seg_shift=st.integers(min_value=16, max_value=22), gran_shift=st.integers(min_value=9, max_value=13),
        mult=st.integers(min_value=1, max_value=4096))
 @settings(max_examples=200, deadline=None)
-def test_slot_layout_fits_and_never_overlaps(seg_shift, gran_shift, mult):
+def test_slots_and_headers_fit_and_never_overlap(seg_shift, gran_shift, mult):
     seg, gran = 1 << seg_shift, 1 << gran_shift
-    if gran > seg // 4:
+    if gran > seg:
         return
+    g = L.compute_geometry(64 * L.MiB, segment_size_bytes=seg, slot_granularity_bytes=gran, max_clients=2,
+                           rpc_buffer_bytes=4096)
     dslot = mult * gran
-    lay = L.slot_layout(seg, dslot, gran)
-    if dslot > L.largest_data_slot(seg, gran):
+    lay = g.slot_layout(dslot)
+    if dslot > g.max_block_bytes:
         assert lay.slot_count == 0
         return
-    assert lay.slot_count >= 1
-    assert lay.headers_bytes >= lay.slot_count * L.BLOCK_HEADER_BYTES
-    assert lay.data_offset(0) % gran == 0
-    assert lay.data_offset(lay.slot_count - 1) + dslot <= seg
-    # maximal: one more slot would not fit
-    more = lay.slot_count + 1
-    assert -(-more * L.BLOCK_HEADER_BYTES // gran) * gran + more * dslot > seg
+    assert 1 <= lay.slot_count <= g.max_slots_per_segment
+    assert lay.data_offset(0) == 0 and lay.data_offset(1) % gran == 0
+    assert lay.data_offset(lay.slot_count - 1) + dslot <= seg < lay.data_offset(lay.slot_count - 1) + 2 * dslot
+    last = g.segment_count - 1
+    # Headers and index entries of the last possible slot stay inside their regions.
+    assert g.header_offset(last, g.max_slots_per_segment - 1) + L.BLOCK_HEADER_BYTES <= g.segments_offset
+    assert g.index_entry_offset(last, g.max_slots_per_segment - 1) + L.INDEX_ENTRY_BYTES <= g.headers_offset
+    assert g.segment_offset(last) + seg <= g.pool_size_bytes
 
 
 def test_format_then_open_roundtrip(pool_path):
@@ -171,6 +175,7 @@ def test_pool_too_small_for_its_geometry(pool_path):
     (dict(segment_size_bytes=300 * 1024), "power of two"),
     (dict(segment_size_bytes=32 * 1024), "power of two >= 65536"),
     (dict(slot_granularity_bytes=3000), "granularity"),
+    (dict(slot_granularity_bytes=512 * 1024), "granularity"),
     (dict(max_clients=0), "max clients"),
     (dict(rpc_buffer_bytes=5000), "rpc buffer"),
 ])

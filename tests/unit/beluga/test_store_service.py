@@ -391,11 +391,10 @@ def test_recovery_touches_only_metadata(store, monkeypatch):
     g = store.pool.geometry
     # Poison all block data: recovery must not read (or care about) it.
     for si in range(g.segment_count):
-        seg = store.service.segments[si]
-        if seg.layout:
-            start = g.segment_offset(si) + seg.layout.headers_bytes
-            store.pool.buf[start : g.segment_offset(si + 1) if si + 1 < g.segment_count else g.used_bytes] = \
-                bytes(g.segment_size_bytes - seg.layout.headers_bytes)
+        start = g.segment_offset(si)
+        store.pool.buf[start : start + g.segment_size_bytes] = b"\xa5" * g.segment_size_bytes
+    # ...and the block headers too: the index alone is the authority.
+    store.pool.buf[g.headers_offset : g.segments_offset] = bytes(g.segments_offset - g.headers_offset)
     store.restart()
     assert store.service.recovery["committed_blocks"] == 20
     assert len(store.service.index) == 20
