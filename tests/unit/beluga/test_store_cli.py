@@ -9,7 +9,7 @@ import pytest
 
 from beluga.cli import main, random_bytes
 
-from conftest import ServiceProcess, subprocess_env
+from beluga_store_support import ServiceProcess, subprocess_env
 
 
 def run(*args, timeout=60) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ from beluga.errors import InvalidKeyError, ServiceUnavailableError
 from beluga.keys import PrefixContext, name_key, prefix_keys
 from beluga.service import ServiceConfig, ServiceThread
 
-from conftest import make_pool
+from beluga_store_support import make_pool
 
 TRANSPORTS = ["cxl", "tcp"]
 

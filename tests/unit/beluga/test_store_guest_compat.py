@@ -7,7 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import REPO, subprocess_env
+from beluga_store_support import REPO, subprocess_env
 
 PKG = REPO / "beluga"
 
@@ -69,7 +69,7 @@ def test_pool_access_is_mmap_only(pool_path, monkeypatch):
     import os
 
     from beluga.pool import Pool
-    from conftest import make_pool
+    from beluga_store_support import make_pool
 
     make_pool(pool_path)
     fds = set()

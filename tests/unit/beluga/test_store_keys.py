@@ -12,7 +12,7 @@ import pytest
 from beluga.errors import InvalidKeyError
 from beluga.keys import ROOT_KEY, PrefixContext, check_key, hash_block, name_key, parse_key, prefix_keys
 
-from conftest import subprocess_env
+from beluga_store_support import subprocess_env
 
 TOKENS = list(range(1000, 1000 + 16 * 5 + 7))  # 5 full blocks and a partial one
 

@@ -13,7 +13,7 @@ from beluga import layout as L
 from beluga.errors import BelugaError, CorruptPoolError, LayoutVersionError, NotAPoolError, PoolTooSmallError
 from beluga.pool import DeviceInfo, Pool, _map_length, device_info, devdax_size, format_pool
 
-from conftest import make_pool
+from beluga_store_support import make_pool
 
 
 def _digest(path: str) -> tuple[str, int]:

@@ -24,7 +24,7 @@ from beluga.keys import name_key
 from beluga.pool import Pool
 from beluga.report import pool_report
 
-from conftest import ServiceProcess, make_pool, spawn_worker, subprocess_env
+from beluga_store_support import ServiceProcess, make_pool, spawn_worker, subprocess_env
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _store_worker import expected  # noqa: E402

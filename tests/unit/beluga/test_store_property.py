@@ -20,7 +20,7 @@ from beluga.keys import name_key
 from beluga.layout import KiB
 from beluga.service import ServiceConfig
 
-from conftest import LocalStore
+from beluga_store_support import LocalStore
 
 KEYS = [name_key(f"prop-{i}") for i in range(24)]
 key_st = st.integers(min_value=0, max_value=len(KEYS) - 1).map(lambda i: KEYS[i])

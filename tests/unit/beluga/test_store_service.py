@@ -18,7 +18,7 @@ from beluga.pool import Pool
 from beluga.report import pool_report
 from beluga.service import MetadataService, ServiceConfig, ServiceThread
 
-from conftest import LocalStore
+from beluga_store_support import LocalStore
 
 
 def k(i) -> bytes:
@@ -438,7 +438,7 @@ def test_recovery_of_dead_clients_state(store):
 
 
 def test_second_live_service_is_refused(pool_path):
-    from conftest import make_pool
+    from beluga_store_support import make_pool
 
     make_pool(pool_path)
     t = ServiceThread(pool_path, ServiceConfig(takeover_wait_s=0))
