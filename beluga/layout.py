@@ -1,0 +1,467 @@
+"""On-pool format (layout version 1): geometry and the binary records.
+
+All records are little-endian and fixed-size. Who writes what matters for
+CXL (non-coherent hosts must not share written cache lines) and for safety
+(a client must not be able to corrupt the index):
+
+* superblock           -- written once by ``format``; read-only afterwards
+* service area         -- written only by the metadata service
+* host slots           -- per client: a client-written line + request buffer,
+                          a service-written line + response buffer
+* segment table, index -- written only by the metadata service
+* block headers        -- one per possible slot, in their own region, written
+                          only by the client that holds the slot's reservation
+* segments             -- block data only, written by the same client; keeping
+                          headers out of segments lets a block fill a whole
+                          segment (a 2 MiB KV block in a 2 MiB segment)
+
+See docs/store.md for the diagram.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from . import checksum as _checksum
+from .errors import CorruptPoolError, LayoutVersionError, NotAPoolError, PoolTooSmallError
+
+MAGIC = b"BELUGAKV"
+LAYOUT_VERSION = 1
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+PAGE_BYTES = 4 * KiB
+DAX_ALIGN_BYTES = 2 * MiB
+"""devdax mappings must be 2 MiB multiples in length and offset."""
+
+SUPERBLOCK_BYTES = PAGE_BYTES
+SERVICE_AREA_BYTES = PAGE_BYTES
+HOST_LINES_BYTES = PAGE_BYTES
+"""Each host slot starts with one page holding its client line and service line."""
+CLIENT_LINE_OFFSET = 0
+SERVICE_LINE_OFFSET = 128
+"""128 bytes apart: different cache lines (and not adjacent-line-prefetch pairs)."""
+
+BLOCK_HEADER_BYTES = 128
+INDEX_ENTRY_BYTES = 64
+SEGMENT_ENTRY_BYTES = 64
+"""Two 32-byte copies of the same record: a torn write can damage only one of them."""
+SEGMENT_RECORD_BYTES = 32
+KEY_BYTES = 32
+
+MIN_SEGMENT_BYTES = 64 * KiB
+MIN_RPC_BUFFER_BYTES = 4 * KiB
+MAX_CLIENTS_LIMIT = 1024
+
+# ---------------------------------------------------------------- superblock
+#   magic 8s | version I | flags I | pool_size Q | segment_size Q | segment_count I |
+#   max_clients I | rpc_buffer I | slot_granularity I | max_slots_per_segment I |
+#   checksum_algo I | service_off Q | host_off Q | segtab_off Q | index_off Q |
+#   headers_off Q | segments_off Q | uuid 16s | formatted_unix_ns Q | crc I
+_SB = struct.Struct("<8sIIQQIIIIIIQQQQQQ16sQ")
+_SB_CRC = struct.Struct("<I")
+_SB_HEAD = struct.Struct("<8sI")  # magic + version: readable for every version
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where everything lives in a pool. Derived from a few format parameters."""
+
+    pool_size_bytes: int
+    segment_size_bytes: int
+    segment_count: int
+    max_clients: int
+    rpc_buffer_bytes: int
+    slot_granularity_bytes: int
+    max_slots_per_segment: int
+    checksum_algorithm: int
+    service_offset: int
+    host_offset: int
+    segment_table_offset: int
+    index_offset: int
+    headers_offset: int
+    segments_offset: int
+
+    @property
+    def host_slot_bytes(self) -> int:
+        return HOST_LINES_BYTES + 2 * self.rpc_buffer_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.segments_offset + self.segment_count * self.segment_size_bytes
+
+    @property
+    def max_block_bytes(self) -> int:
+        """Largest block that fits in one segment (one slot spanning it)."""
+        return self.segment_size_bytes
+
+    def host_slot_offset(self, slot: int) -> int:
+        return self.host_offset + slot * self.host_slot_bytes
+
+    def request_offset(self, slot: int) -> int:
+        return self.host_slot_offset(slot) + HOST_LINES_BYTES
+
+    def response_offset(self, slot: int) -> int:
+        return self.request_offset(slot) + self.rpc_buffer_bytes
+
+    def segment_offset(self, segment: int) -> int:
+        return self.segments_offset + segment * self.segment_size_bytes
+
+    def segment_entry_offset(self, segment: int) -> int:
+        return self.segment_table_offset + segment * SEGMENT_ENTRY_BYTES
+
+    def index_entry_offset(self, segment: int, slot: int) -> int:
+        return self.index_offset + (segment * self.max_slots_per_segment + slot) * INDEX_ENTRY_BYTES
+
+    def header_offset(self, segment: int, slot: int) -> int:
+        return self.headers_offset + (segment * self.max_slots_per_segment + slot) * BLOCK_HEADER_BYTES
+
+    def slot_layout(self, data_slot_bytes: int) -> "SlotLayout":
+        return slot_layout(self.segment_size_bytes, data_slot_bytes)
+
+    def data_slot_for(self, length_bytes: int) -> int:
+        """Slot size class for a block: its length rounded up to the granularity."""
+        g = self.slot_granularity_bytes
+        return max(g, _round_up(length_bytes, g))
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """How a segment of one slot size class is cut: equal data slots from its start."""
+
+    data_slot_bytes: int
+    slot_count: int
+
+    def data_offset(self, slot: int) -> int:
+        return slot * self.data_slot_bytes
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _is_pow2(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def slot_layout(segment_size_bytes: int, data_slot_bytes: int) -> SlotLayout:
+    return SlotLayout(data_slot_bytes=data_slot_bytes, slot_count=segment_size_bytes // data_slot_bytes)
+
+
+def parse_size(text: str | int) -> int:
+    """'64M', '2MiB', '4096', '1G' -> bytes (binary units)."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": KiB, "M": MiB, "G": GiB, "T": 1024 * GiB}
+    try:
+        if s and s[-1] in units:
+            return int(float(s[:-1]) * units[s[-1]])
+        return int(s)
+    except ValueError:
+        raise ValueError(f"size {text!r} is not a number of bytes (expected e.g. 4096, 64K, 2M, 1G)") from None
+
+
+def compute_geometry(
+    pool_size_bytes: int,
+    *,
+    segment_size_bytes: int = 2 * MiB,
+    max_clients: int = 32,
+    rpc_buffer_bytes: int = 64 * KiB,
+    slot_granularity_bytes: int = 4 * KiB,
+    checksum_algorithm: int = _checksum.CRC32,
+) -> Geometry:
+    """Lay out a pool of ``pool_size_bytes``; raise with the reason if it cannot hold one segment."""
+    if not _is_pow2(segment_size_bytes) or segment_size_bytes < MIN_SEGMENT_BYTES:
+        raise ValueError(f"segment size {segment_size_bytes} must be a power of two >= {MIN_SEGMENT_BYTES}")
+    if not _is_pow2(slot_granularity_bytes) or not 512 <= slot_granularity_bytes <= segment_size_bytes:
+        raise ValueError(
+            f"slot granularity {slot_granularity_bytes} must be a power of two between 512 and the segment "
+            f"size ({segment_size_bytes})"
+        )
+    if not 1 <= max_clients <= MAX_CLIENTS_LIMIT:
+        raise ValueError(f"max clients {max_clients} must be between 1 and {MAX_CLIENTS_LIMIT}")
+    if rpc_buffer_bytes < MIN_RPC_BUFFER_BYTES or rpc_buffer_bytes % PAGE_BYTES:
+        raise ValueError(f"rpc buffer {rpc_buffer_bytes} must be a multiple of {PAGE_BYTES} and >= {MIN_RPC_BUFFER_BYTES}")
+    if checksum_algorithm not in _checksum.ALGORITHMS:
+        raise ValueError(f"unknown checksum algorithm {checksum_algorithm}")
+    max_slots = segment_size_bytes // slot_granularity_bytes
+    service_off = SUPERBLOCK_BYTES
+    host_off = service_off + SERVICE_AREA_BYTES
+    host_slot_bytes = HOST_LINES_BYTES + 2 * rpc_buffer_bytes
+    fixed_end = host_off + max_clients * host_slot_bytes
+    align = min(segment_size_bytes, DAX_ALIGN_BYTES)
+    per_segment_meta = SEGMENT_ENTRY_BYTES + max_slots * (INDEX_ENTRY_BYTES + BLOCK_HEADER_BYTES)
+
+    def place(count: int) -> tuple[int, int, int, int]:
+        segtab = _round_up(fixed_end, PAGE_BYTES)
+        index = _round_up(segtab + count * SEGMENT_ENTRY_BYTES, PAGE_BYTES)
+        headers = _round_up(index + count * max_slots * INDEX_ENTRY_BYTES, PAGE_BYTES)
+        segments = _round_up(headers + count * max_slots * BLOCK_HEADER_BYTES, align)
+        return segtab, index, headers, segments
+
+    count = max(0, (pool_size_bytes - fixed_end) // (segment_size_bytes + per_segment_meta))
+    while count > 0 and place(count)[3] + count * segment_size_bytes > pool_size_bytes:
+        count -= 1
+    if count < 1:
+        need = place(1)[3] + segment_size_bytes
+        raise PoolTooSmallError(
+            f"pool of {pool_size_bytes} bytes is too small for its geometry: one {segment_size_bytes}-byte segment "
+            f"plus metadata for {max_clients} clients with {rpc_buffer_bytes}-byte RPC buffers needs at least "
+            f"{need} bytes"
+        )
+    segtab, index, headers, segments = place(count)
+    return Geometry(
+        pool_size_bytes=pool_size_bytes,
+        segment_size_bytes=segment_size_bytes,
+        segment_count=count,
+        max_clients=max_clients,
+        rpc_buffer_bytes=rpc_buffer_bytes,
+        slot_granularity_bytes=slot_granularity_bytes,
+        max_slots_per_segment=max_slots,
+        checksum_algorithm=checksum_algorithm,
+        service_offset=service_off,
+        host_offset=host_off,
+        segment_table_offset=segtab,
+        index_offset=index,
+        headers_offset=headers,
+        segments_offset=segments,
+    )
+
+
+@dataclass(frozen=True)
+class Superblock:
+    geometry: Geometry
+    uuid: bytes
+    formatted_unix_ns: int
+
+    def encode(self) -> bytes:
+        g = self.geometry
+        body = _SB.pack(
+            MAGIC, LAYOUT_VERSION, 0, g.pool_size_bytes, g.segment_size_bytes, g.segment_count, g.max_clients,
+            g.rpc_buffer_bytes, g.slot_granularity_bytes, g.max_slots_per_segment, g.checksum_algorithm,
+            g.service_offset, g.host_offset, g.segment_table_offset, g.index_offset, g.headers_offset,
+            g.segments_offset,
+            self.uuid, self.formatted_unix_ns,
+        )
+        return body + _SB_CRC.pack(_checksum.meta_crc(body))
+
+
+def decode_superblock(raw: bytes, *, where: str, actual_size_bytes: int) -> Superblock:
+    """Validate and decode; the order of checks decides which error the user sees."""
+    if len(raw) < _SB_HEAD.size:
+        raise NotAPoolError(f"{where} is not a Beluga pool: only {len(raw)} bytes, a superblock needs {SUPERBLOCK_BYTES}")
+    magic, version = _SB_HEAD.unpack_from(raw)
+    if magic != MAGIC:
+        raise NotAPoolError(
+            f"{where} is not a Beluga pool: first bytes are {magic!r}, expected magic {MAGIC!r} "
+            f"(run `beluga format {where}` to make it one; nothing was written)"
+        )
+    if version != LAYOUT_VERSION:
+        raise LayoutVersionError(
+            f"{where} has pool layout version {version}, but this beluga reads only version {LAYOUT_VERSION}; "
+            f"use a matching beluga, or reformat with `beluga format --force {where}` (destroys its contents)"
+        )
+    body = raw[: _SB.size]
+    (stored_crc,) = _SB_CRC.unpack_from(raw, _SB.size)
+    crc = _checksum.meta_crc(body)
+    if crc != stored_crc:
+        raise CorruptPoolError(
+            f"{where}: superblock checksum mismatch (stored {stored_crc:#010x}, computed {crc:#010x}); "
+            f"the pool header is corrupt, refusing to open it"
+        )
+    f = _SB.unpack(body)
+    (_, _, _flags, pool_size, seg_size, seg_count, max_clients, rpc_buf, gran, max_slots, algo,
+     svc_off, host_off, segtab_off, index_off, hdrs_off, segs_off, uuid, formatted) = f
+    try:
+        expect = compute_geometry(
+            pool_size, segment_size_bytes=seg_size, max_clients=max_clients, rpc_buffer_bytes=rpc_buf,
+            slot_granularity_bytes=gran, checksum_algorithm=algo,
+        )
+    except (ValueError, PoolTooSmallError) as exc:
+        raise CorruptPoolError(f"{where}: superblock geometry is invalid: {exc}") from None
+    recorded = Geometry(pool_size, seg_size, seg_count, max_clients, rpc_buf, gran, max_slots, algo,
+                        svc_off, host_off, segtab_off, index_off, hdrs_off, segs_off)
+    if recorded != expect:
+        raise CorruptPoolError(
+            f"{where}: superblock geometry is inconsistent (recorded {recorded}, but its parameters imply {expect})"
+        )
+    if actual_size_bytes < recorded.used_bytes:
+        raise PoolTooSmallError(
+            f"{where} is too small for its geometry: the superblock needs {recorded.used_bytes} bytes "
+            f"({seg_count} segments of {seg_size}), but the pool has only {actual_size_bytes}"
+        )
+    return Superblock(geometry=recorded, uuid=uuid, formatted_unix_ns=formatted)
+
+
+# ---------------------------------------------------------------- service area (service-written)
+#   magic 4s | pad 4 | service_nonce Q | heartbeat Q | pid I | restarts I | gen_high_water Q |
+#   started_unix_ns Q | host 64s | tcp_address 64s
+SERVICE_MAGIC = b"BSVC"
+SERVICE_AREA = struct.Struct("<4s4xQQIIQQ64s64s")
+SA_HEARTBEAT = 16
+
+
+@dataclass(frozen=True)
+class ServiceArea:
+    nonce: int
+    heartbeat: int
+    pid: int
+    restarts: int
+    generation_high_water: int
+    started_unix_ns: int
+    host: str
+    tcp_address: str
+
+    def encode(self) -> bytes:
+        return SERVICE_AREA.pack(SERVICE_MAGIC, self.nonce, self.heartbeat, self.pid, self.restarts,
+                                 self.generation_high_water, self.started_unix_ns,
+                                 self.host.encode()[:64], self.tcp_address.encode()[:64])
+
+    @classmethod
+    def decode(cls, raw) -> "ServiceArea":
+        magic, nonce, hb, pid, restarts, ghw, started, host, addr = SERVICE_AREA.unpack_from(raw)
+        if magic != SERVICE_MAGIC:
+            return cls(0, 0, 0, 0, 0, 0, "", "")
+        return cls(nonce, hb, pid, restarts, ghw, started, host.rstrip(b"\0").decode(errors="replace"),
+                   addr.rstrip(b"\0").decode(errors="replace"))
+
+
+# ---------------------------------------------------------------- host slot lines
+#   client line (client-written): claim_nonce Q | req_seq Q | heartbeat Q | pid I | pad 4 | host 32s
+CLIENT_LINE = struct.Struct("<QQQI4x32s")
+CL_CLAIM = 0
+CL_REQ_SEQ = 8
+CL_HEARTBEAT = 16
+#   service line (service-written): owner_nonce Q | resp_seq Q | epoch Q
+SERVICE_LINE = struct.Struct("<QQQ")
+SL_OWNER = 0
+SL_RESP_SEQ = 8
+SL_EPOCH = 16
+U64 = struct.Struct("<Q")
+
+
+# ---------------------------------------------------------------- segment table (service-written)
+SEG_FREE = 0
+SEG_OPEN = 1
+"""Owned by one writer, which may hold reservations in it."""
+SEG_SEALED = 2
+"""No owner; holds committed blocks, free slots can be handed to a new owner."""
+SEG_STATE_NAMES = {SEG_FREE: "free", SEG_OPEN: "open", SEG_SEALED: "sealed"}
+#   state B | pad B | owner_slot H | owner_epoch I | data_slot_bytes I | slot_count I | pad 8 | pad 4 | crc I
+SEGMENT_ENTRY = struct.Struct("<BBHIII12xI")
+
+
+@dataclass(frozen=True)
+class SegmentEntry:
+    state: int
+    owner_slot: int
+    owner_epoch: int
+    data_slot_bytes: int
+    slot_count: int
+
+    def encode(self) -> bytes:
+        body = SEGMENT_ENTRY.pack(self.state, 0, self.owner_slot, self.owner_epoch, self.data_slot_bytes,
+                                  self.slot_count, 0)
+        return body[:-4] + U32.pack(_checksum.meta_crc(body[:-4]))
+
+    @classmethod
+    def decode(cls, raw) -> "SegmentEntry | None":
+        """None if the record is torn (service killed mid-write): the caller treats it as free."""
+        state, _, owner, epoch, dslot, count, crc = SEGMENT_ENTRY.unpack_from(raw)
+        if crc != _checksum.meta_crc(bytes(raw[: SEGMENT_RECORD_BYTES - 4])):
+            return None
+        return cls(state, owner, epoch, dslot, count)
+
+
+FREE_SEGMENT = SegmentEntry(SEG_FREE, 0, 0, 0, 0)
+
+
+def write_segment_entry(buf, offset: int, entry: SegmentEntry) -> None:
+    # Copy A, then copy B: if the writer dies mid-way, one intact copy (old or new) remains.
+    raw = entry.encode()
+    buf[offset : offset + SEGMENT_RECORD_BYTES] = raw
+    buf[offset + SEGMENT_RECORD_BYTES : offset + SEGMENT_ENTRY_BYTES] = raw
+
+
+def read_segment_entry(buf, offset: int) -> SegmentEntry | None:
+    """The first intact copy, or None if both are damaged; all zeros (never written) is free."""
+    for off in (offset, offset + SEGMENT_RECORD_BYTES):
+        raw = bytes(buf[off : off + SEGMENT_RECORD_BYTES])
+        if raw == bytes(SEGMENT_RECORD_BYTES):
+            return FREE_SEGMENT
+        entry = SegmentEntry.decode(raw)
+        if entry is not None:
+            return entry
+    return None
+U32 = struct.Struct("<I")
+
+
+# ---------------------------------------------------------------- index entries (service-written)
+ENTRY_FREE = 0
+ENTRY_RESERVED = 1
+ENTRY_COMMITTED = 2
+#   state B | pad B | owner_slot H | owner_epoch I | generation Q | length I | data_crc I | key 32s | pad 4 | crc I
+INDEX_ENTRY = struct.Struct("<BBHIQII32s4xI")
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    state: int
+    owner_slot: int
+    owner_epoch: int
+    generation: int
+    length_bytes: int
+    data_crc: int
+    key: bytes
+
+    def encode(self) -> bytes:
+        body = INDEX_ENTRY.pack(self.state, 0, self.owner_slot, self.owner_epoch, self.generation,
+                                self.length_bytes, self.data_crc, self.key, 0)
+        return body[:-4] + U32.pack(_checksum.meta_crc(body[:-4]))
+
+    @classmethod
+    def decode(cls, raw) -> "IndexEntry | None":
+        """None if torn; an all-zero (never written) entry decodes as FREE."""
+        state, _, owner, epoch, gen, length, dcrc, key, crc = INDEX_ENTRY.unpack_from(raw)
+        if crc == 0 and state == 0 and gen == 0:
+            return cls(ENTRY_FREE, 0, 0, 0, 0, 0, bytes(KEY_BYTES))
+        if crc != _checksum.meta_crc(bytes(raw[: INDEX_ENTRY_BYTES - 4])):
+            return None
+        return cls(state, owner, epoch, gen, length, dcrc, key)
+
+
+# ---------------------------------------------------------------- block headers (client-written)
+BLOCK_MAGIC = 0x484B4C42  # "BLKH"
+BLOCK_WRITING = 1
+BLOCK_COMPLETE = 2
+#   magic I | version H | state H | length Q | generation Q | data_crc I | writer_slot I | key 32s | pad 52 | crc I
+BLOCK_HEADER = struct.Struct("<IHHQQII32s60xI")
+assert BLOCK_HEADER.size == BLOCK_HEADER_BYTES
+
+
+@dataclass(frozen=True)
+class BlockHeader:
+    state: int
+    length_bytes: int
+    generation: int
+    data_crc: int
+    writer_slot: int
+    key: bytes
+
+    def encode(self) -> bytes:
+        body = BLOCK_HEADER.pack(BLOCK_MAGIC, LAYOUT_VERSION, self.state, self.length_bytes, self.generation,
+                                 self.data_crc, self.writer_slot, self.key, 0)
+        return body[:-4] + U32.pack(_checksum.meta_crc(body[:-4]))
+
+    @classmethod
+    def decode(cls, raw) -> "BlockHeader | None":
+        """None unless the header is intact (magic, version and its own crc)."""
+        magic, version, state, length, gen, dcrc, writer, key, crc = BLOCK_HEADER.unpack_from(raw)
+        if magic != BLOCK_MAGIC or version != LAYOUT_VERSION:
+            return None
+        if crc != _checksum.meta_crc(bytes(raw[: BLOCK_HEADER_BYTES - 4])):
+            return None
+        return cls(state, length, gen, dcrc, writer, key)
