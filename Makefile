@@ -13,7 +13,7 @@ image: setup
 
 demo: image
 	$(BT) doctor
-	$(BT) demo
+	BT=$(BT) scripts/demo.sh
 
 test: image
 	$(PYTEST) tests

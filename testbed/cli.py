@@ -192,7 +192,7 @@ def cmd_pool(args) -> int:
         print("hosts: pool not provisioned yet ('beluga-testbed provision NAME')")
     for h, r in p["hosts"].items():
         print(f"  {h:8} {r['dax'] or '-':14} {r['region'] or '-':9} {r['dax_mode'] or '-':8} "
-              f"{'ready' if r['ready'] else 'NOT READY'}  targets {' '.join(r['targets'] or [])}")
+              f"{'ready' if r['ready'] else 'NOT READY'}  guest memdevs in position order: {' '.join(r['targets'] or [])}")
     print(f"{'REGION OFFSET':>14}  {'POS':>3}  {'DEVICE':8} {'SERIAL':>7}  {'FILE OFFSET':>11}  FILE")
     for r in p["map"]:
         print(f"{r['region_offset']:#14x}  {r['position']:>3}  {r['device']:8} {r['serial']:#7x}  "
