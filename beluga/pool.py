@@ -140,7 +140,7 @@ class Pool:
         return self.buf[offset : offset + length]
 
     def flush(self) -> None:
-        self._mm.flush()
+        _sync(self._mm, self.info.is_devdax)
 
 
 @dataclass(frozen=True)
@@ -205,14 +205,21 @@ def format_pool(
     try:
         mm[: L.SUPERBLOCK_BYTES] = bytes(L.SUPERBLOCK_BYTES)
         _zero(mm, L.SUPERBLOCK_BYTES, geometry.segments_offset)
-        mm.flush()
+        _sync(mm, info.is_devdax)
         sb = L.Superblock(geometry=geometry, uuid=os.urandom(16), formatted_unix_ns=time.time_ns())
         raw = sb.encode()
         mm[: len(raw)] = raw
-        mm.flush()
+        _sync(mm, info.is_devdax)
     finally:
         mm.close()
     return FormatResult(path=p, geometry=geometry, is_devdax=info.is_devdax)
+
+
+def _sync(mm: mmap.mmap, is_devdax: bool) -> None:
+    # msync() on a devdax mapping fails with EINVAL; there is no page cache in
+    # between to write back: stores reach the device directly.
+    if not is_devdax:
+        mm.flush()
 
 
 def _zero(mm: mmap.mmap, start: int, end: int) -> None:

@@ -201,6 +201,28 @@ def cmd_pool(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from . import runner, scenario
+    if args.list:
+        for name, path in scenario.builtin().items():
+            sc = scenario.parse(path.read_text(), str(path))
+            print(f"{name:34} {sc.description}")
+        return 0
+    if not args.scenario:
+        raise TestbedError("name a scenario (a file or a built-in name)", hint="'beluga-testbed run --list'")
+    sc = scenario.load(args.scenario)
+    report, html = runner.run(sc, topology=args.topology, testbed=args.testbed, keep=args.keep,
+                              report_dir=Path(args.report_dir) if args.report_dir else None)
+    failed = [e for e in report["expectations"] if not e["passed"]]
+    verdict = "passed" if report["passed"] else "FAILED"
+    info(f"{'✓' if report['passed'] else '✗'} scenario {sc.name} {verdict} in {report['duration_s']} s: "
+         f"{len(report['expectations']) - len(failed)}/{len(report['expectations'])} expectations hold")
+    for e in failed:
+        info(f"  ✗ {e['kind']} {json.dumps(e['args'])} (line {e['line']}): {e['evidence']}")
+    print(html)
+    return 0 if report["passed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="beluga-testbed",
                                 description="Emulated CXL memory pools shared by several QEMU hosts.")
@@ -278,6 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("name", metavar="NAME")
     po.add_argument("--json", action="store_true")
     po.set_defaults(func=cmd_pool)
+
+    rn = sub.add_parser("run", help="run a scenario: deploy the store, play steps and faults, check expectations")
+    rn.add_argument("scenario", nargs="?", metavar="SCENARIO", help="a YAML file or a built-in name (see --list)")
+    rn.add_argument("--list", action="store_true", help="list the built-in scenarios")
+    rn.add_argument("--topology", help="run on this topology instead of the scenario's")
+    rn.add_argument("--testbed", help="use this running testbed instead of bringing one up (and down)")
+    rn.add_argument("--keep", action="store_true", help="leave the testbed up afterwards")
+    rn.add_argument("--report-dir", help="where report.json and report.html go (default ./reports/NAME-TIME)")
+    rn.set_defaults(func=cmd_run)
 
     lg = sub.add_parser("logs", help="collect logs")
     lsub = lg.add_subparsers(dest="logs_cmd", required=True, metavar="ACTION")

@@ -1,0 +1,93 @@
+"""Deploy the Beluga store into a running testbed's guests and drive it over SSH.
+
+Nothing is downloaded in the guest: the `beluga` package (pure Python; the guest image
+has python3 and NumPy) and the guest-side driver travel as one tarball over SFTP.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shlex
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import ssh
+from .log import TestbedError
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST_DIR = "/opt/beluga"
+GUEST_DRIVER = Path(__file__).with_name("guest_store.py")
+SERVE_LOG = "/var/log/beluga-serve.log"
+SERVE_READY = "/run/beluga/serve.ready"
+PY = f"PYTHONPATH={GUEST_DIR} python3"
+
+
+def _tarball() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for f in sorted((REPO / "beluga").rglob("*.py")):
+            tar.add(f, arcname=f"beluga/{f.relative_to(REPO / 'beluga')}")
+        tar.add(GUEST_DRIVER, arcname="guest_store.py")
+    return buf.getvalue()
+
+
+def install(tb, hosts) -> None:
+    """Copy the store to every host and check that it imports there."""
+    blob = _tarball()
+
+    def one(h):
+        with ssh.connection(h.ssh_port, tb.key) as c:
+            c.run(f"mkdir -p {GUEST_DIR}", hide=True, timeout=60)
+            c.put(io.BytesIO(blob), f"{GUEST_DIR}/beluga.tar.gz")
+            r = c.run(f"cd {GUEST_DIR} && tar xzf beluga.tar.gz && {PY} -c 'import beluga.client, beluga.service'",
+                      hide=True, warn=True, timeout=120)
+            if r.exited != 0:
+                raise TestbedError(f"{h.name}: the store does not import in the guest: {r.stderr.strip()}")
+
+    with ThreadPoolExecutor(max_workers=len(hosts)) as ex:
+        list(ex.map(one, hosts))
+
+
+def run_driver(tb, h, verb: str, args: dict, *, timeout_s: float = 300) -> dict:
+    cmd = f"{PY} {GUEST_DIR}/guest_store.py {verb} {shlex.quote(json.dumps(args))}"
+    r = ssh.run(h.name, h.ssh_port, tb.key, cmd, timeout_s=timeout_s)
+    if not r.ok:
+        why = r.error or (r.stderr.strip().splitlines() or [f"exit {r.exit_code}"])[-1]
+        raise TestbedError(f"{h.name}: store {verb} failed: {why}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def format_pool(tb, h, dax: str, options: list[str]) -> dict:
+    r = ssh.run(h.name, h.ssh_port, tb.key, f"{PY} -m beluga.cli format {dax} --force --json {' '.join(options)}",
+                timeout_s=300)
+    if not r.ok:
+        raise TestbedError(f"{h.name}: beluga format {dax} failed: {r.error or r.stderr.strip()}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def start_service(tb, h, dax: str, options: list[str], *, timeout_s: float = 120) -> dict:
+    """`beluga serve` in the background on host h (CXL-RPC through the pool); waits for ready."""
+    cmd = (f"rm -f {SERVE_READY}; cd /; setsid nohup env {PY} -m beluga.cli serve {dax} --transport cxl "
+           f"--ready-file {SERVE_READY} {' '.join(options)} > {SERVE_LOG} 2>&1 < /dev/null & "
+           f"for i in $(seq {int(timeout_s * 10)}); do [ -s {SERVE_READY} ] && exec cat {SERVE_READY}; "
+           f"sleep 0.1; done; echo 'service not ready' >&2; tail -5 {SERVE_LOG} >&2; exit 1")
+    r = ssh.run(h.name, h.ssh_port, tb.key, cmd, timeout_s=timeout_s + 30)
+    if not r.ok:
+        raise TestbedError(f"{h.name}: beluga serve did not start: {r.error or r.stderr.strip()}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def kill_service(tb, h) -> bool:
+    r = ssh.run(h.name, h.ssh_port, tb.key, "pkill -9 -f 'beluga.cli serve' && echo killed", timeout_s=30)
+    return "killed" in r.stdout
+
+
+def wait_gone(tb, h, pattern: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = ssh.run(h.name, h.ssh_port, tb.key, f"pgrep -f {shlex.quote(pattern)}", timeout_s=30)
+        if r.exit_code == 1:
+            return
+        time.sleep(0.2)
