@@ -52,9 +52,13 @@ def put(args):
 def get(args):
     c = client(args)
     hits, misses, torn = [], [], []
-    for i in range(args["start"], args["start"] + args["count"]):
-        key, want = block(args["set"], i, args["size"])
-        got = c.get(key)
+    idx = list(range(args["start"], args["start"] + args["count"]))
+    blocks = [block(args["set"], i, args["size"]) for i in idx]
+    # One batched lookup per chunk: each RPC through the pool is slow under TCG.
+    got_all = []
+    for k in range(0, len(blocks), 64):
+        got_all += c.get_many([key for key, _ in blocks[k:k + 64]])
+    for i, (key, want), got in zip(idx, blocks, got_all):
         if got is None:
             misses.append(i)
         elif got != want:
@@ -122,10 +126,11 @@ def scan(args):
     events = []
     with open(f"{TRACE}/trace") as f:
         for line in f:
-            m = re.search(r"(cxl_poison|cxl_general_media|cxl_dram):.*?\bhpa=(0x[0-9a-f]+)", line)
+            # cxl_poison prints hpa=0x..., the media events print hpa=... without the 0x.
+            m = re.search(r"(cxl_poison|cxl_general_media|cxl_dram):.*?\bhpa=(?:0x)?([0-9a-f]+)", line)
             if m:
-                dpa = re.search(r"\bdpa=(0x[0-9a-f]+)", line)
-                length = re.search(r"\bdpa_length=(0x[0-9a-f]+)", line)
+                dpa = re.search(r"\bdpa=(?:0x)?([0-9a-f]+)", line)
+                length = re.search(r"\bdpa_length=(?:0x)?([0-9a-f]+)", line)
                 events.append({"event": m.group(1), "hpa": int(m.group(2), 16),
                                "dpa": int(dpa.group(1), 16) if dpa else None,
                                "length": int(length.group(1), 16) if length else 64, "line": line.strip()[:300]})

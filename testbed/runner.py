@@ -105,6 +105,9 @@ class Run:
     def deploy(self) -> dict:
         hosts = [self.hosts[n] for n in self.live(list(self.hosts))]
         deploy.install(self.tb, hosts)
+        # A testbed reused from an earlier run may still have a service polling the pool.
+        for h in hosts:
+            deploy.kill_service(self.tb, h)
         for h in hosts:
             deploy.run_driver(self.tb, h, "enable_trace", {})
         st = self.sc.store
@@ -252,8 +255,8 @@ class Run:
         for host in self.live(self.resolve(a["on"])):
             r = self.driver(host, "scan", {})
             self.scans.append({"host": host, "after_step": rec.index, **r})
-            rec.details[host] = {"events": [e["event"] for e in r["events"]],
-                                 "quarantined": len(r["quarantined"])}
+            rec.details[host] = {"events": [f"{e['event']} hpa={e['hpa']:#x}" for e in r["events"]],
+                                 "region_base": r["region_base"], "quarantined": r["quarantined"]}
 
     def step_stat(self, rec: StepRecord, a: dict) -> None:
         for host in self.live(self.resolve(a["on"])):
