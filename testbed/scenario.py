@@ -129,7 +129,7 @@ def _entry(c: _Checker, value: Any, path: tuple, table: dict, what: str, extra: 
     for k in args:
         if k not in req and k not in opt:
             close = difflib.get_close_matches(str(k), list(req) + list(opt), n=1)
-            hint = f"did you mean '{close[0]}'? " if close else f"known: {', '.join(list(req) + list(opt)) or 'none'}"
+            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(list(req) + list(opt)) or 'none'}"
             c.err(path + (kind, k), f"unknown field ({hint})")
     for k, t in req.items():
         if k not in args:
