@@ -52,19 +52,12 @@ def install(tb, hosts) -> None:
 
 def run_driver(tb, h, verb: str, args: dict, *, timeout_s: float = 300) -> dict:
     cmd = f"{PY} {GUEST_DIR}/guest_store.py {verb} {shlex.quote(json.dumps(args))}"
-    r = ssh.run(h.name, h.ssh_port, tb.key, cmd, timeout_s=timeout_s)
-    if not r.ok:
-        why = r.error or (r.stderr.strip().splitlines() or [f"exit {r.exit_code}"])[-1]
-        raise TestbedError(f"{h.name}: store {verb} failed: {why}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return ssh.run_json(h, tb.key, cmd, what=f"store {verb}", timeout_s=timeout_s)
 
 
 def format_pool(tb, h, dax: str, options: list[str]) -> dict:
-    r = ssh.run(h.name, h.ssh_port, tb.key, f"{PY} -m beluga.cli format {dax} --force --json {' '.join(options)}",
-                timeout_s=300)
-    if not r.ok:
-        raise TestbedError(f"{h.name}: beluga format {dax} failed: {r.error or r.stderr.strip()}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return ssh.run_json(h, tb.key, f"{PY} -m beluga.cli format {dax} --force --json {' '.join(options)}",
+                        what=f"beluga format {dax}", timeout_s=300)
 
 
 def start_service(tb, h, dax: str, options: list[str], *, timeout_s: float = 120) -> dict:
@@ -73,10 +66,7 @@ def start_service(tb, h, dax: str, options: list[str], *, timeout_s: float = 120
            f"--ready-file {SERVE_READY} {' '.join(options)} > {SERVE_LOG} 2>&1 < /dev/null & "
            f"for i in $(seq {int(timeout_s * 10)}); do [ -s {SERVE_READY} ] && exec cat {SERVE_READY}; "
            f"sleep 0.1; done; echo 'service not ready' >&2; tail -5 {SERVE_LOG} >&2; exit 1")
-    r = ssh.run(h.name, h.ssh_port, tb.key, cmd, timeout_s=timeout_s + 30)
-    if not r.ok:
-        raise TestbedError(f"{h.name}: beluga serve did not start: {r.error or r.stderr.strip()}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return ssh.run_json(h, tb.key, cmd, what="starting beluga serve", timeout_s=timeout_s + 30)
 
 
 def kill_service(tb, h) -> bool:

@@ -22,7 +22,7 @@ import yaml
 
 from . import paths
 from .initrd import CpioWriter
-from .log import TestbedError, info, step
+from .log import TestbedError, step
 
 # Bump when the build logic changes in a way that changes the image: it is part
 # of the key, like the files of the recipe.

@@ -5,6 +5,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
+from typing import NoReturn
 
 
 class TestbedError(Exception):
@@ -21,7 +22,7 @@ class TestbedError(Exception):
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
 
 
-def die(message: str, *, hint: str | None = None) -> "NoReturn":  # noqa: F821
+def die(message: str, *, hint: str | None = None) -> NoReturn:
     raise TestbedError(message, hint=hint)
 
 

@@ -62,11 +62,7 @@ def signature(nonce: bytes, offset: int) -> bytes:
 def _guest(tb, h, verb: str, args: dict, timeout_s: float = 120) -> dict:
     script = GUEST_SCRIPT.read_text()
     cmd = f"python3 -c {shlex.quote(script)} {verb} {shlex.quote(json.dumps(args))}"
-    r = ssh.run(h.name, h.ssh_port, tb.key, cmd, timeout_s=timeout_s)
-    if not r.ok:
-        why = r.error or (r.stderr.strip().splitlines() or [f"exit {r.exit_code}"])[-1]
-        raise TestbedError(f"{h.name}: pool {verb} failed: {why}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return ssh.run_json(h, tb.key, cmd, what=f"pool {verb}", timeout_s=timeout_s)
 
 
 def pool_args(t: Topology, order: list[str] | None = None) -> dict:
@@ -95,12 +91,7 @@ def provision(tb, *, order_override: dict[str, list[str]] | None = None, at_boot
     def create(h):
         order = (order_override or {}).get(h.name)
         if at_boot and order is None:
-            r = ssh.run(h.name, h.ssh_port, tb.key, _BOOT_RESULT,
-                        timeout_s=150)
-            if not r.ok:
-                raise TestbedError(f"{h.name}: pool create failed at boot: "
-                                   f"{(r.error or r.stderr).strip().splitlines()[-1:] or r.exit_code}")
-            return json.loads(r.stdout.strip().splitlines()[-1])
+            return ssh.run_json(h, tb.key, _BOOT_RESULT, what="pool create at boot", timeout_s=150)
         return _guest(tb, h, "create", pool_args(t, order))
 
     with step(f"pool: {len(t.pool.devices)}-way RAM region in devdax mode on {len(hosts)} host(s)"):

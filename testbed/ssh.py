@@ -5,6 +5,7 @@ testbed, so their host keys are accepted without checking, on purpose.
 """
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import paramiko
 from fabric import Config, Connection
+
+from .log import TestbedError
 
 CONNECT_TIMEOUT_S = 10
 COMMAND_TIMEOUT_S = 120
@@ -65,6 +68,11 @@ class Result:
     def ok(self) -> bool:
         return self.error is None and self.exit_code == 0
 
+    @property
+    def why(self) -> str:
+        """One line on why it failed: the connection error, else stderr's last line, else the exit code."""
+        return self.error or (self.stderr.strip().splitlines() or [f"exit {self.exit_code}"])[-1]
+
 
 def run(host: str, port: int, key: Path, command: str, *, timeout_s: float = COMMAND_TIMEOUT_S) -> Result:
     try:
@@ -73,6 +81,14 @@ def run(host: str, port: int, key: Path, command: str, *, timeout_s: float = COM
             return Result(host, r.exited, r.stdout, r.stderr)
     except Exception as e:  # noqa: BLE001 - reported per host, never swallowed
         return Result(host, -1, "", "", error=f"{type(e).__name__}: {e}")
+
+
+def run_json(h, key: Path, command: str, *, what: str, timeout_s: float = COMMAND_TIMEOUT_S) -> dict:
+    """Run a command on host h whose last line of output is JSON; a failure names the host and `what`."""
+    r = run(h.name, h.ssh_port, key, command, timeout_s=timeout_s)
+    if not r.ok:
+        raise TestbedError(f"{h.name}: {what} failed: {r.why}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def wait_ready(port: int, key: Path, *, timeout_s: float, alive=lambda: True, gate=lambda: True) -> None:

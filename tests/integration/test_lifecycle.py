@@ -1,6 +1,5 @@
 """up / exec / status / down of a two-host topology, and rollback after a failed launch."""
 import json
-import os
 from pathlib import Path
 
 from .conftest import cli, qemu_processes_under

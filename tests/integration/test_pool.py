@@ -4,6 +4,8 @@ import json
 import os
 import shlex
 
+from pathlib import Path
+
 import pytest
 
 from testbed import lifecycle, provision, ssh
@@ -41,9 +43,27 @@ print(hashlib.sha256(m[off:off + n]).hexdigest())
 """
 
 
-@pytest.mark.parametrize("topology", ["2hosts-1switch", "2hosts-2switches", "4hosts-1switch"])
+ONE_WAY = str(Path(__file__).parent / "data" / "2hosts-1way.yaml")
+
+
+def _switch_dports(node) -> list[int]:
+    """nr_dports of every switch upstream port (depth 2: root0 -> host bridge -> switch) in `cxl list -BPT`."""
+    out = []
+    if isinstance(node, list):
+        for n in node:
+            out += _switch_dports(n)
+    elif isinstance(node, dict):
+        if node.get("depth") == 2 and "nr_dports" in node:
+            out.append(node["nr_dports"])
+        for v in node.values():
+            if isinstance(v, (list, dict)):
+                out += _switch_dports(v)
+    return out
+
+
+@pytest.mark.parametrize("topology", ["2hosts-1switch", "2hosts-2switches", "4hosts-1switch", ONE_WAY])
 def test_bytes_written_on_one_host_read_identically_everywhere(topology, tmp_path):
-    name = f"pool-{topology}"
+    name = f"pool-{Path(topology).stem}"
     cli("up", topology, "--name", name)
     try:
         tb = lifecycle.find(name)
@@ -74,6 +94,12 @@ def test_bytes_written_on_one_host_read_identically_everywhere(topology, tmp_pat
             out = _guest(tb, h, "import subprocess;print(open('/proc/iomem').read());"
                                 "print(subprocess.run(['daxctl','list'],capture_output=True,text=True).stdout)")
             assert "System RAM (kmem)" not in out and '"mode":"devdax"' in out, h.name
+        # Every host sees the switches of the topology with all their downstream ports.
+        want = sorted(len(rp.switch.ports) for hb in t.host_bridges for rp in hb.root_ports if rp.switch)
+        for h in tb.hosts:
+            ports = json.loads(_guest(tb, h, "import subprocess;print(subprocess.run(['cxl','list','-BPT'],"
+                                              "capture_output=True,text=True).stdout)"))
+            assert sorted(_switch_dports(ports)) == want, h.name
         p = json.loads(cli("pool", name, "--json").stdout)
         assert p["ways"] == len(t.pool.devices) and p["size_bytes"] == t.pool_size_bytes
         assert [r["device"] for r in p["map"]] == list(t.pool.devices)
