@@ -10,11 +10,11 @@ import json
 import shlex
 import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import ssh
 from .log import TestbedError
+from .par import map_parallel
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST_DIR = "/opt/beluga"
@@ -46,8 +46,7 @@ def install(tb, hosts) -> None:
             if r.exited != 0:
                 raise TestbedError(f"{h.name}: the store does not import in the guest: {r.stderr.strip()}")
 
-    with ThreadPoolExecutor(max_workers=len(hosts)) as ex:
-        list(ex.map(one, hosts))
+    map_parallel(one, hosts)
 
 
 def run_driver(tb, h, verb: str, args: dict, *, timeout_s: float = 300) -> dict:

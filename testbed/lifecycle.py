@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from . import image as image_mod
 from . import paths, qmp, ssh
 from . import topology as topo
 from .log import TestbedError, info, step
+from .par import map_parallel
 from .qemucmd import HostFiles, host_argv
 
 SSH_READY_TIMEOUT_S = 180
@@ -264,19 +265,23 @@ def _host_failed(h: HostState, why: str) -> TestbedError:
 
 
 def _wait_all_ssh(tb: Testbed, procs: dict[str, subprocess.Popen]) -> None:
+    stop = threading.Event()  # set on the first failure or Ctrl-C: the other waits end too
+
     def wait(h: HostState) -> None:
         try:
             ssh.wait_ready(h.ssh_port, tb.key, timeout_s=SSH_READY_TIMEOUT_S,
-                           alive=lambda: procs[h.name].poll() is None, gate=lambda: _said(h, SSHD_STARTED))
+                           alive=lambda: not stop.is_set() and procs[h.name].poll() is None,
+                           gate=lambda: _said(h, SSHD_STARTED))
         except RuntimeError:
             raise _host_failed(h, f"QEMU exited while booting (exit {procs[h.name].returncode})") from None
         except TimeoutError as e:
             raise _host_failed(h, str(e)) from None
 
-    with ThreadPoolExecutor(max_workers=len(tb.hosts)) as ex:
-        futures = [ex.submit(wait, h) for h in tb.hosts]
-        for f in futures:
-            f.result()
+    try:
+        map_parallel(wait, tb.hosts)
+    except BaseException:
+        stop.set()
+        raise
 
 
 def _said(h: HostState, marker: bytes) -> bool:
@@ -298,8 +303,7 @@ def _teardown(name: str) -> bool:
     found = d.exists() or (paths.pool_dir() / name).exists()
     if (d / STATE_FILE).is_file():
         tb = Testbed(name, d, json.loads((d / STATE_FILE).read_text()))
-        with ThreadPoolExecutor(max_workers=max(1, len(tb.hosts))) as ex:
-            list(ex.map(_stop_host, tb.hosts))
+        map_parallel(_stop_host, tb.hosts)
     shutil.rmtree(d, ignore_errors=True)
     shutil.rmtree(paths.pool_dir() / name, ignore_errors=True)
     with contextlib.suppress(OSError):
@@ -364,8 +368,7 @@ def resolve_hosts(tb: Testbed, host: str | None, all_: bool) -> list[HostState]:
 
 def exec_on(tb: Testbed, hosts: list[HostState], command: str, *, timeout_s: float = ssh.COMMAND_TIMEOUT_S) -> list[ssh.Result]:
     """Run a command on hosts in parallel; one result per host, in host order."""
-    with ThreadPoolExecutor(max_workers=max(1, len(hosts))) as ex:
-        return list(ex.map(lambda h: ssh.run(h.name, h.ssh_port, tb.key, command, timeout_s=timeout_s), hosts))
+    return map_parallel(lambda h: ssh.run(h.name, h.ssh_port, tb.key, command, timeout_s=timeout_s), hosts)
 
 
 def export_logs(name: str, dest: Path | None = None) -> Path:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import ssh
 from .log import TestbedError, step
+from .par import map_parallel
 from .topology import Topology
 
 GUEST_SCRIPT = Path(__file__).with_name("guest_pool.py")
@@ -95,8 +95,7 @@ def provision(tb, *, order_override: dict[str, list[str]] | None = None, at_boot
         return _guest(tb, h, "create", pool_args(t, order))
 
     with step(f"pool: {len(t.pool.devices)}-way RAM region in devdax mode on {len(hosts)} host(s)"):
-        with ThreadPoolExecutor(max_workers=len(hosts)) as ex:
-            regions = dict(zip([h.name for h in hosts], ex.map(create, hosts)))
+        regions = dict(zip([h.name for h in hosts], map_parallel(create, hosts)))
         for name, r in regions.items():
             if r["size_bytes"] != t.pool_size_bytes or r["ways"] != len(t.pool.devices):
                 raise TestbedError(f"{name}: region {r['region']} is {r['size_bytes']} bytes, {r['ways']}-way; "
@@ -141,14 +140,13 @@ def verify(tb, regions: dict[str, dict]) -> None:
         return h, _guest(tb, h, "read", {**common, "dax": regions[h.name]["dax"]})["data"]
 
     try:
-        with ThreadPoolExecutor(max_workers=len(hosts)) as ex:
-            for h, data in ex.map(read, hosts[1:] if len(hosts) > 1 else hosts):
-                for o, hx in zip(offsets, data):
-                    got = bytes.fromhex(hx)
-                    if got != sigs[o]:
-                        loc = locate(t, tb.pool_files, o)
-                        errors.append(f"{h.name} at region offset {o:#x}: expected what {writer.name} wrote there "
-                                      f"(device {loc.device}, serial {loc.serial:#x}), found {where(got)}")
+        for h, data in map_parallel(read, hosts[1:] if len(hosts) > 1 else hosts):
+            for o, hx in zip(offsets, data):
+                got = bytes.fromhex(hx)
+                if got != sigs[o]:
+                    loc = locate(t, tb.pool_files, o)
+                    errors.append(f"{h.name} at region offset {o:#x}: expected what {writer.name} wrote there "
+                                  f"(device {loc.device}, serial {loc.serial:#x}), found {where(got)}")
         # From the host machine: the bytes must sit where the interleave arithmetic says.
         for o in offsets:
             loc = locate(t, tb.pool_files, o)
