@@ -26,7 +26,7 @@ from .log import TestbedError, step
 
 # Bump when the build logic changes in a way that changes the image: it is part
 # of the key, like the files of the recipe.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 API_VERSION = "beluga.testbed/v1alpha1"
 RECIPE_FILE = "recipe.yaml"
 
@@ -299,6 +299,9 @@ def _configure(recipe: Recipe, rootfs: Path) -> str:
     init.unlink(missing_ok=True)
     # busybox picks the applet from argv[0]'s basename: this link runs `init`.
     init.symlink_to("/bin/busybox")
+    ssh_dir = rootfs / "root/.ssh"  # the boot script writes the testbed's key here
+    ssh_dir.mkdir(parents=True, exist_ok=True)
+    ssh_dir.chmod(0o700)
     (rootfs / "etc/hostname").write_text("beluga\n")
     (rootfs / "etc/hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
     for pattern in recipe.strip:

@@ -81,7 +81,8 @@ def host_argv(t: Topology, host: Host, *, kernel: Path, initrd: Path, cmdline: s
         "-drive", f"file={files.overlay},if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap",
         "-device", "virtio-blk-pci,drive=disk0,id=disk0-dev,bus=pcie.0",
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
-        "-device", "virtio-net-pci,netdev=net0,id=nic0,bus=pcie.0",
+        # romfile=: no iPXE option ROM for the firmware to run; the kernel is loaded directly.
+        "-device", "virtio-net-pci,netdev=net0,id=nic0,bus=pcie.0,romfile=",
         "-fw_cfg", f"name=opt/beluga/authorized_keys,file={authorized_keys}",
     ]
     if pool_args and guest_script:

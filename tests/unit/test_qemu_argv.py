@@ -45,7 +45,7 @@ def test_golden_argv(name):
 def test_argv_essentials():
     text = argv_for("2hosts-2switches")
     # Virtio devices pinned to pcie.0, CPU without the hypervisor bit, SSH on loopback only.
-    assert "virtio-net-pci,netdev=net0,id=nic0,bus=pcie.0" in text
+    assert "virtio-net-pci,netdev=net0,id=nic0,bus=pcie.0,romfile=" in text
     assert "max,hypervisor=off" in text
     assert "hostfwd=tcp:127.0.0.1:10022-:22" in text
     assert "cxl-fmw.0.targets.0=hb0,cxl-fmw.0.targets.1=hb1" in text
