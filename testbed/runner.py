@@ -15,6 +15,7 @@ import jinja2
 
 from . import deploy, faults, lifecycle, provision, ssh
 from .log import TestbedError, info
+from .par import map_parallel
 from .scenario import Scenario
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -182,8 +183,8 @@ class Run:
         start, n, size = self.requested.get(a["set"], (0, a.get("blocks", 0), self.sc.block_size(a)))
         start, n, size = a.get("start", start), a.get("blocks", n), a.get("size_bytes", size)
         out = {}
-        for host in self.live(self.resolve(a["on"])):
-            g = self._get(host, a["set"], start, n, size, rec.index)
+        hosts = self.live(self.resolve(a["on"]))
+        for host, g in zip(hosts, map_parallel(lambda h: self._get(h, a["set"], start, n, size, rec.index), hosts)):
             out[host] = {"hits": len(g["hits"]), "misses": len(g["misses"]), "torn": len(g["torn"]),
                          "corrupt_misses": g["corrupt_misses"]}
         rec.details["per_host"] = out
@@ -312,8 +313,8 @@ class Run:
         want = set(range(start, start + n)) if a.get("include_uncommitted") else self.committed[set_name]
         hosts = self.live(self.resolve(a.get("on", "survivors")))
         problems, checked = [], 0
-        for host in hosts:
-            g = self._get(host, set_name, start, n, size, len(self.steps))
+        reads = map_parallel(lambda h: self._get(h, set_name, start, n, size, len(self.steps)), hosts)
+        for host, g in zip(hosts, reads):
             hits = set(g["hits"])
             missing = sorted(want - hits)
             checked += len(want)
