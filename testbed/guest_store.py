@@ -55,18 +55,18 @@ def get(args):
     c = client(args)
     hits, misses, torn = [], [], []
     idx = list(range(args["start"], args["start"] + args["count"]))
-    blocks = [block(args["set"], i, args["size"]) for i in idx]
-    # One batched lookup per chunk: each RPC through the pool is slow under TCG.
-    got_all = []
-    for k in range(0, len(blocks), 64):
-        got_all += c.get_many([key for key, _ in blocks[k:k + 64]])
-    for i, (key, want), got in zip(idx, blocks, got_all):
-        if got is None:
-            misses.append(i)
-        elif got != want:
-            torn.append(i)  # returned as valid with the wrong bytes: what must never happen
-        else:
-            hits.append(i)
+    # Batched lookups (each RPC through the pool is slow under TCG), in chunks small
+    # enough that a chunk's blocks and their expected bytes fit a guest's memory.
+    chunk = max(1, min(64, (32 << 20) // max(1, args["size"])))
+    for k in range(0, len(idx), chunk):
+        part = [(i, *block(args["set"], i, args["size"])) for i in idx[k:k + chunk]]
+        for (i, _key, want), got in zip(part, c.get_many([key for _, key, _ in part])):
+            if got is None:
+                misses.append(i)
+            elif got != want:
+                torn.append(i)  # returned as valid with the wrong bytes: what must never happen
+            else:
+                hits.append(i)
     stats = c.client_stats()
     c.close()
     return {"hits": hits, "misses": misses, "torn": torn, "corrupt_misses": stats.corrupt_misses}

@@ -76,7 +76,11 @@ class Result:
     @property
     def why(self) -> str:
         """One line on why it failed: the connection error, else stderr's last line, else the exit code."""
-        return self.error or (self.stderr.strip().splitlines() or [f"exit {self.exit_code}"])[-1]
+        if self.error or self.stderr.strip():
+            return self.error or self.stderr.strip().splitlines()[-1]
+        if self.exit_code == -1:
+            return "the command ended without an exit status (killed, or out of memory in the guest?)"
+        return f"exit {self.exit_code}"
 
 
 def run(host: str, port: int, key: Path, command: str, *, timeout_s: float = COMMAND_TIMEOUT_S) -> Result:
