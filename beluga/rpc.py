@@ -9,7 +9,7 @@ rewriting it (after a timeout); a CRC mismatch means "not ready yet", never
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .checksum import meta_crc
 from .errors import ProtocolError
@@ -69,10 +69,10 @@ MAX_RELEASES_PER_REQUEST = 256
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_ZERO_CRC = bytes(4)
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     seq: int
     nonce: int
     slot: int
@@ -84,10 +84,15 @@ class Request:
 
 def encode_request(seq: int, nonce: int, slot: int, op: int, body: bytes = b"", *, flags: int = 0,
                    releases=()) -> bytes:
-    rel = struct.pack(f"<{len(releases)}Q", *releases)
-    head = REQUEST_HEADER.pack(REQUEST_MAGIC, seq, nonce, slot, op, flags, len(releases), len(body), 0)
-    crc = meta_crc(head + rel + body)
-    return head[:-4] + _U32.pack(crc) + rel + body
+    n_rel = len(releases)
+    head = REQUEST_HEADER.pack(REQUEST_MAGIC, seq, nonce, slot, op, flags, n_rel, len(body), 0)
+    if n_rel:
+        rest = struct.pack(f"<{n_rel}Q", *releases) + body
+    else:
+        rest = body
+    # The crc covers the header with its crc field zeroed (as packed above), then the rest.
+    crc = meta_crc(rest, meta_crc(head))
+    return b"".join((head[:-4], _U32.pack(crc), rest))
 
 
 def request_length(raw) -> int:
@@ -108,18 +113,23 @@ def decode_request(raw) -> Request:
     if total > len(raw):
         raise ProtocolError(f"request says {total} bytes but only {len(raw)} are there")
     data = bytes(raw[:total])
-    check = meta_crc(data[: REQUEST_HEADER.size - 4] + bytes(4) + data[REQUEST_HEADER.size :])
+    view = memoryview(data)
+    check = meta_crc(view[REQUEST_HEADER.size :], meta_crc(_ZERO_CRC, meta_crc(view[: REQUEST_HEADER.size - 4])))
     if check != crc:
         raise ProtocolError(f"request crc mismatch (stored {crc:#010x}, computed {check:#010x})")
-    rel_end = REQUEST_HEADER.size + 8 * n_rel
-    releases = struct.unpack_from(f"<{n_rel}Q", data, REQUEST_HEADER.size) if n_rel else ()
-    return Request(seq, nonce, slot, op, flags, tuple(releases), data[rel_end:])
+    if n_rel:
+        releases = struct.unpack_from(f"<{n_rel}Q", data, REQUEST_HEADER.size)
+        body = data[REQUEST_HEADER.size + 8 * n_rel :]
+    else:
+        releases = ()
+        body = data[REQUEST_HEADER.size :]
+    return Request(seq, nonce, slot, op, flags, releases, body)
 
 
 def encode_response(seq: int, status: int, body: bytes = b"") -> bytes:
     head = RESPONSE_HEADER.pack(RESPONSE_MAGIC, seq, status, 0, len(body), 0)
-    crc = meta_crc(head + body)
-    return head[:-4] + _U32.pack(crc) + body
+    crc = meta_crc(body, meta_crc(head))
+    return b"".join((head[:-4], _U32.pack(crc), body))
 
 
 def response_length(raw) -> int:
@@ -140,7 +150,8 @@ def decode_response(raw) -> tuple[int, int, bytes]:
     if total > len(raw):
         raise ProtocolError(f"response says {total} bytes but only {len(raw)} are there")
     data = bytes(raw[:total])
-    check = meta_crc(data[: RESPONSE_HEADER.size - 4] + bytes(4) + data[RESPONSE_HEADER.size :])
+    view = memoryview(data)
+    check = meta_crc(view[RESPONSE_HEADER.size :], meta_crc(_ZERO_CRC, meta_crc(view[: RESPONSE_HEADER.size - 4])))
     if check != crc:
         raise ProtocolError(f"response crc mismatch (stored {crc:#010x}, computed {check:#010x})")
     return seq, status, data[RESPONSE_HEADER.size :]
@@ -166,7 +177,7 @@ class Records:
             end = offset + n * self.item.size
             if end > len(body):
                 raise ProtocolError(f"{n} records of {self.item.size} bytes do not fit in a {len(body)}-byte body")
-            rows = [self.item.unpack_from(body, offset + i * self.item.size) for i in range(n)]
+            rows = list(self.item.iter_unpack(memoryview(body)[offset:end])) if n else []
             errors, offset = unpack_errors(body, end)
         except struct.error as exc:
             raise ProtocolError(f"truncated record list: {exc}") from None
@@ -217,8 +228,7 @@ EVICT_REQ = struct.Struct("<I")
 EVICT_RESP = struct.Struct("<I")
 
 
-@dataclass(frozen=True)
-class Allocation:
+class Allocation(NamedTuple):
     segment: int
     slot: int
     generation: int
@@ -227,8 +237,7 @@ class Allocation:
     capacity_bytes: int
 
 
-@dataclass(frozen=True)
-class Location:
+class Location(NamedTuple):
     """Where a committed block lives, as returned by a lookup."""
 
     segment: int

@@ -30,6 +30,7 @@ from .errors import ProtocolError, ServiceBusyError
 from .pool import Pool
 
 _QQQ = struct.Struct("<QQQ")
+_U64 = struct.Struct("<Q")
 _FRAME = struct.Struct("<I")
 
 
@@ -58,6 +59,9 @@ class ServiceConfig:
     force: bool = False
     bad_request_grace_s: float = 0.5
     """A pool request that stays unreadable (CRC) this long is answered as malformed."""
+    claim_scan_interval_s: float = 0.001
+    """How often the serve loop looks at free host slots for claims and reads heartbeats
+    (requests of registered clients are looked at on every pass)."""
 
 
 class _Reject(Exception):
@@ -155,6 +159,8 @@ class MetadataService:
         self._tcp_address = ""
         self.started_at = clock()
         self.recovery: dict[str, int | float] = {}
+        self._req_seq_at = [self.g.host_slot_offset(s) + L.CLIENT_LINE_OFFSET + L.CL_REQ_SEQ
+                            for s in range(self.g.max_clients)]
         self._claim_service()
         # Lease ids must never repeat across restarts: a release of a pre-restart lease
         # must not end a lease granted by this instance.
@@ -876,15 +882,33 @@ class MetadataService:
                 assert blk.leases == leased.get((seg.index, sl), 0), (seg.index, sl)
 
     # ------------------------------------------------------------ the loop
-    def poll_pool(self) -> bool:
-        """One pass over the host slots: claims, heartbeats, requests. True if it did work."""
+    def poll_pool(self, *, claims: bool = True) -> bool:
+        """One pass over the host slots. True if it did work.
+
+        Requests of registered clients are checked on every pass (one 8-byte read
+        per client); with ``claims`` every slot is also checked for a new claim
+        and every client's heartbeat counter is read. The serve loop asks for
+        that part only every ``claim_scan_interval_s``: registration and liveness
+        are not latency-critical, and skipping the free slots keeps a pass short.
+        """
+        worked = self._poll_claims_and_heartbeats() if claims else False
+        if self.cfg.serve_cxl:
+            buf = self.buf
+            req_at = self._req_seq_at
+            for c in tuple(self.clients.values()):
+                req_seq = _U64.unpack_from(buf, req_at[c.slot])[0]
+                if req_seq != c.handled_seq:
+                    worked |= self._serve_pool_request(c, req_seq, self.clock())
+        return worked
+
+    def _poll_claims_and_heartbeats(self) -> bool:
         now = self.clock()
         worked = False
         g = self.g
         buf = self.buf
         for slot in range(g.max_clients):
             base = g.host_slot_offset(slot)
-            claim, req_seq, hb = _QQQ.unpack_from(buf, base)
+            claim, _req_seq, hb = _QQQ.unpack_from(buf, base)
             c = self.clients.get(slot)
             if c is None:
                 if claim and self.cfg.serve_cxl:
@@ -896,8 +920,6 @@ class MetadataService:
             if hb != c.heartbeat:
                 c.heartbeat = hb
                 c.seen_at = now
-            if req_seq != c.handled_seq and self.cfg.serve_cxl:
-                worked |= self._serve_pool_request(c, req_seq, now)
         return worked
 
     def _serve_pool_request(self, c: _Client, req_seq: int, now: float) -> bool:
@@ -976,8 +998,13 @@ class MetadataService:
                 on_ready(self)
             sleep_s = self.cfg.poll_min_sleep_s
             last_work = time.monotonic()
+            next_scan = 0.0
             while not stop.is_set():
-                worked = self.poll_pool()
+                t = time.monotonic()
+                scan = t >= next_scan
+                if scan:
+                    next_scan = t + self.cfg.claim_scan_interval_s
+                worked = self.poll_pool(claims=scan)
                 if sel is not None:
                     worked |= self._serve_tcp(sel, listener, conns, 0)
                 self.housekeeping()
