@@ -70,6 +70,7 @@ MAX_RELEASES_PER_REQUEST = 256
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _ZERO_CRC = bytes(4)
+_NO_ERRORS = bytes(4)  # an empty error list: count 0
 
 
 class Request(NamedTuple):
@@ -112,7 +113,7 @@ def decode_request(raw) -> Request:
     total = REQUEST_HEADER.size + 8 * n_rel + body_len
     if total > len(raw):
         raise ProtocolError(f"request says {total} bytes but only {len(raw)} are there")
-    data = bytes(raw[:total])
+    data = raw if type(raw) is bytes and len(raw) == total else bytes(raw[:total])
     view = memoryview(data)
     check = meta_crc(view[REQUEST_HEADER.size :], meta_crc(_ZERO_CRC, meta_crc(view[: REQUEST_HEADER.size - 4])))
     if check != crc:
@@ -149,7 +150,7 @@ def decode_response(raw) -> tuple[int, int, bytes]:
     total = RESPONSE_HEADER.size + body_len
     if total > len(raw):
         raise ProtocolError(f"response says {total} bytes but only {len(raw)} are there")
-    data = bytes(raw[:total])
+    data = raw if type(raw) is bytes and len(raw) == total else bytes(raw[:total])
     view = memoryview(data)
     check = meta_crc(view[RESPONSE_HEADER.size :], meta_crc(_ZERO_CRC, meta_crc(view[: RESPONSE_HEADER.size - 4])))
     if check != crc:
@@ -165,9 +166,10 @@ class Records:
         self.item = struct.Struct(fmt)
 
     def pack(self, rows, errors: dict[int, str] | None = None) -> bytes:
+        pack = self.item.pack
         parts = [_U32.pack(len(rows))]
-        parts.extend(self.item.pack(*r) for r in rows)
-        parts.append(pack_errors(errors or {}))
+        parts.extend([pack(*r) for r in rows])
+        parts.append(pack_errors(errors) if errors else _NO_ERRORS)
         return b"".join(parts)
 
     def unpack(self, body: bytes, offset: int = 0) -> tuple[list[tuple], dict[int, str], int]:

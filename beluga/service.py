@@ -28,6 +28,7 @@ from . import layout as L
 from . import rpc
 from .errors import ProtocolError, ServiceBusyError
 from .pool import Pool
+from .transport import reduce_timer_slack
 
 _QQQ = struct.Struct("<QQQ")
 _U64 = struct.Struct("<Q")
@@ -43,11 +44,16 @@ class ServiceConfig:
     reservation_ttl_s: float = 30.0
     """An allocated but never committed slot is reclaimed after this long (lost ALLOC answers)."""
     housekeeping_interval_s: float = 0.05
-    poll_spin_s: float = 0.002
+    poll_spin_s: float = 0.0005
     """After doing work, keep polling without sleeping this long: back-to-back requests stay fast."""
     poll_min_sleep_s: float = 5e-6
+    poll_warm_max_sleep_s: float = 5e-5
+    """While requests came recently (within ``poll_warm_s``), idle sleeps stay this short..."""
+    poll_warm_s: float = 0.05
     poll_max_sleep_s: float = 1e-3
-    """Idle polling backs off from min to max sleep, so several processes on few cores do not starve."""
+    """...and only a service idle for longer backs off to this (idle polling costs next to no CPU).
+    Spinning briefly and then sleeping, rather than spinning for long, leaves the cores to the
+    clients' copies when clients and the service share a few cores."""
     serve_cxl: bool = True
     tcp_host: str | None = None
     """Listen for TCP clients on this address (None: no TCP)."""
@@ -999,6 +1005,7 @@ class MetadataService:
             sleep_s = self.cfg.poll_min_sleep_s
             last_work = time.monotonic()
             next_scan = 0.0
+            reduce_timer_slack()
             while not stop.is_set():
                 t = time.monotonic()
                 scan = t >= next_scan
@@ -1012,17 +1019,22 @@ class MetadataService:
                     sleep_s = self.cfg.poll_min_sleep_s
                     last_work = time.monotonic()
                     continue
-                if time.monotonic() - last_work < self.cfg.poll_spin_s:
+                idle_s = time.monotonic() - last_work
+                if idle_s < self.cfg.poll_spin_s:
                     os.sched_yield()  # hot: the next request is probably microseconds away
                     continue
                 # Idle: back off so that several processes on few cores do not starve each other.
-                if sel is not None:
+                if sel is not None and sleep_s >= 1e-3:
+                    # Long idle: block in epoll (TCP requests wake us at once). Its timeout has
+                    # millisecond resolution, so shorter sleeps use time.sleep below instead
+                    # (TCP sockets are checked without blocking on every pass anyway).
                     if self._serve_tcp(sel, listener, conns, sleep_s):
                         sleep_s = self.cfg.poll_min_sleep_s
                         continue
                 else:
                     time.sleep(sleep_s)
-                sleep_s = min(sleep_s * 2, self.cfg.poll_max_sleep_s)
+                cap = self.cfg.poll_warm_max_sleep_s if idle_s < self.cfg.poll_warm_s else self.cfg.poll_max_sleep_s
+                sleep_s = min(sleep_s * 2, cap)
         finally:
             for conn in list(conns):
                 conn.close()
