@@ -129,7 +129,10 @@ def blocks_to_cache(blocks, spec, config):
     t = n * spec.block_tokens
     # (n, layers, 2, bt, h, d) -> (layers, 2, h, n, bt, d) -> (layers, 2, 1, h, t, d)
     kv = blocks.permute(1, 2, 4, 0, 3, 5).reshape(spec.layers, 2, 1, spec.kv_heads, t, spec.head_dim)
-    cache = DynamicCache(config=config)
+    try:
+        cache = DynamicCache(config=config)
+    except TypeError:  # older transformers: layers are created on first update
+        cache = DynamicCache()
     for layer in range(spec.layers):
         cache.update(kv[layer, 0].contiguous(), kv[layer, 1].contiguous(), layer)
     return cache

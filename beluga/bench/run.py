@@ -1,7 +1,7 @@
 """`beluga bench`: the store against its baselines, side by side, in one run.
 
     beluga bench [--out DIR] [--sizes 16K,256K,2.5M] [--clients 1,2,4] [--rounds 3]
-                 [--duration 1.0] [--working-set 96M] [--pool-size 1G] [--no-redis]
+                 [--duration 0.5] [--working-set 96M] [--pool-size 1G] [--no-redis]
                  [--no-model] [--model-prefixes 1024,4096,8192] [--quick]
 
 What runs, all on this host and in this one invocation:
@@ -563,7 +563,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default=DEFAULT_SIZES, help=f"block sizes (default {DEFAULT_SIZES})")
     p.add_argument("--clients", default=DEFAULT_CLIENTS, help=f"client process counts (default {DEFAULT_CLIENTS})")
     p.add_argument("--rounds", type=int, default=3, help="repetitions of every measurement; medians are reported")
-    p.add_argument("--duration", type=float, default=1.0, help="seconds per measurement (default 1.0)")
+    p.add_argument("--duration", type=float, default=0.5, help="seconds per measurement (default 0.5)")
     p.add_argument("--working-set", type=L.parse_size, default=0,
                    help="bytes of blocks per size (default: max(96M, 3 x L3)): larger than the caches")
     p.add_argument("--memcpy-buffer", type=L.parse_size, default=0,

@@ -376,9 +376,12 @@ class Workers:
             conn.send(task)
         out = []
         for conn in self.conns:
-            if not conn.poll(timeout_s):
-                raise TimeoutError(f"a benchmark worker did not answer within {timeout_s}s")
-            status, res = conn.recv()
+            try:
+                if not conn.poll(timeout_s):
+                    raise TimeoutError(f"a benchmark worker did not answer within {timeout_s}s")
+                status, res = conn.recv()
+            except (EOFError, OSError) as exc:
+                raise RuntimeError(f"a benchmark worker died ({type(exc).__name__}: {exc})") from None
             if status != "ok":
                 raise RuntimeError(f"benchmark worker failed: {res}")
             out.append(res)
