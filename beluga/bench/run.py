@@ -516,11 +516,11 @@ def plot(report: dict, path: Path) -> bool:
     ax.legend(fontsize=8)
     ax = axes[1][0]
     counts = report["config"]["clients"]
-    for s in sizes:
+    for i, s in enumerate(sizes):
         ys = [(find(report, "cxl", "get", s, n) or {}).get("gbps", float("nan")) for n in counts]
-        ax.plot(counts, ys, "o-", label=f"pool get {_size(s)}")
+        ax.plot(counts, ys, "o-", color=f"C{i}", label=f"pool get {_size(s)}")
         ys = [(find(report, "redis", "get", s, n) or {}).get("gbps", float("nan")) for n in counts]
-        ax.plot(counts, ys, "x:", label=f"redis get {_size(s)}")
+        ax.plot(counts, ys, "x:", color=f"C{i}", label=f"redis get {_size(s)}")
     ax.plot(counts, [report["memcpy"].get(str(n), float("nan")) for n in counts], "k--", label="memcpy")
     ax.set_xticks(counts)
     ax.set_xlabel("client processes")
