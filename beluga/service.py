@@ -165,6 +165,8 @@ class MetadataService:
         self._tcp_address = ""
         self.started_at = clock()
         self.recovery: dict[str, int | float] = {}
+        self._pool_clients: tuple | None = None  # registered clients that use pool slots; rebuilt on change
+        self._clients_total = -1
         self._req_seq_at = [self.g.host_slot_offset(s) + L.CLIENT_LINE_OFFSET + L.CL_REQ_SEQ
                             for s in range(self.g.max_clients)]
         self._claim_service()
@@ -600,12 +602,14 @@ class MetadataService:
         struct.pack_into("<Q", self.buf, base + L.SERVICE_LINE_OFFSET + L.SL_OWNER, nonce)
         c = _Client(slot, nonce, epoch, hb, self.clock(), req_seq, transport)
         self.clients[slot] = c
+        self._pool_clients = None
         self.counters["clients_registered"] += 1
         return c
 
     def reap(self, slot: int, reason: str) -> None:
         """Forget a client: end its leases and reservations, drop its segments, free its slot."""
         c = self.clients.pop(slot)
+        self._pool_clients = None
         for lid in list(c.leases):
             self._drop_lease(lid)
         for si, sl in list(c.reservations):
@@ -901,7 +905,12 @@ class MetadataService:
         if self.cfg.serve_cxl:
             buf = self.buf
             req_at = self._req_seq_at
-            for c in tuple(self.clients.values()):
+            pool_clients = self._pool_clients
+            if pool_clients is None or len(self.clients) != self._clients_total:
+                # TCP clients never post requests in the pool: skip them on every pass.
+                pool_clients = self._pool_clients = tuple(c for c in self.clients.values() if c.transport != "tcp")
+                self._clients_total = len(self.clients)
+            for c in pool_clients:
                 req_seq = _U64.unpack_from(buf, req_at[c.slot])[0]
                 if req_seq != c.handled_seq:
                     worked |= self._serve_pool_request(c, req_seq, self.clock())

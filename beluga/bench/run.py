@@ -1,7 +1,7 @@
 """`beluga bench`: the store against its baselines, side by side, in one run.
 
-    beluga bench [--out DIR] [--sizes 16K,256K,2.5M] [--clients 1,2,4] [--rounds 3]
-                 [--duration 0.5] [--working-set 96M] [--pool-size 1G] [--no-redis]
+    beluga bench [--out DIR] [--sizes 16K,256K,2.5M] [--clients 1,2,4] [--rounds 5]
+                 [--duration 0.3] [--working-set 96M] [--pool-size 1G] [--no-redis]
                  [--no-model] [--model-prefixes 1024,4096,8192] [--quick]
 
 What runs, all on this host and in this one invocation:
@@ -303,6 +303,7 @@ def run(args) -> dict:
             raw.setdefault((system, op, size, n), []).append(summarize(workers[n].run_same(task)))
 
         for rnd in range(args.rounds):
+            report["machine"].setdefault("loadavg_rounds", []).append(_read("/proc/loadavg"))
             for n in client_counts:
                 w = workers[n]
                 res = w.run_same({"kind": "memcpy", "buffer_bytes": memcpy_bytes, "duration_s": args.duration})
@@ -337,7 +338,7 @@ def run(args) -> dict:
         workers = {}
         if args.model and prefixes:
             say("beluga bench: model prefix reuse (transformers, random weights) ...")
-            report["model"] = run_model(pool, prefixes, rounds=args.rounds, say=say)
+            report["model"] = run_model(pool, prefixes, rounds=min(args.rounds, 3), say=say)
     finally:
         for w in workers.values():
             w.close()
@@ -562,8 +563,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/bench", help="directory for bench.json and bench.png (default out/bench)")
     p.add_argument("--sizes", default=DEFAULT_SIZES, help=f"block sizes (default {DEFAULT_SIZES})")
     p.add_argument("--clients", default=DEFAULT_CLIENTS, help=f"client process counts (default {DEFAULT_CLIENTS})")
-    p.add_argument("--rounds", type=int, default=3, help="repetitions of every measurement; medians are reported")
-    p.add_argument("--duration", type=float, default=0.5, help="seconds per measurement (default 0.5)")
+    p.add_argument("--rounds", type=int, default=5, help="repetitions of every measurement; medians are reported (default 5)")
+    p.add_argument("--duration", type=float, default=0.3, help="seconds per measurement (default 0.3)")
     p.add_argument("--working-set", type=L.parse_size, default=0,
                    help="bytes of blocks per size (default: max(96M, 3 x L3)): larger than the caches")
     p.add_argument("--memcpy-buffer", type=L.parse_size, default=0,
@@ -573,14 +574,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-redis", dest="redis", action="store_false", help="skip the Redis baseline")
     p.add_argument("--no-model", dest="model", action="store_false", help="skip the transformers TTFT part")
     p.add_argument("--model-prefixes", default=DEFAULT_PREFIXES, help=f"prefix lengths (default {DEFAULT_PREFIXES})")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 1 round of 0.3 s, prefixes 256,1024")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 1 round of 0.2 s, prefixes 256,1024")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
 
 
 def main_args(args) -> int:
     if args.quick:
-        args.rounds, args.duration = 1, 0.3
+        args.rounds, args.duration = 1, 0.2
         if args.model_prefixes == DEFAULT_PREFIXES:
             args.model_prefixes = "256,1024"
     report = run(args)
