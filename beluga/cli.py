@@ -1,4 +1,4 @@
-"""`beluga` command line: format, serve, stat, put, get, delete.
+"""`beluga` command line: format, serve, stat, put, get, delete, bench.
 
 Made to be driven by scenario steps over SSH: `serve` runs in the foreground
 and prints one JSON "ready" line; `--json` prints machine-readable results;
@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
             e.add_argument("--expect-file", help="exit 1 unless the block equals this file")
             e.add_argument("--expect-random-bytes", type=_size, help="exit 1 unless it equals put --random-bytes N")
             c.add_argument("--seed", default="0", help="seed for --expect-random-bytes")
+    b = sub.add_parser("bench", help="benchmark the store against memcpy, Redis and TCP (not a test; minutes)",
+                       description="Pool RPC vs TCP vs Redis vs memcpy, 1/2/4 clients, 16K/256K/2.5M blocks, "
+                                   "and a transformers model's prefix KV through the pool; writes JSON and a PNG.")
+    from .bench.run import add_arguments
+
+    add_arguments(b)
     return p
 
 
@@ -269,10 +275,16 @@ def cmd_delete(args) -> int:
     return EXIT_OK if existed else EXIT_MISS
 
 
+def cmd_bench(args) -> int:
+    from .bench.run import main_args
+
+    return main_args(args)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     handler = {"format": cmd_format, "serve": cmd_serve, "stat": cmd_stat, "put": cmd_put, "get": cmd_get,
-               "delete": cmd_delete}[args.command]
+               "delete": cmd_delete, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except (BelugaError, OSError, ValueError) as exc:

@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 from . import layout as L
 from . import rpc
-from .checksum import checksum
+from .checksum import checksum, copy_and_checksum
 from .errors import (
     BelugaError, BlockTooLargeError, PoolFullError, ProtocolError, RequestRejectedError, ServiceUnavailableError,
     SessionExpiredError,
@@ -104,6 +104,7 @@ class BelugaClient:
         self._own_pool = not isinstance(pool, Pool)
         self.g = self.pool.geometry
         self.buf = self.pool.buf
+        self._algo = self.g.checksum_algorithm
         if transport == "cxl":
             self.channel = CxlChannel(self.pool)
         elif transport == "tcp":
@@ -329,19 +330,25 @@ class BelugaClient:
         ks = [check_key(k) for k in keys]
         return len(self._lookup(ks, rpc.LOOKUP_STOP_AT_MISS))
 
-    def _verify(self, key: bytes, loc: rpc.Location, data) -> bool:
-        """True if ``data`` (already copied or a view) is exactly the committed block ``loc``."""
+    def _verify(self, key: bytes, loc: rpc.Location, data, crc: int | None = None) -> bool:
+        """True if ``data`` (already copied or a view) is exactly the committed block ``loc``.
+
+        ``crc`` is the checksum of ``data`` when the caller computed it while copying.
+        The header is read after the bytes were copied: a writer reusing the slot
+        rewrites the header before the data, so if the copy saw any of its data the
+        header already says so. It is read again after the checksum (which, for a
+        zero-copy view, reads pool memory): unchanged means nothing moved meanwhile.
+        """
         buf = self.buf
-        hdr = L.BlockHeader.decode(buf[loc.header_offset : loc.header_offset + L.BLOCK_HEADER_BYTES])
-        ok = (hdr is not None and hdr.state == L.BLOCK_COMPLETE and hdr.key == key
-              and hdr.generation == loc.generation and hdr.length_bytes == loc.length_bytes
-              and hdr.data_crc == loc.data_crc and checksum(self.g.checksum_algorithm, data) == loc.data_crc)
-        if ok:
-            # A writer reusing the slot rewrites the header before the data, so an
-            # unchanged header after the copy means the copy was not torn.
-            again = L.BlockHeader.decode(buf[loc.header_offset : loc.header_offset + L.BLOCK_HEADER_BYTES])
-            ok = again == hdr
-        return ok
+        h = loc.header_offset
+        raw = bytes(buf[h : h + L.BLOCK_HEADER_BYTES])
+        if not L.block_header_matches(raw, key, loc.generation, loc.length_bytes, loc.data_crc):
+            return False
+        if crc is None:
+            crc = checksum(self._algo, data)
+        if crc != loc.data_crc:
+            return False
+        return bytes(buf[h : h + L.BLOCK_HEADER_BYTES]) == raw
 
     def _corrupt(self, key: bytes, loc: rpc.Location) -> None:
         self._counts["corrupt_misses"] += 1
@@ -356,14 +363,16 @@ class BelugaClient:
         return self.get_many([key])[0]
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The blocks' bytes (None for each miss), with one lookup round trip per batch."""
         ks = [check_key(k) for k in keys]
         locs = self._lookup(ks, rpc.LOOKUP_LEASE)
         out: list[bytes | None] = []
         buf = self.buf
+        counts = self._counts
         for key, loc in zip(ks, locs):
-            self._counts["gets"] += 1
+            counts["gets"] += 1
             if loc is None:
-                self._counts["misses"] += 1
+                counts["misses"] += 1
                 out.append(None)
                 continue
             data = bytes(buf[loc.data_offset : loc.data_offset + loc.length_bytes])
@@ -372,34 +381,57 @@ class BelugaClient:
                 self._corrupt(key, loc)
                 out.append(None)
                 continue
-            self._counts["hits"] += 1
-            self._counts["get_bytes"] += loc.length_bytes
+            counts["hits"] += 1
+            counts["get_bytes"] += loc.length_bytes
             out.append(data)
         return out
 
     def get_into(self, key: bytes, out) -> int | None:
         """Copy the block into a caller's writable buffer; -> its length, or None on a miss."""
-        key = check_key(key)
-        dest = memoryview(out).cast("B")
-        if dest.readonly:
-            raise ValueError("get_into needs a writable buffer")
-        loc = self._lookup([key], rpc.LOOKUP_LEASE)[0]
-        self._counts["gets"] += 1
-        if loc is None:
-            self._counts["misses"] += 1
-            return None
-        self._queue_release(loc.lease)
-        if loc.length_bytes > dest.nbytes:
-            raise ValueError(f"block for key {key.hex()[:16]}... has {loc.length_bytes} bytes, "
-                             f"the destination only {dest.nbytes}")
-        target = dest[: loc.length_bytes]
-        target[:] = self.buf[loc.data_offset : loc.data_offset + loc.length_bytes]
-        if not self._verify(key, loc, target):
-            self._corrupt(key, loc)
-            return None
-        self._counts["hits"] += 1
-        self._counts["get_bytes"] += loc.length_bytes
-        return loc.length_bytes
+        return self.get_many_into([key], [out])[0]
+
+    def get_many_into(self, keys: Sequence[bytes], outs: Sequence) -> list[int | None]:
+        """Copy each block into the matching writable buffer (one lookup round trip per batch).
+
+        -> per key, the block's length, or None on a miss. Raises ValueError if a
+        buffer is read-only or smaller than its block (before copying anything into it).
+        """
+        if len(keys) != len(outs):
+            raise ValueError(f"{len(keys)} keys but {len(outs)} output buffers")
+        ks = [check_key(k) for k in keys]
+        dests = []
+        for o in outs:
+            dest = memoryview(o).cast("B")
+            if dest.readonly:
+                raise ValueError("get_into needs a writable buffer")
+            dests.append(dest)
+        locs = self._lookup(ks, rpc.LOOKUP_LEASE)
+        for loc in locs:
+            if loc is not None:
+                self._queue_release(loc.lease)
+        result: list[int | None] = []
+        buf = self.buf
+        counts = self._counts
+        for key, loc, dest in zip(ks, locs, dests):
+            counts["gets"] += 1
+            if loc is None:
+                counts["misses"] += 1
+                result.append(None)
+                continue
+            n = loc.length_bytes
+            if n > dest.nbytes:
+                raise ValueError(f"block for key {key.hex()[:16]}... has {n} bytes, "
+                                 f"the destination only {dest.nbytes}")
+            # Checksum while copying: each chunk is checksummed right after it lands, still in cache.
+            crc = copy_and_checksum(self._algo, dest, buf[loc.data_offset : loc.data_offset + n])
+            if not self._verify(key, loc, None, crc):
+                self._corrupt(key, loc)
+                result.append(None)
+                continue
+            counts["hits"] += 1
+            counts["get_bytes"] += n
+            result.append(n)
+        return result
 
     def view(self, key: bytes) -> BlockView | None:
         """Zero-copy: a verified view of the block in pool memory under a lease, or None on a miss."""

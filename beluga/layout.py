@@ -465,3 +465,17 @@ class BlockHeader:
         if crc != _checksum.meta_crc(bytes(raw[: BLOCK_HEADER_BYTES - 4])):
             return None
         return cls(state, length, gen, dcrc, writer, key)
+
+
+_HEADER_BODY_BYTES = BLOCK_HEADER_BYTES - 4
+
+
+def block_header_matches(raw: bytes, key: bytes, generation: int, length_bytes: int, data_crc: int) -> bool:
+    """True if ``raw`` is an intact COMPLETE header of exactly this block (the reader's hot path).
+
+    Same checks as ``BlockHeader.decode`` plus field comparisons, without building objects.
+    """
+    magic, version, state, length, gen, dcrc, _writer, hkey, crc = BLOCK_HEADER.unpack_from(raw)
+    return (magic == BLOCK_MAGIC and version == LAYOUT_VERSION and state == BLOCK_COMPLETE
+            and gen == generation and length == length_bytes and dcrc == data_crc and hkey == key
+            and crc == _checksum.meta_crc(memoryview(raw)[:_HEADER_BODY_BYTES]))

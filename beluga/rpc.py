@@ -9,7 +9,7 @@ rewriting it (after a timeout); a CRC mismatch means "not ready yet", never
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .checksum import meta_crc
 from .errors import ProtocolError
@@ -69,10 +69,11 @@ MAX_RELEASES_PER_REQUEST = 256
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_ZERO_CRC = bytes(4)
+_NO_ERRORS = bytes(4)  # an empty error list: count 0
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     seq: int
     nonce: int
     slot: int
@@ -84,10 +85,15 @@ class Request:
 
 def encode_request(seq: int, nonce: int, slot: int, op: int, body: bytes = b"", *, flags: int = 0,
                    releases=()) -> bytes:
-    rel = struct.pack(f"<{len(releases)}Q", *releases)
-    head = REQUEST_HEADER.pack(REQUEST_MAGIC, seq, nonce, slot, op, flags, len(releases), len(body), 0)
-    crc = meta_crc(head + rel + body)
-    return head[:-4] + _U32.pack(crc) + rel + body
+    n_rel = len(releases)
+    head = REQUEST_HEADER.pack(REQUEST_MAGIC, seq, nonce, slot, op, flags, n_rel, len(body), 0)
+    if n_rel:
+        rest = struct.pack(f"<{n_rel}Q", *releases) + body
+    else:
+        rest = body
+    # The crc covers the header with its crc field zeroed (as packed above), then the rest.
+    crc = meta_crc(rest, meta_crc(head))
+    return b"".join((head[:-4], _U32.pack(crc), rest))
 
 
 def request_length(raw) -> int:
@@ -107,19 +113,24 @@ def decode_request(raw) -> Request:
     total = REQUEST_HEADER.size + 8 * n_rel + body_len
     if total > len(raw):
         raise ProtocolError(f"request says {total} bytes but only {len(raw)} are there")
-    data = bytes(raw[:total])
-    check = meta_crc(data[: REQUEST_HEADER.size - 4] + bytes(4) + data[REQUEST_HEADER.size :])
+    data = raw if type(raw) is bytes and len(raw) == total else bytes(raw[:total])
+    view = memoryview(data)
+    check = meta_crc(view[REQUEST_HEADER.size :], meta_crc(_ZERO_CRC, meta_crc(view[: REQUEST_HEADER.size - 4])))
     if check != crc:
         raise ProtocolError(f"request crc mismatch (stored {crc:#010x}, computed {check:#010x})")
-    rel_end = REQUEST_HEADER.size + 8 * n_rel
-    releases = struct.unpack_from(f"<{n_rel}Q", data, REQUEST_HEADER.size) if n_rel else ()
-    return Request(seq, nonce, slot, op, flags, tuple(releases), data[rel_end:])
+    if n_rel:
+        releases = struct.unpack_from(f"<{n_rel}Q", data, REQUEST_HEADER.size)
+        body = data[REQUEST_HEADER.size + 8 * n_rel :]
+    else:
+        releases = ()
+        body = data[REQUEST_HEADER.size :]
+    return Request(seq, nonce, slot, op, flags, releases, body)
 
 
 def encode_response(seq: int, status: int, body: bytes = b"") -> bytes:
     head = RESPONSE_HEADER.pack(RESPONSE_MAGIC, seq, status, 0, len(body), 0)
-    crc = meta_crc(head + body)
-    return head[:-4] + _U32.pack(crc) + body
+    crc = meta_crc(body, meta_crc(head))
+    return b"".join((head[:-4], _U32.pack(crc), body))
 
 
 def response_length(raw) -> int:
@@ -139,8 +150,9 @@ def decode_response(raw) -> tuple[int, int, bytes]:
     total = RESPONSE_HEADER.size + body_len
     if total > len(raw):
         raise ProtocolError(f"response says {total} bytes but only {len(raw)} are there")
-    data = bytes(raw[:total])
-    check = meta_crc(data[: RESPONSE_HEADER.size - 4] + bytes(4) + data[RESPONSE_HEADER.size :])
+    data = raw if type(raw) is bytes and len(raw) == total else bytes(raw[:total])
+    view = memoryview(data)
+    check = meta_crc(view[RESPONSE_HEADER.size :], meta_crc(_ZERO_CRC, meta_crc(view[: RESPONSE_HEADER.size - 4])))
     if check != crc:
         raise ProtocolError(f"response crc mismatch (stored {crc:#010x}, computed {check:#010x})")
     return seq, status, data[RESPONSE_HEADER.size :]
@@ -154,9 +166,10 @@ class Records:
         self.item = struct.Struct(fmt)
 
     def pack(self, rows, errors: dict[int, str] | None = None) -> bytes:
+        pack = self.item.pack
         parts = [_U32.pack(len(rows))]
-        parts.extend(self.item.pack(*r) for r in rows)
-        parts.append(pack_errors(errors or {}))
+        parts.extend([pack(*r) for r in rows])
+        parts.append(pack_errors(errors) if errors else _NO_ERRORS)
         return b"".join(parts)
 
     def unpack(self, body: bytes, offset: int = 0) -> tuple[list[tuple], dict[int, str], int]:
@@ -166,7 +179,7 @@ class Records:
             end = offset + n * self.item.size
             if end > len(body):
                 raise ProtocolError(f"{n} records of {self.item.size} bytes do not fit in a {len(body)}-byte body")
-            rows = [self.item.unpack_from(body, offset + i * self.item.size) for i in range(n)]
+            rows = list(self.item.iter_unpack(memoryview(body)[offset:end])) if n else []
             errors, offset = unpack_errors(body, end)
         except struct.error as exc:
             raise ProtocolError(f"truncated record list: {exc}") from None
@@ -217,8 +230,7 @@ EVICT_REQ = struct.Struct("<I")
 EVICT_RESP = struct.Struct("<I")
 
 
-@dataclass(frozen=True)
-class Allocation:
+class Allocation(NamedTuple):
     segment: int
     slot: int
     generation: int
@@ -227,8 +239,7 @@ class Allocation:
     capacity_bytes: int
 
 
-@dataclass(frozen=True)
-class Location:
+class Location(NamedTuple):
     """Where a committed block lives, as returned by a lookup."""
 
     segment: int

@@ -28,8 +28,10 @@ from . import layout as L
 from . import rpc
 from .errors import ProtocolError, ServiceBusyError
 from .pool import Pool
+from .transport import reduce_timer_slack
 
 _QQQ = struct.Struct("<QQQ")
+_U64 = struct.Struct("<Q")
 _FRAME = struct.Struct("<I")
 
 
@@ -42,11 +44,16 @@ class ServiceConfig:
     reservation_ttl_s: float = 30.0
     """An allocated but never committed slot is reclaimed after this long (lost ALLOC answers)."""
     housekeeping_interval_s: float = 0.05
-    poll_spin_s: float = 0.002
+    poll_spin_s: float = 0.0005
     """After doing work, keep polling without sleeping this long: back-to-back requests stay fast."""
     poll_min_sleep_s: float = 5e-6
+    poll_warm_max_sleep_s: float = 5e-5
+    """While requests came recently (within ``poll_warm_s``), idle sleeps stay this short..."""
+    poll_warm_s: float = 0.05
     poll_max_sleep_s: float = 1e-3
-    """Idle polling backs off from min to max sleep, so several processes on few cores do not starve."""
+    """...and only a service idle for longer backs off to this (idle polling costs next to no CPU).
+    Spinning briefly and then sleeping, rather than spinning for long, leaves the cores to the
+    clients' copies when clients and the service share a few cores."""
     serve_cxl: bool = True
     tcp_host: str | None = None
     """Listen for TCP clients on this address (None: no TCP)."""
@@ -58,6 +65,9 @@ class ServiceConfig:
     force: bool = False
     bad_request_grace_s: float = 0.5
     """A pool request that stays unreadable (CRC) this long is answered as malformed."""
+    claim_scan_interval_s: float = 0.001
+    """How often the serve loop looks at free host slots for claims and reads heartbeats
+    (requests of registered clients are looked at on every pass)."""
 
 
 class _Reject(Exception):
@@ -155,6 +165,10 @@ class MetadataService:
         self._tcp_address = ""
         self.started_at = clock()
         self.recovery: dict[str, int | float] = {}
+        self._pool_clients: tuple | None = None  # registered clients that use pool slots; rebuilt on change
+        self._clients_total = -1
+        self._req_seq_at = [self.g.host_slot_offset(s) + L.CLIENT_LINE_OFFSET + L.CL_REQ_SEQ
+                            for s in range(self.g.max_clients)]
         self._claim_service()
         # Lease ids must never repeat across restarts: a release of a pre-restart lease
         # must not end a lease granted by this instance.
@@ -588,12 +602,14 @@ class MetadataService:
         struct.pack_into("<Q", self.buf, base + L.SERVICE_LINE_OFFSET + L.SL_OWNER, nonce)
         c = _Client(slot, nonce, epoch, hb, self.clock(), req_seq, transport)
         self.clients[slot] = c
+        self._pool_clients = None
         self.counters["clients_registered"] += 1
         return c
 
     def reap(self, slot: int, reason: str) -> None:
         """Forget a client: end its leases and reservations, drop its segments, free its slot."""
         c = self.clients.pop(slot)
+        self._pool_clients = None
         for lid in list(c.leases):
             self._drop_lease(lid)
         for si, sl in list(c.reservations):
@@ -876,15 +892,38 @@ class MetadataService:
                 assert blk.leases == leased.get((seg.index, sl), 0), (seg.index, sl)
 
     # ------------------------------------------------------------ the loop
-    def poll_pool(self) -> bool:
-        """One pass over the host slots: claims, heartbeats, requests. True if it did work."""
+    def poll_pool(self, *, claims: bool = True) -> bool:
+        """One pass over the host slots. True if it did work.
+
+        Requests of registered clients are checked on every pass (one 8-byte read
+        per client); with ``claims`` every slot is also checked for a new claim
+        and every client's heartbeat counter is read. The serve loop asks for
+        that part only every ``claim_scan_interval_s``: registration and liveness
+        are not latency-critical, and skipping the free slots keeps a pass short.
+        """
+        worked = self._poll_claims_and_heartbeats() if claims else False
+        if self.cfg.serve_cxl:
+            buf = self.buf
+            req_at = self._req_seq_at
+            pool_clients = self._pool_clients
+            if pool_clients is None or len(self.clients) != self._clients_total:
+                # TCP clients never post requests in the pool: skip them on every pass.
+                pool_clients = self._pool_clients = tuple(c for c in self.clients.values() if c.transport != "tcp")
+                self._clients_total = len(self.clients)
+            for c in pool_clients:
+                req_seq = _U64.unpack_from(buf, req_at[c.slot])[0]
+                if req_seq != c.handled_seq:
+                    worked |= self._serve_pool_request(c, req_seq, self.clock())
+        return worked
+
+    def _poll_claims_and_heartbeats(self) -> bool:
         now = self.clock()
         worked = False
         g = self.g
         buf = self.buf
         for slot in range(g.max_clients):
             base = g.host_slot_offset(slot)
-            claim, req_seq, hb = _QQQ.unpack_from(buf, base)
+            claim, _req_seq, hb = _QQQ.unpack_from(buf, base)
             c = self.clients.get(slot)
             if c is None:
                 if claim and self.cfg.serve_cxl:
@@ -896,8 +935,6 @@ class MetadataService:
             if hb != c.heartbeat:
                 c.heartbeat = hb
                 c.seen_at = now
-            if req_seq != c.handled_seq and self.cfg.serve_cxl:
-                worked |= self._serve_pool_request(c, req_seq, now)
         return worked
 
     def _serve_pool_request(self, c: _Client, req_seq: int, now: float) -> bool:
@@ -976,8 +1013,14 @@ class MetadataService:
                 on_ready(self)
             sleep_s = self.cfg.poll_min_sleep_s
             last_work = time.monotonic()
+            next_scan = 0.0
+            reduce_timer_slack()
             while not stop.is_set():
-                worked = self.poll_pool()
+                t = time.monotonic()
+                scan = t >= next_scan
+                if scan:
+                    next_scan = t + self.cfg.claim_scan_interval_s
+                worked = self.poll_pool(claims=scan)
                 if sel is not None:
                     worked |= self._serve_tcp(sel, listener, conns, 0)
                 self.housekeeping()
@@ -985,17 +1028,22 @@ class MetadataService:
                     sleep_s = self.cfg.poll_min_sleep_s
                     last_work = time.monotonic()
                     continue
-                if time.monotonic() - last_work < self.cfg.poll_spin_s:
+                idle_s = time.monotonic() - last_work
+                if idle_s < self.cfg.poll_spin_s:
                     os.sched_yield()  # hot: the next request is probably microseconds away
                     continue
                 # Idle: back off so that several processes on few cores do not starve each other.
-                if sel is not None:
+                if sel is not None and sleep_s >= 1e-3:
+                    # Long idle: block in epoll (TCP requests wake us at once). Its timeout has
+                    # millisecond resolution, so shorter sleeps use time.sleep below instead
+                    # (TCP sockets are checked without blocking on every pass anyway).
                     if self._serve_tcp(sel, listener, conns, sleep_s):
                         sleep_s = self.cfg.poll_min_sleep_s
                         continue
                 else:
                     time.sleep(sleep_s)
-                sleep_s = min(sleep_s * 2, self.cfg.poll_max_sleep_s)
+                cap = self.cfg.poll_warm_max_sleep_s if idle_s < self.cfg.poll_warm_s else self.cfg.poll_max_sleep_s
+                sleep_s = min(sleep_s * 2, cap)
         finally:
             for conn in list(conns):
                 conn.close()

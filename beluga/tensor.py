@@ -108,7 +108,19 @@ def get_kv_block(client: BelugaClient, key: bytes, out) -> bool:
 
 
 def get_kv_blocks(client: BelugaClient, keys: Sequence[bytes], outs: Sequence) -> list[bool]:
-    return [get_kv_block(client, k, o) for k, o in zip(keys, outs)]
+    """Copy several blocks straight into their tensors with one lookup round trip; False for each miss."""
+    if len(keys) != len(outs):
+        raise ValueError(f"{len(keys)} keys but {len(outs)} output tensors")
+    dests = []
+    for i, out in enumerate(outs):
+        _check_shape(out, None, f"out {i}")
+        dests.append(_as_bytes(out, f"out {i}"))
+    got = client.get_many_into(keys, dests)
+    for key, n, dest in zip(keys, got, dests):
+        if n is not None and n != dest.nbytes:
+            raise ValueError(f"stored block for key {bytes(key).hex()[:16]}... has {n} bytes, but out has "
+                             f"{dest.nbytes}: the tensor shape or dtype does not match what was put")
+    return [n is not None for n in got]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,613 @@
+"""`beluga bench`: the store against its baselines, side by side, in one run.
+
+    beluga bench [--out DIR] [--sizes 16K,256K,2.5M] [--clients 1,2,4] [--rounds 5]
+                 [--duration 0.3] [--working-set 96M] [--pool-size 1G] [--no-redis]
+                 [--no-model] [--model-prefixes 1024,4096,8192] [--quick]
+
+What runs, all on this host and in this one invocation:
+
+* a pool file in /dev/shm (pages faulted in once, as a devdax device's are),
+  `beluga serve` on it (pool RPC and TCP), 1, 2 and 4 client processes;
+* per block size: put and get latency (p50/p99), throughput (GB/s,
+  aggregated over the clients), hit-lookup rate; `get` returns a new bytes
+  object, `get_into` copies into the caller's buffer;
+* baselines: memcpy of buffers larger than the CPU caches (the limit; as many
+  copying processes as clients), Redis over loopback (Debian's redis-server,
+  started and stopped here, with a lean RESP client that reads straight into
+  the caller's buffer and polls its socket as the store's client polls the
+  pool), and the store's own TCP transport;
+* a real model's KV cache (`beluga.bench.kv`): TTFT with and without loading
+  the prefix's KV blocks from the pool;
+* every measurement is repeated ``--rounds`` times, interleaved, and the
+  medians are reported.
+
+Writes bench.json and bench.png under --out and prints the ratios against the
+targets of the store-performance issue. Targets are checked here, never in
+timed tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from pathlib import Path
+
+from .. import layout as L
+from .store import BATCH, KiB, MiB, RespClient, Workers, block_keys
+
+DEFAULT_SIZES = "16K,256K,2.5M"
+DEFAULT_CLIENTS = "1,2,4"
+DEFAULT_PREFIXES = "1024,4096,8192"
+
+TARGETS = {
+    "get_vs_memcpy": 0.7,
+    "redis_over_store_16k_p50": 10.0,
+    "rpc_pool_faster_than_tcp": 1.0,
+    "aggregate_1_to_2_clients": 1.0,
+}
+
+
+# ---------------------------------------------------------------- the machine
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def l3_cache_bytes() -> int:
+    best = 0
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for idx in sorted(base.glob("index*")) if base.exists() else []:
+        size = _read(str(idx / "size"))
+        if size:
+            try:
+                best = max(best, L.parse_size(size))
+            except ValueError:
+                pass
+    return best or 32 * MiB
+
+
+def describe_machine() -> dict:
+    cpu = ""
+    flags = ""
+    for line in _read("/proc/cpuinfo").splitlines():
+        if line.startswith("model name") and not cpu:
+            cpu = line.split(":", 1)[1].strip()
+        if line.startswith("flags") and not flags:
+            flags = line.split(":", 1)[1]
+    mem_kib = 0
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kib = int(line.split()[1])
+    versions = {"python": platform.python_version()}
+    for mod in ("numpy", "torch", "transformers", "isal"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:
+            versions[mod] = None
+    from ..checksum import IMPLEMENTATION
+
+    redis = shutil.which("redis-server")
+    redis_version = ""
+    if redis:
+        try:
+            redis_version = subprocess.run([redis, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "l3_cache_bytes": l3_cache_bytes(), "virtualized": " hypervisor" in f" {flags} ",
+        "kernel": platform.release(), "hostname": socket.gethostname(), "versions": versions,
+        "crc32_implementation": IMPLEMENTATION, "redis_server": redis_version,
+        "loadavg_start": _read("/proc/loadavg"),
+    }
+
+
+# ---------------------------------------------------------------- services we start
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """Debian's redis-server on loopback, no persistence; stopped by ``stop()``."""
+
+    def __init__(self, tmp: Path) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise FileNotFoundError("redis-server is not installed (`make setup` installs it; apt-get install redis-server)")
+        self.port = _free_port()
+        self.log = tmp / "redis.log"
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--protected-mode", "yes", "--daemonize", "no", "--dir", str(tmp), "--logfile", str(self.log)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                c = RespClient("127.0.0.1", self.port, timeout_s=2)
+                ok = c.command(b"PING") == b"+PONG"
+                c.close()
+                if ok:
+                    break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start (see {self.log})")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class StoreService:
+    """`beluga serve POOL --transport both` in a child process."""
+
+    def __init__(self, pool: str, tmp: Path) -> None:
+        self.ready_file = tmp / "serve.ready"
+        self.log = open(tmp / "serve.log", "wb")
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "beluga.cli", "serve", pool, "--transport", "both", "--takeover-wait", "0",
+             "--ready-file", str(self.ready_file)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 30
+        while not self.ready_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"beluga serve did not start (see {tmp / 'serve.log'})")
+            time.sleep(0.02)
+        self.ready = json.loads(self.ready_file.read_text())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+def make_pool(path: str, size_bytes: int, max_block: int) -> L.Geometry:
+    """Format a pool whose segments hold the largest block, and fault in all its pages."""
+    from ..pool import Pool, format_pool
+
+    seg = 2 * MiB
+    while seg < max_block:
+        seg *= 2
+    res = format_pool(path, size_bytes=size_bytes, force=True, segment_size_bytes=seg, max_clients=32)
+    with Pool.open(path) as pool:
+        zeros = bytes(64 * MiB)
+        start, end = res.geometry.segments_offset, res.geometry.used_bytes
+        for off in range(start, end, len(zeros)):
+            n = min(len(zeros), end - off)
+            pool.buf[off : off + n] = zeros[:n]
+    return res.geometry
+
+
+# ---------------------------------------------------------------- statistics
+def _pct(sorted_vals, q: float) -> float:
+    if not sorted_vals:
+        return float("nan")
+    i = min(len(sorted_vals) - 1, max(0, math.ceil(q * len(sorted_vals)) - 1))
+    return sorted_vals[i]
+
+
+def summarize(results: list[dict]) -> dict:
+    """One measurement (all workers of one round) -> throughput and latency figures."""
+    lat = array("d")
+    for r in results:
+        lat.frombytes(r.get("lat", b""))
+    lat = sorted(lat)
+    span = max(r["t1"] for r in results) - min(r["t0"] for r in results)
+    total_bytes = sum(r["bytes"] for r in results)
+    ops = sum(r["ops"] for r in results)
+    return {
+        "gbps": total_bytes / span / 1e9 if span > 0 else 0.0,
+        "ops_per_s": ops / span if span > 0 else 0.0,
+        "p50_us": _pct(lat, 0.50) * 1e6, "p99_us": _pct(lat, 0.99) * 1e6,
+        "ops": ops, "hits": sum(r["hits"] for r in results),
+    }
+
+
+def combine(rounds: list[dict]) -> dict:
+    """Medians over rounds (each round's own figure is kept too)."""
+    out = {}
+    for k in ("gbps", "ops_per_s", "p50_us", "p99_us"):
+        out[k] = statistics.median(r[k] for r in rounds)
+    ops = sum(r["ops"] for r in rounds)
+    out["hit_ratio"] = sum(r["hits"] for r in rounds) / ops if ops else 0.0
+    out["ops"] = ops
+    out["rounds"] = [{k: round(r[k], 4) for k in ("gbps", "ops_per_s", "p50_us", "p99_us")} for r in rounds]
+    return out
+
+
+# ---------------------------------------------------------------- the run
+def parse_list(text: str, conv) -> list:
+    return [conv(x) for x in text.split(",") if x.strip()]
+
+
+def run(args) -> dict:
+    sizes = parse_list(args.sizes, L.parse_size)
+    client_counts = parse_list(args.clients, int)
+    prefixes = parse_list(args.model_prefixes, int)
+    machine = describe_machine()
+    l3 = machine["l3_cache_bytes"]
+    working_set = args.working_set or max(96 * MiB, 3 * l3)
+    memcpy_bytes = args.memcpy_buffer or max(256 * MiB, 8 * l3)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="beluga-bench-"))
+    pool = args.pool or f"/dev/shm/beluga-bench-{os.getpid()}.pool"
+    report: dict = {
+        "machine": machine,
+        "config": {"sizes": sizes, "clients": client_counts, "rounds": args.rounds, "duration_s": args.duration,
+                   "working_set_bytes": working_set, "memcpy_buffer_bytes": memcpy_bytes, "pool": pool,
+                   "pool_size_bytes": args.pool_size, "model_prefixes": prefixes if args.model else []},
+        "measurements": [], "memcpy": {}, "memcpy_blocks": {}, "model": None, "targets": [], "notes": [],
+    }
+    t_start = time.monotonic()
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    service = redis = None
+    workers: dict[int, Workers] = {}
+    try:
+        say(f"beluga bench: pool {pool} ({args.pool_size >> 20} MiB, pages faulted in), "
+            f"working set {working_set >> 20} MiB per block size, memcpy buffers {memcpy_bytes >> 20} MiB")
+        geometry = make_pool(pool, args.pool_size, max(sizes))
+        report["config"]["segment_size_bytes"] = geometry.segment_size_bytes
+        service = StoreService(pool, tmp)
+        if args.redis:
+            try:
+                redis = RedisServer(tmp)
+            except (FileNotFoundError, RuntimeError) as exc:
+                report["notes"].append(f"Redis baseline skipped: {exc}")
+                say(f"beluga bench: Redis baseline skipped: {exc}")
+        for n in client_counts:
+            workers[n] = Workers(n, pool=pool, redis_port=redis.port if redis else None)
+        keysets = {s: block_keys(s, max(16, -(-working_set // s))) for s in sizes}
+        # Fill the pool (and Redis) with each size's working set, split over the largest worker set.
+        filler = workers[max(client_counts)]
+        systems_fill = ["cxl"] + (["redis"] if redis else [])
+        for s, keys in keysets.items():
+            for system in systems_fill:
+                filler.run([{"kind": "fill", "system": system, "block_bytes": s, "keys": keys[i :: len(filler)]}
+                            for i in range(len(filler))])
+        say(f"beluga bench: filled {sum(len(k) for k in keysets.values())} blocks per system "
+            f"in {time.monotonic() - t_start:.0f}s; measuring {args.rounds} rounds of {args.duration}s each")
+        raw: dict[tuple, list] = {}
+
+        def measure(n: int, system: str, op: str, size: int) -> None:
+            # Before a Redis measurement, give the store's service time to go from its short "warm"
+            # sleeps to idle polling (poll_warm_s), so that it takes no CPU from Redis.
+            delay = 0.1 if system == "redis" else 0.05
+            task = {"kind": "op", "system": system, "op": op, "block_bytes": size, "keys": keysets[size],
+                    "duration_s": args.duration, "start_at": time.time() + delay}
+            raw.setdefault((system, op, size, n), []).append(summarize(workers[n].run_same(task)))
+
+        for rnd in range(args.rounds):
+            report["machine"].setdefault("loadavg_rounds", []).append(_read("/proc/loadavg"))
+            for n in client_counts:
+                w = workers[n]
+                res = w.run_same({"kind": "memcpy", "buffer_bytes": memcpy_bytes, "duration_s": args.duration})
+                raw.setdefault(("memcpy", "copy", memcpy_bytes, n), []).append(summarize(res))
+                for s in sizes:
+                    if n == client_counts[0]:
+                        res = w.run_same({"kind": "memcpy_blocks", "block_bytes": s, "set_bytes": memcpy_bytes,
+                                          "duration_s": args.duration / 2})
+                        raw.setdefault(("memcpy_blocks", "copy", s, n), []).append(summarize(res))
+                    for op in ("put", "get", "get_into", "get_batch", "lookup"):
+                        measure(n, "cxl", op, s)
+                    if redis:
+                        for op in ("put", "get", "get_batch", "lookup"):
+                            measure(n, "redis", op, s)
+                    if n == 1:
+                        for op in ("put", "get", "lookup"):
+                            measure(n, "tcp", op, s)
+                if n == 1:
+                    for system in ("cxl", "tcp"):
+                        measure(1, system, "nop", sizes[0])
+            say(f"beluga bench: round {rnd + 1}/{args.rounds} done at {time.monotonic() - t_start:.0f}s")
+        for (system, op, size, n), rounds in sorted(raw.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3])):
+            m = {"system": system, "op": op, "block_bytes": size, "clients": n, **combine(rounds)}
+            if system == "memcpy":
+                report["memcpy"][str(n)] = m["gbps"]
+            elif system == "memcpy_blocks":
+                report["memcpy_blocks"][str(size)] = m["gbps"]
+            else:
+                report["measurements"].append(m)
+        for w in workers.values():
+            w.close()
+        workers = {}
+        if args.model and prefixes:
+            say("beluga bench: model prefix reuse (transformers, random weights) ...")
+            report["model"] = run_model(pool, prefixes, rounds=min(args.rounds, 3), say=say)
+    finally:
+        for w in workers.values():
+            w.close()
+        if redis is not None:
+            redis.stop()
+        if service is not None:
+            service.stop()
+        if not args.pool:
+            try:
+                os.unlink(pool)
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    report["machine"]["loadavg_end"] = _read("/proc/loadavg")
+    report["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    report["targets"] = evaluate(report)
+    return report
+
+
+def run_model(pool: str, prefixes: list[int], *, rounds: int, say) -> dict:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        return {"skipped": f"needs torch and transformers (pip install -e '.[test]'): {exc}"}
+    from ..client import BelugaClient
+    from . import kv
+
+    model = kv.build_model(kv.BENCH_MODEL)
+    spec = kv.kv_spec(model)
+    out = {"model": {**kv.BENCH_MODEL.__dict__, "dtype": "float32", "params": sum(p.numel() for p in model.parameters())},
+           "kv_block_bytes": spec.nbytes, "block_tokens": spec.block_tokens, "logits_atol": kv.LOGITS_ATOL,
+           "torch_threads": __import__("torch").get_num_threads(), "results": []}
+    with BelugaClient(pool, transport="cxl", rpc_timeout_s=30.0) as client:
+        kv.prefix_reuse(client, model, 256, suffix_tokens=16, rounds=1)  # warm-up: allocator, kernels
+        for p in prefixes:
+            r = kv.prefix_reuse(client, model, p, rounds=rounds)
+            say(f"beluga bench:   prefix {p}: TTFT full {r.ttft_full_s * 1e3:.0f} ms, from pool "
+                f"{r.ttft_cached_s * 1e3:.0f} ms (KV load {r.load_s * 1e3:.1f} ms), -{r.ttft_reduction:.1%}, "
+                f"max |dlogit| {r.max_abs_logit_diff:.2g}")
+            out["results"].append(r.as_dict())
+    return out
+
+
+# ---------------------------------------------------------------- targets and output
+def find(report: dict, system: str, op: str, size: int, clients: int = 1) -> dict | None:
+    for m in report["measurements"]:
+        if (m["system"], m["op"], m["block_bytes"], m["clients"]) == (system, op, size, clients):
+            return m
+    return None
+
+
+def evaluate(report: dict) -> list[dict]:
+    out = []
+    sizes = report["config"]["sizes"]
+    memcpy1 = report["memcpy"].get("1")
+    for s in [s for s in sizes if s >= 256 * KiB]:
+        for op in ("get", "get_into", "get_batch"):
+            m = find(report, "cxl", op, s)
+            if m and memcpy1:
+                ratio = m["gbps"] / memcpy1
+                label = {"get": "get", "get_into": "get_into", "get_batch": f"get_many_into x{BATCH}"}[op]
+                out.append({"target": f"{label} {_size(s)} >= {TARGETS['get_vs_memcpy']}x memcpy",
+                            "primary": op == "get", "value": round(ratio, 3),
+                            "threshold": TARGETS["get_vs_memcpy"], "met": ratio >= TARGETS["get_vs_memcpy"],
+                            "detail": f"{m['gbps']:.2f} GB/s vs memcpy {memcpy1:.2f} GB/s"})
+    small = min(sizes)
+    st, rd = find(report, "cxl", "get", small), find(report, "redis", "get", small)
+    if st and rd:
+        ratio = rd["p50_us"] / st["p50_us"]
+        out.append({"target": f"{_size(small)} get p50 >= {TARGETS['redis_over_store_16k_p50']:g}x lower than Redis",
+                    "primary": True, "value": round(ratio, 2), "threshold": TARGETS["redis_over_store_16k_p50"],
+                    "met": ratio >= TARGETS["redis_over_store_16k_p50"],
+                    "detail": f"store {st['p50_us']:.1f} us vs Redis {rd['p50_us']:.1f} us"})
+    cx, tc = find(report, "cxl", "nop", small), find(report, "tcp", "nop", small)
+    if cx and tc:
+        ratio = tc["p50_us"] / cx["p50_us"]
+        out.append({"target": "pool RPC round trip faster than TCP", "primary": True, "value": round(ratio, 2),
+                    "threshold": TARGETS["rpc_pool_faster_than_tcp"], "met": ratio > TARGETS["rpc_pool_faster_than_tcp"],
+                    "detail": f"pool {cx['p50_us']:.1f} us vs TCP {tc['p50_us']:.1f} us (p50, empty request)"})
+    if 1 in report["config"]["clients"] and 2 in report["config"]["clients"]:
+        for s in sizes:
+            a, b = find(report, "cxl", "get", s, 1), find(report, "cxl", "get", s, 2)
+            if a and b:
+                ratio = b["gbps"] / a["gbps"]
+                out.append({"target": f"aggregate get {_size(s)} grows from 1 to 2 clients", "primary": True,
+                            "value": round(ratio, 2), "threshold": 1.0, "met": ratio > 1.0,
+                            "detail": f"{a['gbps']:.2f} -> {b['gbps']:.2f} GB/s"})
+    model = report.get("model") or {}
+    for r in model.get("results", []):
+        out.append({"target": f"model prefix {r['prefix_tokens']}: cached logits match (atol {model['logits_atol']:g})",
+                    "primary": True, "value": r["max_abs_logit_diff"], "threshold": model["logits_atol"],
+                    "met": bool(r["logits_match"]),
+                    "detail": f"TTFT {r['ttft_full_s'] * 1e3:.0f} -> {r['ttft_cached_s'] * 1e3:.0f} ms "
+                              f"(-{r['ttft_reduction']:.1%}, paper: -89.6%)"})
+    return out
+
+
+def _size(n: int) -> str:
+    if n >= MiB:
+        return f"{n / MiB:g} MiB"
+    return f"{n / KiB:g} KiB"
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    m = report["machine"]
+    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, L3 {m['l3_cache_bytes'] >> 20} MiB, "
+                 f"{'VM' if m['virtualized'] else 'bare metal'}, kernel {m['kernel']}, CRC-32 via {m['crc32_implementation']}")
+    lines.append(f"memcpy ({report['config']['memcpy_buffer_bytes'] >> 20} MiB buffers): " + ", ".join(
+        f"{n} proc {v:.2f} GB/s" for n, v in report["memcpy"].items()))
+    lines.append("")
+    head = f"{'size':>9} {'system':>6} {'cl':>2} {'op':>9} {'p50 us':>9} {'p99 us':>9} {'GB/s':>7} {'ops/s':>9} {'hit':>5}"
+    lines.append(f"(cl = client processes; GB/s and ops/s are aggregates; get_batch = {BATCH} blocks per call, "
+                 f"its latency is per call; nop = empty RPC round trip)")
+    lines.append(head)
+    order = {"cxl": 0, "tcp": 1, "redis": 2}
+    ops = {"put": 0, "get": 1, "get_into": 2, "get_batch": 3, "lookup": 4, "nop": 5}
+    for x in sorted(report["measurements"], key=lambda x: (x["block_bytes"], x["clients"], order[x["system"]], ops[x["op"]])):
+        name = {"cxl": "pool", "tcp": "tcp", "redis": "redis"}[x["system"]]
+        size = "-" if x["op"] == "nop" else _size(x["block_bytes"])
+        lines.append(f"{size:>9} {name:>6} {x['clients']:>2} {x['op']:>9} {x['p50_us']:>9.1f} {x['p99_us']:>9.1f} "
+                     f"{x['gbps']:>7.2f} {x['ops_per_s']:>9.0f} {x['hit_ratio']:>5.2f}")
+    model = report.get("model")
+    if model and model.get("results"):
+        lines.append("")
+        lines.append(f"model: Llama-style, {model['model']['num_hidden_layers']} layers, hidden {model['model']['hidden_size']}, "
+                     f"{model['model']['params'] / 1e6:.1f}M params (random), KV block {model['kv_block_bytes'] >> 10} KiB")
+        for r in model["results"]:
+            lines.append(f"  prefix {r['prefix_tokens']:>5} + {r['suffix_tokens']} tokens: TTFT full {r['ttft_full_s'] * 1e3:8.1f} ms, "
+                         f"KV from pool {r['ttft_cached_s'] * 1e3:7.1f} ms (load {r['load_s'] * 1e3:.1f} ms, "
+                         f"{r['kv_bytes_loaded'] >> 20} MiB): -{r['ttft_reduction']:.1%}, {r['speedup']:.1f}x; "
+                         f"max |dlogit| {r['max_abs_logit_diff']:.2g}, argmax equal {r['argmax_equal']}")
+    elif model and model.get("skipped"):
+        lines.append(f"model: skipped: {model['skipped']}")
+    lines.append("")
+    lines.append("targets:")
+    for t in report["targets"]:
+        lines.append(f"  [{'MET ' if t['met'] else 'MISS'}] {t['target']}: {t['value']:g} "
+                     f"(threshold {t['threshold']:g}) {t['detail']}")
+    for n in report["notes"]:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    sizes = report["config"]["sizes"]
+    labels = [_size(s) for s in sizes]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    ax = axes[0][0]
+    for system, op, style in (("cxl", "get", "o-"), ("cxl", "get_into", "s--"), ("cxl", "get_batch", "d-."),
+                              ("tcp", "get", "^-"), ("redis", "get", "x-"), ("redis", "get_batch", "x-.")):
+        ys = [(find(report, system, op, s) or {}).get("gbps", float("nan")) for s in sizes]
+        ax.plot(labels, ys, style, label=f"{'pool' if system == 'cxl' else system} {op}")
+    if "1" in report["memcpy"]:
+        ax.axhline(report["memcpy"]["1"], color="gray", ls=":", label="memcpy (1 proc, > cache)")
+        ax.axhline(0.7 * report["memcpy"]["1"], color="red", ls=":", lw=0.8, label="0.7x memcpy target")
+    ax.set_title("single-client get throughput")
+    ax.set_ylabel("GB/s")
+    ax.legend(fontsize=8)
+    ax = axes[0][1]
+    for system, op, style in (("cxl", "get", "o-"), ("tcp", "get", "^-"), ("redis", "get", "x-"),
+                              ("cxl", "put", "o:"), ("redis", "put", "x:")):
+        ys = [(find(report, system, op, s) or {}).get("p50_us", float("nan")) for s in sizes]
+        ax.plot(labels, ys, style, label=f"{'pool' if system == 'cxl' else system} {op} p50")
+    ax.set_yscale("log")
+    ax.set_title("single-client latency (p50)")
+    ax.set_ylabel("microseconds")
+    ax.legend(fontsize=8)
+    ax = axes[1][0]
+    counts = report["config"]["clients"]
+    for i, s in enumerate(sizes):
+        ys = [(find(report, "cxl", "get", s, n) or {}).get("gbps", float("nan")) for n in counts]
+        ax.plot(counts, ys, "o-", color=f"C{i}", label=f"pool get {_size(s)}")
+        ys = [(find(report, "redis", "get", s, n) or {}).get("gbps", float("nan")) for n in counts]
+        ax.plot(counts, ys, "x:", color=f"C{i}", label=f"redis get {_size(s)}")
+    ax.plot(counts, [report["memcpy"].get(str(n), float("nan")) for n in counts], "k--", label="memcpy")
+    ax.set_xticks(counts)
+    ax.set_xlabel("client processes")
+    ax.set_ylabel("aggregate GB/s")
+    ax.set_title("aggregate get throughput")
+    ax.legend(fontsize=7)
+    ax = axes[1][1]
+    model = report.get("model") or {}
+    res = model.get("results") or []
+    if res:
+        xs = [str(r["prefix_tokens"]) for r in res]
+        import numpy as np
+
+        at = np.arange(len(xs))
+        ax.bar(at - 0.2, [r["ttft_full_s"] * 1e3 for r in res], 0.4, label="compute everything")
+        ax.bar(at + 0.2, [r["ttft_cached_s"] * 1e3 for r in res], 0.4, label="prefix KV from the pool")
+        for i, r in enumerate(res):
+            ax.text(at[i] + 0.2, r["ttft_cached_s"] * 1e3, f"-{r['ttft_reduction']:.0%}", ha="center", va="bottom",
+                    fontsize=8)
+        ax.set_xticks(at, xs)
+        ax.set_xlabel("shared prefix (tokens)")
+        ax.set_ylabel("TTFT (ms)")
+        ax.set_yscale("log")
+        ax.set_title("time to first token, random-weight Llama-style model")
+        ax.legend(fontsize=8)
+    else:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "model part not run", ha="center")
+    m = report["machine"]
+    fig.suptitle(f"beluga bench on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), "
+                 f"medians of {report['config']['rounds']} rounds", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="out/bench", help="directory for bench.json and bench.png (default out/bench)")
+    p.add_argument("--sizes", default=DEFAULT_SIZES, help=f"block sizes (default {DEFAULT_SIZES})")
+    p.add_argument("--clients", default=DEFAULT_CLIENTS, help=f"client process counts (default {DEFAULT_CLIENTS})")
+    p.add_argument("--rounds", type=int, default=5, help="repetitions of every measurement; medians are reported (default 5)")
+    p.add_argument("--duration", type=float, default=0.3, help="seconds per measurement (default 0.3)")
+    p.add_argument("--working-set", type=L.parse_size, default=0,
+                   help="bytes of blocks per size (default: max(96M, 3 x L3)): larger than the caches")
+    p.add_argument("--memcpy-buffer", type=L.parse_size, default=0,
+                   help="bytes per memcpy buffer (default: max(256M, 8 x L3)): larger than the caches")
+    p.add_argument("--pool-size", type=L.parse_size, default=1024 * MiB, help="pool file size (default 1G)")
+    p.add_argument("--pool", help="pool file to (re)format and use (default: a new file in /dev/shm, removed after)")
+    p.add_argument("--no-redis", dest="redis", action="store_false", help="skip the Redis baseline")
+    p.add_argument("--no-model", dest="model", action="store_false", help="skip the transformers TTFT part")
+    p.add_argument("--model-prefixes", default=DEFAULT_PREFIXES, help=f"prefix lengths (default {DEFAULT_PREFIXES})")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 1 round of 0.2 s, prefixes 256,1024")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+
+
+def main_args(args) -> int:
+    if args.quick:
+        args.rounds, args.duration = 1, 0.2
+        if args.model_prefixes == DEFAULT_PREFIXES:
+            args.model_prefixes = "256,1024"
+    report = run(args)
+    out_dir = Path(args.out)
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    png = out_dir / "bench.png"
+    if not plot(report, png):
+        report["notes"].append("no PNG: matplotlib is not installed (pip install -e '.[test]')")
+    if args.json:
+        print(json.dumps(report, indent=1, sort_keys=True))
+    else:
+        print(format_report(report))
+        print(f"\nwrote {out_dir / 'bench.json'}" + (f" and {png}" if png.exists() else "")
+              + f" in {report['elapsed_s']:.0f}s")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="beluga bench", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return main_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
