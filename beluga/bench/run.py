@@ -488,6 +488,76 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(report: dict) -> str:
+    """The figures as Markdown tables (what docs/benchmarks.md shows)."""
+    m = report["machine"]
+    cfg = report["config"]
+    out = [f"Machine: {m['cpu']} ({'KVM guest' if m['virtualized'] else 'bare metal'}), {m['cores']} cores, "
+           f"{m['memory_gib']} GiB, L3 {m['l3_cache_bytes'] >> 20} MiB, Linux {m['kernel']}, Python "
+           f"{m['versions']['python']}, numpy {m['versions']['numpy']}, torch {m['versions']['torch']}, "
+           f"transformers {m['versions']['transformers']}, CRC-32 via {m['crc32_implementation']}, "
+           f"{m['redis_server'].split(' sha=')[0]}. {cfg['rounds']} rounds of {cfg['duration_s']} s, medians; "
+           f"run took {report.get('elapsed_s', 0):.0f} s.", ""]
+    out.append("memcpy of " + f"{cfg['memcpy_buffer_bytes'] >> 20} MiB buffers: " + ", ".join(
+        f"{n} process{'es' if n != '1' else ''} {v:.2f} GB/s" for n, v in report["memcpy"].items())
+        + "; block-sized copies out of the same buffer into one reused destination (1 process): " + ", ".join(
+        f"{_size(int(k))} {v:.2f} GB/s" for k, v in report["memcpy_blocks"].items()) + ".")
+    out.append("")
+    out.append("| block | system | op | p50 us | p99 us | GB/s | ops/s |")
+    out.append("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    order = {"cxl": 0, "tcp": 1, "redis": 2}
+    ops = {"put": 0, "get": 1, "get_into": 2, "get_batch": 3, "lookup": 4, "nop": 5}
+    rows = sorted((x for x in report["measurements"] if x["clients"] == 1),
+                  key=lambda x: (x["op"] == "nop", x["block_bytes"], order[x["system"]], ops[x["op"]]))
+    for x in rows:
+        name = {"cxl": "pool", "tcp": "TCP", "redis": "Redis"}[x["system"]]
+        size = "-" if x["op"] == "nop" else _size(x["block_bytes"])
+        op = f"get_batch (x{BATCH})" if x["op"] == "get_batch" else x["op"]
+        out.append(f"| {size} | {name} | {op} | {x['p50_us']:.1f} | {x['p99_us']:.1f} | "
+                   f"{x['gbps']:.2f} | {x['ops_per_s']:.0f} |")
+    out.append("")
+    counts = cfg["clients"]
+    out.append("| block | system | op | " + " | ".join(f"{n} client{'s' if n > 1 else ''} GB/s" for n in counts) + " |")
+    out.append("| --- | --- | --- | " + " | ".join("---:" for _ in counts) + " |")
+    for size in cfg["sizes"]:
+        for system, op in (("cxl", "get"), ("cxl", "get_batch"), ("cxl", "put"), ("redis", "get"), ("redis", "put")):
+            vals = [find(report, system, op, size, n) for n in counts]
+            if any(vals):
+                name = {"cxl": "pool", "redis": "Redis"}[system]
+                out.append(f"| {_size(size)} | {name} | {op} | " + " | ".join(
+                    f"{v['gbps']:.2f}" if v else "-" for v in vals) + " |")
+    out.append("| - | memcpy | copy | " + " | ".join(f"{report['memcpy'].get(str(n), float('nan')):.2f}"
+                                                    for n in counts) + " |")
+    out.append("")
+    out.append("Hit-lookup rate (`lookup_prefix([key])`, every lookup a hit), single client: " + ", ".join(
+        f"{_size(s)} {find(report, 'cxl', 'lookup', s)['ops_per_s'] / 1000:.1f}k/s"
+        for s in cfg["sizes"] if find(report, "cxl", "lookup", s)) + "; hit ratio "
+        + f"{min((x['hit_ratio'] for x in report['measurements']), default=0):.2f} everywhere.")
+    model = report.get("model") or {}
+    if model.get("results"):
+        mm = model["model"]
+        out.append("")
+        out.append(f"Model: Llama-style, {mm['num_hidden_layers']} layers, hidden {mm['hidden_size']}, "
+                   f"{mm['num_attention_heads']} heads / {mm['num_key_value_heads']} KV heads, "
+                   f"{mm['params'] / 1e6:.1f}M parameters (random), float32, {model['torch_threads']} torch threads; "
+                   f"KV block {model['kv_block_bytes'] >> 10} KiB per 16 tokens.")
+        out.append("")
+        out.append("| prefix + suffix tokens | KV loaded | TTFT full | TTFT prefix from pool (load) | reduction | speed-up | max abs logit diff |")
+        out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in model["results"]:
+            out.append(f"| {r['prefix_tokens']} + {r['suffix_tokens']} | {r['kv_bytes_loaded'] >> 20} MiB | "
+                       f"{r['ttft_full_s'] * 1e3:.0f} ms | {r['ttft_cached_s'] * 1e3:.0f} ms "
+                       f"({r['load_s'] * 1e3:.0f} ms) | -{r['ttft_reduction']:.1%} | {r['speedup']:.1f}x | "
+                       f"{r['max_abs_logit_diff']:.2g} |")
+    out.append("")
+    out.append("| target | value | threshold | met | figures |")
+    out.append("| --- | ---: | ---: | --- | --- |")
+    for t in report["targets"]:
+        out.append(f"| {t['target']} | {t['value']:g} | {t['threshold']:g} | {'yes' if t['met'] else '**no**'} | "
+                   f"{t['detail']} |")
+    return "\n".join(out)
+
+
 def plot(report: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -581,6 +651,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 round of 0.2 s, prefixes 256,1024")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    p.add_argument("--markdown", action="store_true", help="print Markdown tables instead (for docs/benchmarks.md)")
+    p.add_argument("--from-json", help="do not measure: re-print (and re-plot) the report in this bench.json")
 
 
 def main_args(args) -> int:
@@ -588,14 +660,21 @@ def main_args(args) -> int:
         args.rounds, args.duration = 1, 0.2
         if args.model_prefixes == DEFAULT_PREFIXES:
             args.model_prefixes = "256,1024"
-    report = run(args)
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        report["targets"] = evaluate(report)
+    else:
+        report = run(args)
     out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     png = out_dir / "bench.png"
     if not plot(report, png):
         report["notes"].append("no PNG: matplotlib is not installed (pip install -e '.[test]')")
     if args.json:
         print(json.dumps(report, indent=1, sort_keys=True))
+    elif args.markdown:
+        print(format_markdown(report))
     else:
         print(format_report(report))
         print(f"\nwrote {out_dir / 'bench.json'}" + (f" and {png}" if png.exists() else "")
