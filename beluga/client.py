@@ -394,7 +394,8 @@ class BelugaClient:
         """Copy each block into the matching writable buffer (one lookup round trip per batch).
 
         -> per key, the block's length, or None on a miss. Raises ValueError if a
-        buffer is read-only or smaller than its block (before copying anything into it).
+        buffer is read-only (before the lookup) or smaller than its block (nothing is
+        copied into that buffer; earlier ones in the batch are filled).
         """
         if len(keys) != len(outs):
             raise ValueError(f"{len(keys)} keys but {len(outs)} output buffers")

@@ -110,3 +110,19 @@ def test_cli_exposes_bench():
 
     args = _parser().parse_args(["bench", "--quick", "--no-redis"])
     assert args.command == "bench" and args.quick and not args.redis and args.sizes == "16K,256K,2.5M"
+
+
+def test_target_ratios_are_taken_within_rounds_when_rounds_are_there():
+    """The machine's speed drifts: a ratio per round, then the median, not a ratio of medians."""
+    def m(system, op, size, clients, gbps_rounds):
+        rounds = [{"gbps": g, "p50_us": 1.0, "p99_us": 1.0, "ops_per_s": 1.0} for g in gbps_rounds]
+        return {"system": system, "op": op, "block_bytes": size, "clients": clients,
+                "gbps": sorted(gbps_rounds)[len(gbps_rounds) // 2], "p50_us": 1.0, "rounds": rounds}
+
+    report = {
+        "config": {"sizes": [262144], "clients": [1]},
+        "memcpy": {"1": 10.0}, "memcpy_rounds": {"1": [20.0, 10.0, 5.0]},
+        "measurements": [m("cxl", "get", 262144, 1, [16.0, 8.0, 4.0])],  # 0.8x memcpy in every round
+    }
+    got = {t["target"]: t for t in bench.evaluate(report)}
+    assert got["get 256 KiB >= 0.7x memcpy"]["value"] == 0.8 and got["get 256 KiB >= 0.7x memcpy"]["met"]
