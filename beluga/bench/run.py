@@ -134,18 +134,25 @@ class RedisServer:
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--protected-mode", "yes", "--daemonize", "no", "--dir", str(tmp), "--logfile", str(self.log)],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # never leave a server behind
+            raise
+
+    def _wait_ready(self) -> None:
         deadline = time.monotonic() + 15
         while True:
             try:
                 c = RespClient("127.0.0.1", self.port, timeout_s=2)
-                ok = c.command(b"PING") == b"+PONG"
-                c.close()
-                if ok:
-                    break
+                try:
+                    if c.command(b"PING") == b"+PONG":
+                        return
+                finally:
+                    c.close()
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
                 raise RuntimeError(f"redis-server did not start (see {self.log})")
             time.sleep(0.05)
 
