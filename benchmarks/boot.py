@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -54,9 +55,13 @@ def main() -> int:
     ap.add_argument("--topology", default="4hosts-1switch")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    os.environ.setdefault("BELUGA_TESTBED_STATE", tempfile.mkdtemp(prefix="bt-bench-", dir="/tmp"))
-    single = [one_host_ssh_ready() for _ in range(args.runs)]
-    ups = [topology_up(args.topology) for _ in range(args.runs)]
+    state = tempfile.mkdtemp(prefix="bt-bench-", dir="/tmp")
+    os.environ.setdefault("BELUGA_TESTBED_STATE", state)
+    try:
+        single = [one_host_ssh_ready() for _ in range(args.runs)]
+        ups = [topology_up(args.topology) for _ in range(args.runs)]
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "one_host_ssh_ready_s": summary([r["ssh_ready_s"] for r in single]),
