@@ -81,7 +81,8 @@ def cmd_topology_show(args) -> int:
 def cmd_up(args) -> int:
     from . import lifecycle, ssh
     if args.dry_run:
-        t, name, argvs = lifecycle.plan(args.topology, args.name, accel="tcg" if args.accel == "auto" else args.accel)
+        t, name, argvs = lifecycle.plan(args.topology, args.name, accel="tcg" if args.accel == "auto" else args.accel,
+                                        provision=not args.no_provision)
         for host, argv in argvs.items():
             print(f"# {name}/{host}")
             print(shlex.join(argv))

@@ -134,23 +134,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def plan(topology_ref: str, name: str | None, accel: str = "tcg") -> tuple[topo.Topology, str, dict[str, list[str]]]:
-    """The argv of every host, without starting anything (for --dry-run and golden tests)."""
+def _pool_file(name: str, device_id: str) -> Path:
+    return paths.pool_dir() / name / f"{device_id}.raw"
+
+
+def _host_argv(t: topo.Topology, name: str, h: topo.Host, *, kernel: Path, initrd: Path, cmdline: str,
+               ssh_port: int, accel: str, provision: bool) -> list[str]:
+    """One host's QEMU argv inside testbed `name` (its state folder, pool files and key)."""
+    from .provision import GUEST_SCRIPT
+    d = testbed_dir(name)
+    return host_argv(t, h, kernel=kernel, initrd=initrd, cmdline=cmdline, files=HostFiles(d / h.name),
+                     ssh_port=ssh_port, pool_files={dev.id: _pool_file(name, dev.id) for dev in t.devices},
+                     authorized_keys=d / "id_ed25519.pub", accel=accel,
+                     pool_args=d / "pool-args.json" if provision else None,
+                     guest_script=GUEST_SCRIPT if provision else None)
+
+
+def plan(topology_ref: str, name: str | None, accel: str = "tcg",
+         provision: bool = True) -> tuple[topo.Topology, str, dict[str, list[str]]]:
+    """The argv of every host, without starting anything (for --dry-run)."""
     t = topo.load(topology_ref)
     name = name or t.name
     img = image_mod.find_image()
     kernel = img.kernel if img else Path("<image>/vmlinuz")
     initrd = img.initrd if img else Path("<image>/initrd.img")
     cmdline = img.kernel_cmdline if img else image_mod.load_recipe().kernel_cmdline
-    d = testbed_dir(name)
-    pool_files = {dev.id: paths.pool_dir() / name / f"{dev.id}.raw" for dev in t.devices}
-    from .provision import GUEST_SCRIPT
-    out = {}
-    for i, h in enumerate(t.hosts):
-        out[h.name] = host_argv(t, h, kernel=kernel, initrd=initrd, cmdline=cmdline,
-                                files=HostFiles(d / h.name), ssh_port=10022 + i, pool_files=pool_files,
-                                authorized_keys=d / "id_ed25519.pub", accel=accel,
-                                pool_args=d / "pool-args.json", guest_script=GUEST_SCRIPT)
+    out = {h.name: _host_argv(t, name, h, kernel=kernel, initrd=initrd, cmdline=cmdline, ssh_port=10022 + i,
+                              accel=accel, provision=provision)
+           for i, h in enumerate(t.hosts)}
     return t, name, out
 
 
@@ -177,11 +188,9 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
                 d.mkdir(parents=True)
                 ssh.generate_key(d / "id_ed25519")
                 pool_files = _create_pool_files(name, t)
-                args_file = None
                 if provision:
-                    from .provision import GUEST_SCRIPT, pool_args
-                    args_file = d / "pool-args.json"
-                    args_file.write_text(json.dumps(pool_args(t)))
+                    from .provision import pool_args
+                    (d / "pool-args.json").write_text(json.dumps(pool_args(t)))
                 hosts = []
                 for h in t.hosts:
                     files = HostFiles(d / h.name)
@@ -190,10 +199,8 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
                     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(img.disk),
                                     str(files.overlay)], check=True, stdin=subprocess.DEVNULL)
                     port = _free_port()
-                    argv = host_argv(t, h, kernel=img.kernel, initrd=img.initrd, cmdline=img.kernel_cmdline,
-                                     files=files, ssh_port=port, pool_files=pool_files,
-                                     authorized_keys=d / "id_ed25519.pub", accel=chosen,
-                                     pool_args=args_file, guest_script=GUEST_SCRIPT if provision else None)
+                    argv = _host_argv(t, name, h, kernel=img.kernel, initrd=img.initrd, cmdline=img.kernel_cmdline,
+                                      ssh_port=port, accel=chosen, provision=provision)
                     hosts.append({"name": h.name, "pid": None, "ssh_port": port, "dir": str(files.dir), "argv": argv})
                 tb = Testbed(name, d, {
                     "name": name, "topology": t.name, "topology_source": t.source,
@@ -245,7 +252,7 @@ def _create_pool_files(name: str, t: topo.Topology) -> dict[str, Path]:
     d.mkdir(parents=True)
     out = {}
     for dev in t.devices:
-        f = d / f"{dev.id}.raw"
+        f = _pool_file(name, dev.id)
         with open(f, "wb") as fh:
             fh.truncate(dev.size_bytes)
         out[dev.id] = f
