@@ -156,7 +156,7 @@ def plan(topology_ref: str, name: str | None, accel: str = "tcg",
     t = topo.load(topology_ref)
     name = name or t.name
     img = image_mod.find_image()
-    kernel = img.kernel if img else Path("<image>/vmlinuz")
+    kernel = img.kernel if img else Path("<image>/vmlinux")
     initrd = img.initrd if img else Path("<image>/initrd.img")
     cmdline = img.kernel_cmdline if img else image_mod.load_recipe().kernel_cmdline
     out = {h.name: _host_argv(t, name, h, kernel=kernel, initrd=initrd, cmdline=cmdline, ssh_port=10022 + i,

@@ -1,11 +1,16 @@
-"""Recipe key, recipe errors, up-to-date detection and no half-built image after a failure."""
+"""Recipe key, recipe errors, up-to-date detection, no half-built image after a failure,
+and the uncompressed PVH kernel taken out of the bzImage."""
+import gzip
 import json
+import lzma
 import os
 import shutil
+import struct
 import time
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from testbed import image, paths
 from testbed.log import TestbedError
@@ -140,3 +145,70 @@ def test_cpio_newc_round_trip(tmp_path):
         names.append((name, oct(fields[1]), body, fields[9], fields[10]))
     assert names == [("bin", "0o40755", b"", 0, 0), ("bin/x", "0o100755", b"hello", 0, 0),
                      ("dev/console", "0o20600", b"", 5, 1)]
+
+
+def _elf_with_notes(notes: list[tuple[bytes, int]]) -> bytes:
+    """A 64-bit little-endian ELF whose one program header is a PT_NOTE segment."""
+    body = b""
+    for owner, ntype in notes:
+        name = owner + b"\0"
+        body += struct.pack("<III", len(name), 4, ntype) + name.ljust((len(name) + 3) // 4 * 4, b"\0") + b"\0" * 4
+    ehdr = b"\x7fELF\x02\x01\x01" + bytes(9) + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 4, 4, 64 + 56, 0, 0, len(body), len(body), 4)
+    return ehdr + phdr + body + b"kernel text" * 100
+
+
+def _bzimage(payload: bytes, setup_sects: int = 2) -> bytes:
+    setup = bytearray((setup_sects + 1) * 512)
+    setup[0x1F1] = setup_sects
+    setup[0x202:0x206] = b"HdrS"
+    setup[0x206:0x208] = (0x020F).to_bytes(2, "little")
+    setup[0x248:0x24C] = (100).to_bytes(4, "little")  # payload_offset within the protected-mode part
+    setup[0x24C:0x250] = len(payload).to_bytes(4, "little")
+    return bytes(setup) + bytes(100) + payload + b"trailing decompressor code"
+
+
+@pytest.mark.parametrize("compress", [
+    lambda b: zstandard.ZstdCompressor().compress(b) + len(b).to_bytes(4, "little"),  # Debian's: zstd + size
+    lambda b: lzma.compress(b, format=lzma.FORMAT_XZ),
+    lambda b: gzip.compress(b),
+], ids=["zstd", "xz", "gzip"])
+def test_pvh_kernel_is_unpacked_from_the_bzimage(tmp_path, compress):
+    elf = _elf_with_notes([(b"GNU", 3), (b"Xen", image.XEN_ELFNOTE_PHYS32_ENTRY)])
+    src, out = tmp_path / "vmlinuz", tmp_path / "vmlinux"
+    src.write_bytes(_bzimage(compress(elf)))
+    image._extract_vmlinux(src, out)
+    assert out.read_bytes() == elf
+
+
+def test_kernel_without_pvh_entry_is_refused(tmp_path):
+    src = tmp_path / "vmlinuz"
+    src.write_bytes(_bzimage(gzip.compress(_elf_with_notes([(b"Xen", 5)]))))
+    with pytest.raises(TestbedError, match=r"vmlinuz: the kernel has no PVH entry point \(CONFIG_PVH\)"):
+        image._extract_vmlinux(src, tmp_path / "vmlinux")
+    assert not (tmp_path / "vmlinux").exists()
+
+
+def test_not_a_bzimage_is_refused(tmp_path):
+    src = tmp_path / "vmlinuz"
+    src.write_bytes(b"\x7fELF" + bytes(2000))
+    with pytest.raises(TestbedError, match="not an x86 bzImage of boot protocol >= 2.08"):
+        image._extract_vmlinux(src, tmp_path / "vmlinux")
+
+
+def test_unknown_kernel_compression_is_named(tmp_path):
+    src = tmp_path / "vmlinuz"
+    src.write_bytes(_bzimage(b"\x02\x21\x4c\x18" + bytes(64)))  # lz4 legacy
+    with pytest.raises(TestbedError, match="unsupported method \\(magic 02214c18\\); zstd, xz and gzip"):
+        image._extract_vmlinux(src, tmp_path / "vmlinux")
+
+
+def test_the_manifest_names_the_kernel_file(cache):
+    d = _fake_image(cache, image.recipe_key())
+    img = image.find_image()
+    assert img.kernel == d / "vmlinuz"
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**m, "kernel_file": "vmlinux"}))
+    assert image.find_image() is None  # the manifest names a kernel file that is not there
+    (d / "vmlinux").write_bytes(b"x")
+    assert image.find_image().kernel == d / "vmlinux"

@@ -15,7 +15,7 @@ def argv_for(name: str) -> str:
     t = T.load(name)
     out = []
     for i, h in enumerate(t.hosts):
-        argv = host_argv(t, h, kernel=Path("/img/vmlinuz"), initrd=Path("/img/initrd.img"),
+        argv = host_argv(t, h, kernel=Path("/img/vmlinux"), initrd=Path("/img/initrd.img"),
                          cmdline="console=ttyS0", files=HostFiles(Path(f"/state/{name}/{h.name}")),
                          ssh_port=10022 + i, pool_files={d.id: Path(f"/pools/{name}/{d.id}.raw") for d in t.devices},
                          authorized_keys=Path(f"/state/{name}/id_ed25519.pub"),
