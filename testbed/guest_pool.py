@@ -1,9 +1,12 @@
 """Runs INSIDE a guest (python3 of Debian trixie, stdlib only), sent over SSH.
 
-    python3 - create  '<json args>'   # region + devdax, prints JSON
-    python3 - write   '<json args>'   # writes signatures at offsets
-    python3 - read    '<json args>'   # reads bytes at offsets, prints hex
-    python3 - clear   '<json args>'   # zeroes the given offsets
+    python3 -S guest_pool.py create  '<json args>'   # region + devdax, prints JSON
+    python3 -S guest_pool.py write   '<json args>'   # writes signatures at offsets
+    python3 -S guest_pool.py read    '<json args>'   # reads bytes at offsets, prints hex
+    python3 -S guest_pool.py clear   '<json args>'   # zeroes the given offsets
+
+`@FILE` instead of the JSON reads it from FILE; `--out FILE` writes the result there
+(atomically) instead of to stdout. The boot script uses both, reading fw_cfg.
 
 Imports nothing of the project: this file's text is what travels.
 """
@@ -94,12 +97,17 @@ def create(args):
         sh("daxctl", "reconfigure-device", "--mode=devdax", "-f", dev["chardev"])
         dev = dax_of_region(name)[0]
     iomem = open("/proc/iomem").read()
-    print(json.dumps({
+    signed = 0
+    sign = args.get("sign")
+    if sign and sign["host"] == open("/proc/sys/kernel/hostname").read().strip():
+        # This host writes the signatures that the others read back (testbed/provision.py verify).
+        signed = _write("/dev/" + dev["chardev"], sign["offsets"], sign["length"], sign["data"])
+    return {
         "region": name, "size_bytes": region.get("size"), "ways": region.get("interleave_ways"),
         "granularity_bytes": region.get("interleave_granularity"), "dax": "/dev/" + dev["chardev"],
         "dax_mode": dev.get("mode"), "targets": order, "decoder": region.get("decoder"),
-        "system_ram_cxl": "System RAM (kmem)" in iomem,
-    }))
+        "system_ram_cxl": "System RAM (kmem)" in iomem, "signed": signed,
+    }
 
 
 def _map(dax, size):
@@ -115,28 +123,45 @@ def _span(offsets, length):
     return (end + ALIGN - 1) // ALIGN * ALIGN
 
 
-def write(args):
-    m = _map(args["dax"], _span(args["offsets"], args["length"]))
-    for off, hexdata in zip(args["offsets"], args["data"]):
-        m[off:off + args["length"]] = bytes.fromhex(hexdata)
+def _write(dax, offsets, length, data):
+    m = _map(dax, _span(offsets, length))
+    for off, hexdata in zip(offsets, data):
+        m[off:off + length] = bytes.fromhex(hexdata)
     # No m.flush(): msync() on a devdax mapping fails with EINVAL, and there is no
     # page cache in between to flush; the stores go straight to the device.
     m.close()
-    print(json.dumps({"written": len(args["offsets"])}))
+    return len(offsets)
+
+
+def write(args):
+    return {"written": _write(args["dax"], args["offsets"], args["length"], args["data"])}
 
 
 def read(args):
     m = _map(args["dax"], _span(args["offsets"], args["length"]))
     out = [m[off:off + args["length"]].hex() for off in args["offsets"]]
     m.close()
-    print(json.dumps({"data": out}))
+    return {"data": out}
 
 
 def clear(args):
-    args = dict(args, data=["00" * args["length"]] * len(args["offsets"]))
-    write(args)
+    return write(dict(args, data=["00" * args["length"]] * len(args["offsets"])))
+
+
+def main(argv):
+    verb, raw = argv[0], argv[1]
+    if raw.startswith("@"):
+        with open(raw[1:]) as f:
+            raw = f.read()
+    out = json.dumps({"create": create, "write": write, "read": read, "clear": clear}[verb](json.loads(raw)))
+    if argv[2:3] == ["--out"]:
+        tmp = argv[3] + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(out + "\n")
+        os.replace(tmp, argv[3])
+    else:
+        print(out)
 
 
 if __name__ == "__main__":
-    verb, raw = sys.argv[1], sys.argv[2]
-    {"create": create, "write": write, "read": read, "clear": clear}[verb](json.loads(raw))
+    main(sys.argv[1:])

@@ -48,6 +48,14 @@ class HostState:
     def alive(self) -> bool:
         return pid_is_ours(self.pid, self.dir)
 
+    def said(self, marker: bytes) -> bool:
+        """Whether the guest printed `marker` on its serial console (the boot script's lines)."""
+        try:
+            with open(self.files.serial_log, "rb") as f:
+                return marker in f.read()
+        except OSError:
+            return False
+
 
 @dataclass(frozen=True)
 class Testbed:
@@ -141,12 +149,12 @@ def _pool_file(name: str, device_id: str) -> Path:
 def _host_argv(t: topo.Topology, name: str, h: topo.Host, *, kernel: Path, initrd: Path, cmdline: str,
                ssh_port: int, accel: str, provision: bool) -> list[str]:
     """One host's QEMU argv inside testbed `name` (its state folder, pool files and key)."""
-    from .provision import GUEST_SCRIPT
+    from .provision import GUEST_SCRIPT, POOL_ARGS_FILE
     d = testbed_dir(name)
     return host_argv(t, h, kernel=kernel, initrd=initrd, cmdline=cmdline, files=HostFiles(d / h.name),
                      ssh_port=ssh_port, pool_files={dev.id: _pool_file(name, dev.id) for dev in t.devices},
                      authorized_keys=d / "id_ed25519.pub", accel=accel,
-                     pool_args=d / "pool-args.json" if provision else None,
+                     pool_args=d / POOL_ARGS_FILE if provision else None,
                      guest_script=GUEST_SCRIPT if provision else None)
 
 
@@ -189,8 +197,8 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
                 ssh.generate_key(d / "id_ed25519")
                 pool_files = _create_pool_files(name, t)
                 if provision:
-                    from .provision import pool_args
-                    (d / "pool-args.json").write_text(json.dumps(pool_args(t)))
+                    from .provision import POOL_ARGS_FILE, pool_args, signing_plan
+                    (d / POOL_ARGS_FILE).write_text(json.dumps(pool_args(t, sign=signing_plan(t))))
                 hosts = []
                 for h in t.hosts:
                     files = HostFiles(d / h.name)
@@ -278,7 +286,7 @@ def _wait_all_ssh(tb: Testbed, procs: dict[str, subprocess.Popen]) -> None:
         try:
             ssh.wait_ready(h.ssh_port, tb.key, timeout_s=SSH_READY_TIMEOUT_S,
                            alive=lambda: not stop.is_set() and procs[h.name].poll() is None,
-                           gate=lambda: _said(h, SSHD_STARTED))
+                           gate=lambda: h.said(SSHD_STARTED))
         except RuntimeError:
             raise _host_failed(h, f"QEMU exited while booting (exit {procs[h.name].returncode})") from None
         except TimeoutError as e:
@@ -289,14 +297,6 @@ def _wait_all_ssh(tb: Testbed, procs: dict[str, subprocess.Popen]) -> None:
     except BaseException:
         stop.set()
         raise
-
-
-def _said(h: HostState, marker: bytes) -> bool:
-    try:
-        with open(h.files.serial_log, "rb") as f:
-            return marker in f.read()
-    except OSError:
-        return False
 
 
 def down(name: str) -> bool:

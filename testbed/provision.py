@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from .par import map_parallel
 from .topology import Topology
 
 GUEST_SCRIPT = Path(__file__).with_name("guest_pool.py")
+POOL_ARGS_FILE = "pool-args.json"  # in the testbed's state folder; the guests read it through fw_cfg
 SIGNATURE_BYTES = 64
 ROUNDS = 2  # every interleave position is sampled this many times, in different strides
 
@@ -61,23 +63,51 @@ def signature(nonce: bytes, offset: int) -> bytes:
 
 def _guest(tb, h, verb: str, args: dict, timeout_s: float = 120) -> dict:
     script = GUEST_SCRIPT.read_text()
-    cmd = f"python3 -c {shlex.quote(script)} {verb} {shlex.quote(json.dumps(args))}"
+    cmd = f"python3 -S -c {shlex.quote(script)} {verb} {shlex.quote(json.dumps(args))}"
     return ssh.run_json(h, tb.key, cmd, what=f"pool {verb}", timeout_s=timeout_s)
 
 
-def pool_args(t: Topology, order: list[str] | None = None) -> dict:
-    """What the guest side (guest_pool.py create) needs: targets by serial, in order."""
+def signing_plan(t: Topology) -> dict:
+    """Which host writes the verification signatures, where and what: the first host,
+    a fresh nonce, the sampled offsets."""
+    nonce = os.urandom(8).hex().encode()
+    offsets = sample_offsets(t)
+    return {"host": t.hosts[0].name, "offsets": offsets, "length": SIGNATURE_BYTES,
+            "data": [signature(nonce, o).hex() for o in offsets]}
+
+
+def pool_args(t: Topology, order: list[str] | None = None, sign: dict | None = None) -> dict:
+    """What the guest side (guest_pool.py create) needs: targets by serial, in order, and
+    (at boot) the signatures that one host writes once its region is up."""
     serial_of = {d.id: d.serial for d in t.devices}
-    return {"serials": [serial_of[d] for d in (order or t.pool.devices)],
+    args = {"serials": [serial_of[d] for d in (order or t.pool.devices)],
             "granularity": t.pool.granularity_bytes,
             "window_index": [w.id for w in t.windows].index(t.pool.window)}
+    if sign:
+        args["sign"] = sign
+    return args
 
 
-# Waits for the region that the guest's boot script creates (images/rootfs/usr/lib/beluga/boot).
-_BOOT_RESULT = ("for i in $(seq 1200); do "
-                "[ -s /run/beluga/pool.json ] && exec cat /run/beluga/pool.json; "
-                "[ -s /run/beluga/pool.err ] && { cat /run/beluga/pool.err >&2; exit 1; }; "
-                "sleep 0.1; done; echo 'no pool after 120 s' >&2; exit 1")
+# What the guest's boot script says on the console once its region is made (or not):
+# images/rootfs/usr/lib/beluga/boot. The host waits for it on the serial log, which costs
+# the guest nothing, where polling over SSH would spend its one vCPU on execs.
+POOL_READY, POOL_FAILED = b"beluga: pool ready", b"beluga: pool failed"
+BOOT_POOL_TIMEOUT_S = 150
+
+
+def _boot_result(tb, h) -> dict:
+    deadline = time.monotonic() + BOOT_POOL_TIMEOUT_S
+    while not h.said(POOL_READY):
+        if h.said(POOL_FAILED):
+            r = ssh.run(h.name, h.ssh_port, tb.key, "cat /run/beluga/pool.err")
+            raise TestbedError(f"{h.name}: pool create at boot failed: {r.stdout.strip() or r.why}")
+        if not h.alive():
+            raise TestbedError(f"{h.name}: QEMU exited while the guest was creating its region")
+        if time.monotonic() > deadline:
+            raise TestbedError(f"{h.name}: no pool after {BOOT_POOL_TIMEOUT_S} s (the guest never said "
+                               f"{POOL_READY.decode()!r} on its console)", hint=f"see {h.files.serial_log}")
+        time.sleep(0.1)
+    return ssh.run_json(h, tb.key, "cat /run/beluga/pool.json", what="pool create at boot")
 
 
 def provision(tb, *, order_override: dict[str, list[str]] | None = None, at_boot: bool = False) -> dict:
@@ -88,10 +118,14 @@ def provision(tb, *, order_override: dict[str, list[str]] | None = None, at_boot
     t: Topology = tb.topology
     hosts = tb.hosts
 
+    sign = None
+    if at_boot and not order_override:
+        sign = json.loads((tb.dir / POOL_ARGS_FILE).read_text()).get("sign")
+
     def create(h):
         order = (order_override or {}).get(h.name)
         if at_boot and order is None:
-            return ssh.run_json(h, tb.key, _BOOT_RESULT, what="pool create at boot", timeout_s=150)
+            return _boot_result(tb, h)
         return _guest(tb, h, "create", pool_args(t, order))
 
     with step(f"pool: {len(t.pool.devices)}-way RAM region in devdax mode on {len(hosts)} host(s)"):
@@ -108,7 +142,7 @@ def provision(tb, *, order_override: dict[str, list[str]] | None = None, at_boot
     tb.data["pool"] = pool
     tb.save()
     with step(f"pool: verify the mapping across {len(hosts)} host(s) and the backing files"):
-        verify(tb, regions)
+        verify(tb, regions, sign)
     for n in pool["hosts"]:
         pool["hosts"][n]["ready"] = True
     tb.data["pool"] = pool
@@ -116,16 +150,20 @@ def provision(tb, *, order_override: dict[str, list[str]] | None = None, at_boot
     return pool
 
 
-def verify(tb, regions: dict[str, dict]) -> None:
+def verify(tb, regions: dict[str, dict], sign: dict | None = None) -> None:
+    """One host's signatures (written at boot by `sign`'s host, or now over SSH) must read
+    back identically on every other host, and sit in the backing files where the
+    interleave arithmetic puts them. The host machine then zeroes them in those files."""
     t: Topology = tb.topology
     hosts = tb.hosts
-    writer = hosts[0]
-    offsets = sample_offsets(t)
-    nonce = os.urandom(8).hex().encode()
-    sigs = {o: signature(nonce, o) for o in offsets}
+    if sign is None or regions[sign["host"]].get("signed") != len(sign["offsets"]):
+        sign = signing_plan(t)
+        writer = tb.host(sign["host"])
+        _guest(tb, writer, "write", {**sign, "dax": regions[writer.name]["dax"]})
+    writer = tb.host(sign["host"])
+    offsets = sign["offsets"]
+    sigs = {o: bytes.fromhex(d) for o, d in zip(offsets, sign["data"])}
     common = {"offsets": offsets, "length": SIGNATURE_BYTES}
-    _guest(tb, writer, "write", {**common, "dax": regions[writer.name]["dax"],
-                                 "data": [sigs[o].hex() for o in offsets]})
     errors: list[str] = []
     by_sig = {s: o for o, s in sigs.items()}
 
@@ -140,7 +178,8 @@ def verify(tb, regions: dict[str, dict]) -> None:
         return h, _guest(tb, h, "read", {**common, "dax": regions[h.name]["dax"]})["data"]
 
     try:
-        for h, data in map_parallel(read, hosts[1:] if len(hosts) > 1 else hosts):
+        others = [h for h in hosts if h.name != writer.name] or [writer]
+        for h, data in map_parallel(read, others):
             for o, hx in zip(offsets, data):
                 got = bytes.fromhex(hx)
                 if got != sigs[o]:
@@ -158,7 +197,15 @@ def verify(tb, regions: dict[str, dict]) -> None:
                               f"{loc.position}) should hold region offset {o:#x} as written by {writer.name}, "
                               f"found {where(got)}")
     finally:
-        _guest(tb, writer, "clear", {**common, "dax": regions[writer.name]["dax"]})
+        # The guests map the backing files (share=on): zeroing the bytes there zeroes them
+        # for every host, without another round over SSH.
+        for o in offsets:
+            loc = locate(t, tb.pool_files, o)
+            with open(loc.file, "r+b") as f:
+                f.seek(loc.file_offset)
+                f.write(bytes(SIGNATURE_BYTES))
+        if errors:  # the writer's bytes may sit elsewhere: clear them through its own mapping too
+            _guest(tb, writer, "clear", {**common, "dax": regions[writer.name]["dax"]})
     if errors:
         shown = errors[:12] + ([f"... and {len(errors) - 12} more"] if len(errors) > 12 else [])
         raise TestbedError("pool verification failed: hosts do not map the same bytes\n  " + "\n  ".join(shown),
