@@ -4,6 +4,7 @@
     python3 -S guest_pool.py write   '<json args>'   # writes signatures at offsets
     python3 -S guest_pool.py read    '<json args>'   # reads bytes at offsets, prints hex
     python3 -S guest_pool.py clear   '<json args>'   # zeroes the given offsets
+    python3 -S guest_pool.py report  '<json args>'   # the region made at boot, and the bytes at offsets
 
 `@FILE` instead of the JSON reads it from FILE; `--out FILE` writes the result there
 (atomically) instead of to stdout. The boot script uses both, reading fw_cfg.
@@ -148,12 +149,23 @@ def clear(args):
     return write(dict(args, data=["00" * args["length"]] * len(args["offsets"])))
 
 
+def report(args):
+    """The region that the boot script made (its `create --out` file) and, given offsets,
+    the bytes at them: what the host collects from each guest in one SSH call."""
+    with open(args.get("result", "/run/beluga/pool.json")) as f:
+        region = json.load(f)
+    out = {"region": region}
+    if args.get("offsets"):
+        out["data"] = read(dict(args, dax=region["dax"]))["data"]
+    return out
+
+
 def main(argv):
     verb, raw = argv[0], argv[1]
     if raw.startswith("@"):
         with open(raw[1:]) as f:
             raw = f.read()
-    out = json.dumps({"create": create, "write": write, "read": read, "clear": clear}[verb](json.loads(raw)))
+    out = json.dumps({"create": create, "write": write, "read": read, "clear": clear, "report": report}[verb](json.loads(raw)))
     if argv[2:3] == ["--out"]:
         tmp = argv[3] + ".tmp"
         with open(tmp, "w") as f:

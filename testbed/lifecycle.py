@@ -56,6 +56,23 @@ class HostState:
         except OSError:
             return False
 
+    def wait_said(self, marker: bytes, *, timeout_s: float, failed: bytes | None = None,
+                  stop: threading.Event | None = None) -> None:
+        """Wait for the guest to print `marker` on its console. Watching the serial log
+        costs the guest nothing; raises when it prints `failed`, QEMU exits, or time is up."""
+        deadline = time.monotonic() + timeout_s
+        while not self.said(marker):
+            if failed and self.said(failed):
+                raise TestbedError(f"{self.name}: the guest said {failed.decode()!r}")
+            if stop is not None and stop.is_set():
+                raise TestbedError(f"{self.name}: wait abandoned")  # another host failed first
+            if not self.alive():
+                raise _host_failed(self, "QEMU exited while the guest was booting")
+            if time.monotonic() > deadline:
+                raise _host_failed(self, f"the guest did not say {marker.decode()!r} on its console "
+                                         f"within {timeout_s:.0f} s")
+            time.sleep(0.1)
+
 
 @dataclass(frozen=True)
 class Testbed:
@@ -229,8 +246,9 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
                 for h in tb.hosts:
                     if procs[h.name].poll() is not None:
                         raise _host_failed(h, f"QEMU exited at start (exit {procs[h.name].returncode})")
-            with step(f"wait for SSH on {', '.join(h.name for h in tb.hosts)}"):
-                _wait_all_ssh(tb, procs)
+            names = ", ".join(h.name for h in tb.hosts)
+            with step(f"wait for {names} to boot (sshd started)" if provision else f"wait for SSH on {names}"):
+                _wait_all_ssh(tb, procs, probe=not provision)
             if provision:
                 from . import provision as prov
                 prov.provision(tb, at_boot=True)
@@ -279,10 +297,16 @@ def _host_failed(h: HostState, why: str) -> TestbedError:
     return TestbedError(f"{h.name}: {why}\n" + "\n".join(tail))
 
 
-def _wait_all_ssh(tb: Testbed, procs: dict[str, subprocess.Popen]) -> None:
+def _wait_all_ssh(tb: Testbed, procs: dict[str, subprocess.Popen], *, probe: bool = True) -> None:
+    """Every host says on its console that sshd started; with `probe`, each then answers a
+    command over SSH. (Provisioning's first SSH call proves that instead: it comes once the
+    guest has made its region, and an earlier one would take the guest's vCPU from it.)"""
     stop = threading.Event()  # set on the first failure or Ctrl-C: the other waits end too
 
     def wait(h: HostState) -> None:
+        if not probe:
+            h.wait_said(SSHD_STARTED, timeout_s=SSH_READY_TIMEOUT_S, stop=stop)
+            return
         try:
             ssh.wait_ready(h.ssh_port, tb.key, timeout_s=SSH_READY_TIMEOUT_S,
                            alive=lambda: not stop.is_set() and procs[h.name].poll() is None,

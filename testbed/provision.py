@@ -93,21 +93,37 @@ def pool_args(t: Topology, order: list[str] | None = None, sign: dict | None = N
 # the guest nothing, where polling over SSH would spend its one vCPU on execs.
 POOL_READY, POOL_FAILED = b"beluga: pool ready", b"beluga: pool failed"
 BOOT_POOL_TIMEOUT_S = 150
+FW_GUEST_SCRIPT = "/sys/firmware/qemu_fw_cfg/by_name/opt/beluga/guest_pool.py/raw"
 
 
-def _boot_result(tb, h) -> dict:
-    deadline = time.monotonic() + BOOT_POOL_TIMEOUT_S
-    while not h.said(POOL_READY):
-        if h.said(POOL_FAILED):
-            r = ssh.run(h.name, h.ssh_port, tb.key, "cat /run/beluga/pool.err")
-            raise TestbedError(f"{h.name}: pool create at boot failed: {r.stdout.strip() or r.why}")
-        if not h.alive():
-            raise TestbedError(f"{h.name}: QEMU exited while the guest was creating its region")
-        if time.monotonic() > deadline:
-            raise TestbedError(f"{h.name}: no pool after {BOOT_POOL_TIMEOUT_S} s (the guest never said "
-                               f"{POOL_READY.decode()!r} on its console)", hint=f"see {h.files.serial_log}")
-        time.sleep(0.1)
-    return ssh.run_json(h, tb.key, "cat /run/beluga/pool.json", what="pool create at boot")
+def _collect_at_boot(tb, sign: dict) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """One SSH call per host once its console says the region is made: the region and, on
+    every host but the writer (once the writer's console says so too: its signatures are
+    then in place), the bytes at the signed offsets."""
+    writer = tb.host(sign["host"])
+    hosts = tb.hosts
+
+    def wait_pool(h) -> None:
+        try:
+            h.wait_said(POOL_READY, failed=POOL_FAILED, timeout_s=BOOT_POOL_TIMEOUT_S)
+        except TestbedError:
+            err = ssh.run(h.name, h.ssh_port, tb.key, "cat /run/beluga/pool.err") if h.said(POOL_FAILED) else None
+            if err is not None:
+                raise TestbedError(f"{h.name}: pool create at boot failed: {err.stdout.strip() or err.why}") from None
+            raise
+
+    def collect(h):
+        wait_pool(h)
+        reads = h.name != writer.name or len(hosts) == 1
+        if reads:
+            wait_pool(writer)
+        args = {"offsets": sign["offsets"], "length": sign["length"]} if reads else {}
+        r = ssh.run_json(h, tb.key, f"python3 -S {FW_GUEST_SCRIPT} report {shlex.quote(json.dumps(args))}",
+                         what="pool create at boot", timeout_s=60)
+        return h.name, r
+
+    out = dict(map_parallel(collect, hosts))
+    return {n: r["region"] for n, r in out.items()}, {n: r["data"] for n, r in out.items() if "data" in r}
 
 
 def provision(tb, *, order_override: dict[str, list[str]] | None = None, at_boot: bool = False) -> dict:
@@ -118,18 +134,16 @@ def provision(tb, *, order_override: dict[str, list[str]] | None = None, at_boot
     t: Topology = tb.topology
     hosts = tb.hosts
 
-    sign = None
+    sign, reads = None, None
     if at_boot and not order_override:
         sign = json.loads((tb.dir / POOL_ARGS_FILE).read_text()).get("sign")
 
-    def create(h):
-        order = (order_override or {}).get(h.name)
-        if at_boot and order is None:
-            return _boot_result(tb, h)
-        return _guest(tb, h, "create", pool_args(t, order))
-
     with step(f"pool: {len(t.pool.devices)}-way RAM region in devdax mode on {len(hosts)} host(s)"):
-        regions = dict(zip([h.name for h in hosts], map_parallel(create, hosts)))
+        if sign:
+            regions, reads = _collect_at_boot(tb, sign)
+        else:
+            regions = dict(zip([h.name for h in hosts], map_parallel(
+                lambda h: _guest(tb, h, "create", pool_args(t, (order_override or {}).get(h.name))), hosts)))
         for name, r in regions.items():
             if r["size_bytes"] != t.pool_size_bytes or r["ways"] != len(t.pool.devices):
                 raise TestbedError(f"{name}: region {r['region']} is {r['size_bytes']} bytes, {r['ways']}-way; "
@@ -142,7 +156,7 @@ def provision(tb, *, order_override: dict[str, list[str]] | None = None, at_boot
     tb.data["pool"] = pool
     tb.save()
     with step(f"pool: verify the mapping across {len(hosts)} host(s) and the backing files"):
-        verify(tb, regions, sign)
+        verify(tb, regions, sign, reads)
     for n in pool["hosts"]:
         pool["hosts"][n]["ready"] = True
     tb.data["pool"] = pool
@@ -150,14 +164,16 @@ def provision(tb, *, order_override: dict[str, list[str]] | None = None, at_boot
     return pool
 
 
-def verify(tb, regions: dict[str, dict], sign: dict | None = None) -> None:
+def verify(tb, regions: dict[str, dict], sign: dict | None = None,
+           reads: dict[str, list[str]] | None = None) -> None:
     """One host's signatures (written at boot by `sign`'s host, or now over SSH) must read
-    back identically on every other host, and sit in the backing files where the
-    interleave arithmetic puts them. The host machine then zeroes them in those files."""
+    back identically on every other host (`reads`, when collected at boot, else read now),
+    and sit in the backing files where the interleave arithmetic puts them. The host
+    machine then zeroes them in those files."""
     t: Topology = tb.topology
     hosts = tb.hosts
     if sign is None or regions[sign["host"]].get("signed") != len(sign["offsets"]):
-        sign = signing_plan(t)
+        sign, reads = signing_plan(t), None
         writer = tb.host(sign["host"])
         _guest(tb, writer, "write", {**sign, "dax": regions[writer.name]["dax"]})
     writer = tb.host(sign["host"])
@@ -179,7 +195,8 @@ def verify(tb, regions: dict[str, dict], sign: dict | None = None) -> None:
 
     try:
         others = [h for h in hosts if h.name != writer.name] or [writer]
-        for h, data in map_parallel(read, others):
+        got_back = [(h, reads[h.name]) for h in others] if reads else map_parallel(read, others)
+        for h, data in got_back:
             for o, hx in zip(offsets, data):
                 got = bytes.fromhex(hx)
                 if got != sigs[o]:

@@ -123,3 +123,21 @@ def test_wrong_target_order_is_caught(isolated_dirs):
         assert [h["pool"] for h in st["hosts"]] == ["not ready", "not ready"]
     finally:
         cli("down", "order")
+
+
+def test_a_region_the_guest_cannot_make_at_boot_fails_up_with_its_error(isolated_dirs, monkeypatch):
+    """The guest says 'pool failed' on its console; `up` shows the guest's own error and
+    rolls back, leaving no QEMU and no state folder."""
+    real = provision.pool_args
+
+    def missing_device(t, order=None, sign=None):
+        return {**real(t, order, sign), "serials": [0x1000, 0xDEAD], "timeout_s": 3}
+
+    monkeypatch.setattr(provision, "pool_args", missing_device)
+    with pytest.raises(TestbedError) as e:
+        lifecycle.up("1host-1switch", name="noregion", accel="tcg")
+    msg = str(e.value)
+    assert "host0: pool create at boot failed: CXL devices not ready after 3 s" in msg
+    assert "wanted [4096, 57005]" in msg
+    assert "noregion" not in lifecycle.names()
+    assert not (isolated_dirs[0] / "noregion").exists()
