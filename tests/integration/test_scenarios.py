@@ -34,7 +34,7 @@ def test_expectation_that_cannot_hold_fails_with_a_reason(tmp_path):
     assert by_kind["no_torn_reads"]["passed"]
     failed = by_kind["all_readable"]
     assert not failed["passed"]
-    assert "200 requested blocks of set 'b'" in failed["evidence"] and "not readable" in failed["evidence"]
+    assert "3000 requested blocks of set 'b'" in failed["evidence"] and "not readable" in failed["evidence"]
     assert "killed hosts: host1" in failed["evidence"]
     assert "✗ all_readable" in r.stderr and "(line 19)" in r.stderr
     assert "FAILED" in (tmp_path / "report" / "report.html").read_text()
