@@ -240,7 +240,7 @@ def build(*, force: bool = False, log_path: Path | None = None) -> tuple[Image, 
                       f"--cache-dir={debs}", recipe.suite, str(rootfs), mirror], log)
             timings["debootstrap_s"] = time.monotonic() - t
             t = time.monotonic()
-            with step("configure the guest (init, ssh server, kmem blocked)"):
+            with step("configure the guest (init, sshd, kmem blocked)"):
                 kver = _configure(recipe, rootfs)
             timings["configure_s"] = time.monotonic() - t
             t = time.monotonic()
@@ -251,7 +251,7 @@ def build(*, force: bool = False, log_path: Path | None = None) -> tuple[Image, 
             with step("uncompressed kernel for a direct PVH boot"):
                 _extract_vmlinux(rootfs / "boot" / f"vmlinuz-{kver}", work / KERNEL_FILE)
             timings["kernel_s"] = time.monotonic() - t
-            versions = _package_versions(rootfs, ["linux-image-amd64", "cxl", "ndctl", "daxctl", "python3", "python3-numpy", "dropbear-bin"])
+            versions = _package_versions(rootfs, ["linux-image-amd64", "cxl", "ndctl", "daxctl", "python3", "python3-numpy", "openssh-server"])
             rootfs_bytes = _du(rootfs)
             t = time.monotonic()
             with step(f"disk image ({recipe.disk_size_mib} MiB ext4, {rootfs_bytes / 2**20:.0f} MiB used)"):
