@@ -175,6 +175,7 @@ def remove_images(keys: list[str], all_: bool = False) -> list[str]:
         if not p.is_dir() or not re.fullmatch(r"[0-9a-f]{16}", k):
             raise TestbedError(f"no image {k!r}", hint="'beluga-testbed image list' shows the keys")
         shutil.rmtree(p)
+        (d / f"build-{k}.log").unlink(missing_ok=True)
         removed.append(k)
     # Leftovers of interrupted builds.
     if all_ and d.is_dir():

@@ -114,8 +114,10 @@ def test_interrupted_build_leaves_nothing(cache, monkeypatch):
 def test_list_and_remove(cache):
     _fake_image(cache, "0123456789abcdef")
     _fake_image(cache, image.recipe_key())
+    (cache / "images" / "build-0123456789abcdef.log").write_text("debootstrap ...")
     assert sorted(i.key for i in image.list_images()) == sorted(["0123456789abcdef", image.recipe_key()])
     assert image.remove_images(["0123456789abcdef"]) == ["0123456789abcdef"]
+    assert not (cache / "images" / "build-0123456789abcdef.log").exists()  # its build log goes with it
     with pytest.raises(TestbedError, match="no image 'ffffffffffffffff'"):
         image.remove_images(["ffffffffffffffff"])
     assert [i.key for i in image.list_images()] == [image.recipe_key()]
