@@ -196,7 +196,7 @@ def cmd_stat(args) -> int:
     print(f"pool {report['pool']} (layout v{report['layout_version']}, {'devdax' if report['devdax'] else 'file'})")
     print(f"  {g['segment_count']} segments x {g['segment_size_bytes']} bytes, {g['max_clients']} client slots, "
           f"blocks up to {g['max_block_bytes']} bytes")
-    print(f"  segments: " + ", ".join(f"{k} {v}" for k, v in report["segments"].items()))
+    print("  segments: " + ", ".join(f"{k} {v}" for k, v in report["segments"].items()))
     print(f"  blocks: {report['blocks']} committed ({report['committed_bytes']} bytes), {report['reserved']} reserved")
     print(f"  service: {'running' if svc['running'] else 'not running'}"
           + (f" pid {svc['pid']} on {svc['host']} tcp {svc['tcp_address'] or '-'}" if svc["running"] else ""))

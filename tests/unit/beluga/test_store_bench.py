@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 from array import array
-from types import SimpleNamespace
 
 import pytest
 
