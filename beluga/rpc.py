@@ -104,20 +104,26 @@ def request_length(raw) -> int:
     return REQUEST_HEADER.size + 8 * n_rel + body_len
 
 
+def _checked_frame(raw, header_size: int, total: int, crc: int, kind: str) -> bytes:
+    """The frame's `total` bytes, once they are all there and match the crc that ends the
+    header (computed over the header with that field as zeros, then the rest)."""
+    if total > len(raw):
+        raise ProtocolError(f"{kind} says {total} bytes but only {len(raw)} are there")
+    data = raw if type(raw) is bytes and len(raw) == total else bytes(raw[:total])
+    view = memoryview(data)
+    check = meta_crc(view[header_size:], meta_crc(_ZERO_CRC, meta_crc(view[: header_size - 4])))
+    if check != crc:
+        raise ProtocolError(f"{kind} crc mismatch (stored {crc:#010x}, computed {check:#010x})")
+    return data
+
+
 def decode_request(raw) -> Request:
     if len(raw) < REQUEST_HEADER.size:
         raise ProtocolError(f"request of {len(raw)} bytes is shorter than its {REQUEST_HEADER.size}-byte header")
     magic, seq, nonce, slot, op, flags, n_rel, body_len, crc = REQUEST_HEADER.unpack_from(raw)
     if magic != REQUEST_MAGIC:
         raise ProtocolError(f"request magic {magic:#x}, expected {REQUEST_MAGIC:#x}")
-    total = REQUEST_HEADER.size + 8 * n_rel + body_len
-    if total > len(raw):
-        raise ProtocolError(f"request says {total} bytes but only {len(raw)} are there")
-    data = raw if type(raw) is bytes and len(raw) == total else bytes(raw[:total])
-    view = memoryview(data)
-    check = meta_crc(view[REQUEST_HEADER.size :], meta_crc(_ZERO_CRC, meta_crc(view[: REQUEST_HEADER.size - 4])))
-    if check != crc:
-        raise ProtocolError(f"request crc mismatch (stored {crc:#010x}, computed {check:#010x})")
+    data = _checked_frame(raw, REQUEST_HEADER.size, REQUEST_HEADER.size + 8 * n_rel + body_len, crc, "request")
     if n_rel:
         releases = struct.unpack_from(f"<{n_rel}Q", data, REQUEST_HEADER.size)
         body = data[REQUEST_HEADER.size + 8 * n_rel :]
@@ -147,14 +153,7 @@ def decode_response(raw) -> tuple[int, int, bytes]:
     magic, seq, status, _, body_len, crc = RESPONSE_HEADER.unpack_from(raw)
     if magic != RESPONSE_MAGIC:
         raise ProtocolError(f"response magic {magic:#x}, expected {RESPONSE_MAGIC:#x}")
-    total = RESPONSE_HEADER.size + body_len
-    if total > len(raw):
-        raise ProtocolError(f"response says {total} bytes but only {len(raw)} are there")
-    data = raw if type(raw) is bytes and len(raw) == total else bytes(raw[:total])
-    view = memoryview(data)
-    check = meta_crc(view[RESPONSE_HEADER.size :], meta_crc(_ZERO_CRC, meta_crc(view[: RESPONSE_HEADER.size - 4])))
-    if check != crc:
-        raise ProtocolError(f"response crc mismatch (stored {crc:#010x}, computed {check:#010x})")
+    data = _checked_frame(raw, RESPONSE_HEADER.size, RESPONSE_HEADER.size + body_len, crc, "response")
     return seq, status, data[RESPONSE_HEADER.size :]
 
 
