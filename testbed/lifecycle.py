@@ -57,17 +57,20 @@ class HostState:
             return False
 
     def wait_said(self, marker: bytes, *, timeout_s: float, failed: bytes | None = None,
-                  stop: threading.Event | None = None) -> None:
+                  stop: threading.Event | None = None, proc: subprocess.Popen | None = None) -> None:
         """Wait for the guest to print `marker` on its console. Watching the serial log
-        costs the guest nothing; raises when it prints `failed`, QEMU exits, or time is up."""
+        costs the guest nothing; raises when it prints `failed`, QEMU exits (`proc`, where
+        this process started it, gives the exit status), or time is up."""
         deadline = time.monotonic() + timeout_s
         while not self.said(marker):
             if failed and self.said(failed):
                 raise TestbedError(f"{self.name}: the guest said {failed.decode()!r}")
             if stop is not None and stop.is_set():
                 raise TestbedError(f"{self.name}: wait abandoned")  # another host failed first
+            if proc is not None and proc.poll() is not None:
+                raise _host_failed(self, f"QEMU exited while booting (exit {proc.returncode})")
             if not self.alive():
-                raise _host_failed(self, "QEMU exited while the guest was booting")
+                raise _host_failed(self, "QEMU exited while booting")
             if time.monotonic() > deadline:
                 raise _host_failed(self, f"the guest did not say {marker.decode()!r} on its console "
                                          f"within {timeout_s:.0f} s")
@@ -304,13 +307,13 @@ def _wait_all_ssh(tb: Testbed, procs: dict[str, subprocess.Popen], *, probe: boo
     stop = threading.Event()  # set on the first failure or Ctrl-C: the other waits end too
 
     def wait(h: HostState) -> None:
+        deadline = time.monotonic() + SSH_READY_TIMEOUT_S
+        h.wait_said(SSHD_STARTED, timeout_s=SSH_READY_TIMEOUT_S, stop=stop, proc=procs[h.name])
         if not probe:
-            h.wait_said(SSHD_STARTED, timeout_s=SSH_READY_TIMEOUT_S, stop=stop)
             return
         try:
-            ssh.wait_ready(h.ssh_port, tb.key, timeout_s=SSH_READY_TIMEOUT_S,
-                           alive=lambda: not stop.is_set() and procs[h.name].poll() is None,
-                           gate=lambda: h.said(SSHD_STARTED))
+            ssh.wait_ready(h.ssh_port, tb.key, timeout_s=max(1.0, deadline - time.monotonic()),
+                           alive=lambda: not stop.is_set() and procs[h.name].poll() is None)
         except RuntimeError:
             raise _host_failed(h, f"QEMU exited while booting (exit {procs[h.name].returncode})") from None
         except TimeoutError as e:

@@ -102,20 +102,18 @@ def _collect_at_boot(tb, sign: dict) -> tuple[dict[str, dict], dict[str, list[st
     writer = tb.host(sign["host"])
     hosts = tb.hosts
 
-    def wait_pool(h) -> None:
+    def collect(h):
         try:
             h.wait_said(POOL_READY, failed=POOL_FAILED, timeout_s=BOOT_POOL_TIMEOUT_S)
         except TestbedError:
-            err = ssh.run(h.name, h.ssh_port, tb.key, "cat /run/beluga/pool.err") if h.said(POOL_FAILED) else None
-            if err is not None:
-                raise TestbedError(f"{h.name}: pool create at boot failed: {err.stdout.strip() or err.why}") from None
-            raise
-
-    def collect(h):
-        wait_pool(h)
+            if not h.said(POOL_FAILED):
+                raise
+            err = ssh.run(h.name, h.ssh_port, tb.key, "cat /run/beluga/pool.err")
+            raise TestbedError(f"{h.name}: pool create at boot failed: {err.stdout.strip() or err.why}") from None
         reads = h.name != writer.name or len(hosts) == 1
         if reads:
-            wait_pool(writer)
+            # The writer's own collect() reports why, should its region fail.
+            writer.wait_said(POOL_READY, failed=POOL_FAILED, timeout_s=BOOT_POOL_TIMEOUT_S)
         args = {"offsets": sign["offsets"], "length": sign["length"]} if reads else {}
         r = ssh.run_json(h, tb.key, f"python3 -S {FW_GUEST_SCRIPT} report {shlex.quote(json.dumps(args))}",
                          what="pool create at boot", timeout_s=60)

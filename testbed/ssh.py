@@ -100,20 +100,18 @@ def run_json(h, key: Path, command: str, *, what: str, timeout_s: float = COMMAN
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def wait_ready(port: int, key: Path, *, timeout_s: float, alive=lambda: True, gate=lambda: True) -> None:
-    """Wait for `gate` (the guest saying on its serial console that sshd started), then
-    one real SSH command (retries probe the banner first). Probing before the guest listens is not
-    free: each connection that QEMU's user network cannot complete stalls the guest for
-    seconds (measured: 4 guests probed from boot took 40 s instead of 15 s to answer)."""
+def wait_ready(port: int, key: Path, *, timeout_s: float, alive=lambda: True) -> None:
+    """One real SSH command, retried (retries probe the banner first) until it answers.
+    Call it once the guest has said on its console that sshd started
+    (lifecycle.HostState.wait_said): probing before the guest listens is not free, each
+    connection that QEMU's user network cannot complete stalls the guest for seconds
+    (measured: 4 guests probed from boot took 40 s instead of 15 s to answer)."""
     deadline = time.monotonic() + timeout_s
     first = True
     while time.monotonic() < deadline:
         if not alive():
             raise RuntimeError("QEMU exited")
-        if not gate():
-            time.sleep(0.1)
-            continue
-        # Once the guest says sshd runs, connect for real at once: a separate banner
+        # The guest says sshd runs: connect for real at once, since a separate banner
         # probe costs a whole sshd-session start (~0.4 s under TCG). Later tries probe first.
         if first or banner_ready(port):
             first = False
