@@ -2,11 +2,15 @@
 # Host setup for beluga-testbed: system packages (QEMU >= 10, debootstrap,
 # e2fsprogs, ...) and a virtualenv at .venv with the package installed
 # editable. Idempotent: a second run only checks and takes seconds.
-set -euo pipefail
+set -eEuo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '%s\n' "$*" >&2; }
-die() { say "✗ $1"; [ -n "${2:-}" ] && say "  hint: $2"; exit 1; }
+die() { trap - ERR; say "✗ $1"; [ -n "${2:-}" ] && say "  hint: $2"; exit 1; }
+# Any command that fails ends setup with its name and line, never silently.
+trap 'rc=$?; die "setup failed (exit $rc) at scripts/setup-host.sh:$LINENO: $BASH_COMMAND" \
+    "fix what the command above printed, then run make setup again"' ERR
+. scripts/apt-sources.sh
 
 QEMU_MIN_MAJOR=10
 APT_PACKAGES=(debootstrap e2fsprogs openssh-client redis-server python3-venv ca-certificates)
@@ -40,10 +44,10 @@ if [ "$need_system" = 1 ]; then
     if [ "$VERSION_CODENAME" = bookworm ]; then
         # Debian 12's own QEMU is 7.2, too old for the CXL switch devices; the
         # bookworm-backports suite of the same mirror has 10.0.
-        if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-            mirror=$(grep -rhs -E '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/ \
-                     | grep -v -e security -e nodesource -e google | grep -o 'https\?://[^ ]*debian[^ ]*' | head -n1)
-            [ -n "$mirror" ] || die "no Debian mirror found in /etc/apt/sources.list*" "add a 'bookworm-backports' entry for your mirror, then run 'make setup' again"
+        if ! apt_has_suite /etc/apt bookworm-backports; then
+            mirror=${BELUGA_TESTBED_MIRROR:-$(debian_mirror /etc/apt bookworm)}
+            [ -n "$mirror" ] || die "no Debian mirror for bookworm found in /etc/apt/sources.list or /etc/apt/sources.list.d/*.{list,sources}" \
+                "set BELUGA_TESTBED_MIRROR to a Debian mirror URL (for example http://deb.debian.org/debian), or add a 'bookworm-backports' entry, then run 'make setup' again"
             say "• adding bookworm-backports from $mirror"
             printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
                 "$mirror" > /etc/apt/sources.list.d/beluga-testbed-backports.sources

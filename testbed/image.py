@@ -184,26 +184,78 @@ def remove_images(keys: list[str], all_: bool = False) -> list[str]:
     return removed
 
 
-def apt_mirror() -> str:
-    """The Debian mirror: `BELUGA_TESTBED_MIRROR`, else the one the host's apt uses."""
-    if env := os.environ.get("BELUGA_TESTBED_MIRROR"):
-        return env
-    files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+# Suites of Debian's main archive (not security, not third-party repositories such as
+# nodesource's "nodistro" or Google's "cloud-sdk-bookworm").
+_DEBIAN_SUITE = re.compile(r"(bullseye|bookworm|trixie|forky|duke|sid|oldstable|stable|testing|unstable)"
+                           r"(-updates|-backports)?")
+
+
+def apt_entries(etc_apt: Path) -> list[tuple[str, str]]:
+    """Every enabled `deb` entry in the apt folder `etc_apt` as (URI, suite) pairs, in
+    apt's order: sources.list, then sources.list.d/ by file name, one-line `*.list` and
+    deb822 `*.sources` files alike. Missing files are no error: Debian's own container
+    images have no sources.list at all. scripts/apt-sources.sh reads them the same way
+    (tests/unit/test_apt_sources.py holds both to the same fixtures)."""
+    files = [etc_apt / "sources.list"]
+    d = etc_apt / "sources.list.d"
+    if d.is_dir():
+        files += sorted(p for p in d.iterdir() if p.suffix in (".list", ".sources"))
+    out: list[tuple[str, str]] = []
     for f in files:
         try:
-            text = f.read_text()
+            text = f.read_text(errors="replace")
         except OSError:
             continue
+        if f.suffix == ".sources":
+            out += _deb822_entries(text)
+            continue
         for line in text.splitlines():
-            line = line.strip()
-            if line.startswith("#") or "security" in line:
+            words = line.split("#", 1)[0].split()
+            if not words or words[0] != "deb":
                 continue
-            m = re.search(r"(https?://\S*/debian)/?(\s|$)", line)
-            if m:
-                return m.group(1)
+            i = 1
+            if i < len(words) and words[i].startswith("["):
+                while i < len(words) and not words[i].endswith("]"):
+                    i += 1
+                i += 1
+            if i + 1 < len(words):
+                out.append((words[i], words[i + 1]))
+    return out
+
+
+def _deb822_entries(text: str) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for stanza in re.split(r"\n[ \t]*\n", text):
+        fields: dict[str, str] = {}
+        last = None
+        for line in stanza.splitlines():
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if line[0] in " \t" and last:
+                fields[last] += " " + line.strip()
+                continue
+            key, _, value = line.partition(":")
+            last = key.strip().lower()
+            fields[last] = value.strip()
+        if "deb" not in fields.get("types", "").split():
+            continue
+        if fields.get("enabled", "yes").lower() in ("no", "false", "0"):
+            continue
+        out += [(u, s) for u in fields.get("uris", "").split() for s in fields.get("suites", "").split()]
+    return out
+
+
+def apt_mirror(etc_apt: Path = Path("/etc/apt")) -> str:
+    """The Debian mirror: `BELUGA_TESTBED_MIRROR`, else the first one the host's apt
+    uses for a suite of Debian's main archive."""
+    if env := os.environ.get("BELUGA_TESTBED_MIRROR"):
+        return env
+    for uri, suite in apt_entries(etc_apt):
+        if _DEBIAN_SUITE.fullmatch(suite):
+            return uri.rstrip("/")
     raise TestbedError(
-        "no Debian mirror found in /etc/apt/sources.list*",
-        hint="set BELUGA_TESTBED_MIRROR to a Debian mirror URL",
+        f"no Debian mirror found in {etc_apt}/sources.list or {etc_apt}/sources.list.d/*.list, *.sources",
+        hint="set BELUGA_TESTBED_MIRROR to a Debian mirror URL (for example http://deb.debian.org/debian)",
     )
 
 
