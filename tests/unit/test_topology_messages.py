@@ -1,0 +1,269 @@
+"""Every topology validation message, exactly as a user reads it (file:line: yaml.path: what).
+
+tests/unit/test_topology_validation.py pins the first ones; this file pins the rest, one
+rule each, so that a rule dropped or a message made vaguer fails a test. Where one
+mistake causes follow-up errors, the full list is pinned too: it is what the user sees.
+"""
+import pytest
+
+from testbed import topology as T
+
+BASE = """\
+apiVersion: beluga.testbed/v1alpha1
+kind: Topology
+name: t
+hosts:
+  count: 2
+  vcpus: 1
+  memory_mib: 1024
+host_bridges:
+  - id: hb0
+    bus_nr: 12
+    root_ports:
+      - id: hb0-rp0
+        switch:
+          id: sw0
+          downstream_ports: 2
+          devices: [mem0, mem1]
+devices:
+  - {id: mem0, size_mib: 256, serial: 0x1000}
+  - {id: mem1, size_mib: 256, serial: 0x1001}
+windows:
+  - {id: fmw0, size_mib: 512, targets: [hb0], granularity_bytes: 4096}
+pool:
+  window: fmw0
+  devices: [mem0, mem1]
+  granularity_bytes: 4096
+"""
+TWO = """\
+apiVersion: beluga.testbed/v1alpha1
+kind: Topology
+name: t2
+hosts:
+  count: 2
+host_bridges:
+  - id: hb0
+    bus_nr: 12
+    root_ports:
+      - id: hb0-rp0
+        switch:
+          id: sw0
+          downstream_ports: 2
+          devices: [mem0, mem1]
+  - id: hb1
+    bus_nr: 64
+    root_ports:
+      - id: hb1-rp0
+        switch:
+          id: sw1
+          downstream_ports: 2
+          devices: [mem2, mem3]
+devices:
+  - {id: mem0, size_mib: 256, serial: 0x1000}
+  - {id: mem1, size_mib: 256, serial: 0x1001}
+  - {id: mem2, size_mib: 256, serial: 0x1002}
+  - {id: mem3, size_mib: 256, serial: 0x1003}
+windows:
+  - {id: fmw0, size_mib: 1024, targets: [hb0, hb1], granularity_bytes: 4096}
+pool:
+  window: fmw0
+  devices: [mem0, mem2, mem1, mem3]
+  granularity_bytes: 4096
+"""
+HOSTS = "hosts:\n  count: 2\n  vcpus: 1\n  memory_mib: 1024\n"
+
+
+def hosts(replacement: str) -> str:
+    return BASE.replace(HOSTS, replacement)
+
+
+def errors(text: str) -> list[str]:
+    with pytest.raises(T.TopologyError) as e:
+        T.parse(text, "my.yaml")
+    return e.value.errors
+
+
+def test_the_bases_are_valid():
+    assert T.parse(BASE, "my.yaml").pool.devices == ("mem0", "mem1")
+    assert T.parse(TWO, "my.yaml").pool.devices == ("mem0", "mem2", "mem1", "mem3")
+
+
+def test_yaml_syntax():
+    assert errors("a: [\n") == [
+        "my.yaml:2: not valid YAML: expected the node content, but found '<stream end>'"]
+
+
+def test_top_not_mapping():
+    assert errors("- 1\n- 2\n") == [
+        'my.yaml:1: (top): expected a mapping, got a list']
+
+
+def test_unknown_key_no_close_match():
+    assert errors(BASE + "zzz: 1\n") == [
+        'my.yaml:26: zzz: unknown key (known: apiVersion, kind, name, hosts, host_bridges, devices, windows, pool, description)']
+
+
+def test_missing_required_key():
+    assert errors(BASE.replace("kind: Topology\n", "")) == [
+        "my.yaml:1: (top): missing required key 'kind'"]
+
+
+def test_integer_expected():
+    assert errors(BASE.replace("  vcpus: 1\n", "  vcpus: many\n")) == [
+        "my.yaml:6: hosts.vcpus: expected an integer, got a string 'many'"]
+
+
+def test_boolean_is_not_an_integer():
+    assert errors(BASE.replace("  vcpus: 1\n", "  vcpus: true\n")) == [
+        'my.yaml:6: hosts.vcpus: expected an integer, got a boolean True']
+
+
+def test_list_expected():
+    assert errors(BASE.replace("windows:\n  - {id: fmw0, size_mib: 512, targets: [hb0], granularity_bytes: 4096}\n", "windows: fmw0\n")) == [
+        'my.yaml:20: windows: expected a list, got a string',
+        "my.yaml:22: pool.window: unknown window 'fmw0' (known: )"]
+
+
+def test_bus_number_reused():
+    assert errors(TWO.replace("bus_nr: 64", "bus_nr: 12")) == [
+        'my.yaml:16: host_bridges[1].bus_nr: bus number 12 already used by host_bridges[0]']
+
+
+def test_host_count_out_of_range():
+    assert errors(hosts("hosts:\n  count: 9\n")) == [
+        'my.yaml:5: hosts.count: expected 1 to 8 hosts, got 9']
+
+
+def test_host_list_empty():
+    assert errors(hosts("hosts: []\n")) == [
+        'my.yaml:4: hosts: expected 1 to 8 hosts, got 0']
+
+
+def test_hosts_wrong_type():
+    assert errors(hosts("hosts: four\n")) == [
+        "my.yaml:4: hosts: expected a mapping with 'count' or a list of hosts, got a string"]
+
+
+def test_vcpus_zero():
+    assert errors(hosts("hosts:\n  count: 1\n  vcpus: 0\n")) == [
+        'my.yaml:6: hosts.vcpus: expected at least 1 vCPU, got 0']
+
+
+def test_duplicate_host_name():
+    assert errors(hosts("hosts:\n  - {name: a}\n  - {name: a}\n")) == [
+        "my.yaml:6: hosts[1].name: duplicate host name 'a'"]
+
+
+def test_bad_host_name():
+    assert errors(hosts("hosts:\n  - {name: a_b}\n")) == [
+        "my.yaml:5: hosts[0].name: expected letters, digits and '-', got 'a_b'"]
+
+
+def test_unknown_device_no_close_match():
+    assert errors(BASE.replace("devices: [mem0, mem1]\n", "devices: [mem0, zzz]\n", 1)) == [
+        "my.yaml:16: host_bridges[0].root_ports[0].switch.devices[1]: unknown device 'zzz' (known: mem0, mem1)",
+        "my.yaml:17: devices: device 'mem1' is not attached to any root port or switch"]
+
+
+def test_device_attached_twice():
+    assert errors(BASE.replace("devices: [mem0, mem1]\n", "devices: [mem0, mem0]\n", 1)) == [
+        "my.yaml:16: host_bridges[0].root_ports[0].switch.devices[1]: device 'mem0' is already attached at host_bridges[0].root_ports[0].switch.devices[0]",
+        "my.yaml:17: devices: device 'mem1' is not attached to any root port or switch"]
+
+
+def test_bus_nr_out_of_range():
+    assert errors(BASE.replace("bus_nr: 12", "bus_nr: 255")) == [
+        'my.yaml:10: host_bridges[0].bus_nr: expected a PCI bus number 1..254, got 255']
+
+
+def test_root_port_switch_and_device():
+    assert errors(BASE.replace("      - id: hb0-rp0\n", "      - id: hb0-rp0\n        device: mem0\n")) == [
+        "my.yaml:12: host_bridges[0].root_ports[0]: expected exactly one of 'switch' or 'device' below a root port",
+        "my.yaml:18: devices: device 'mem0' is not attached to any root port or switch",
+        "my.yaml:18: devices: device 'mem1' is not attached to any root port or switch"]
+
+
+def test_no_downstream_ports():
+    assert errors(BASE.replace("downstream_ports: 2", "downstream_ports: 0")) == [
+        'my.yaml:15: host_bridges[0].root_ports[0].switch.downstream_ports: expected at least 1 downstream port, got 0',
+        "my.yaml:16: host_bridges[0].root_ports[0].switch.devices: 2 devices below switch 'sw0' but only 0 downstream ports"]
+
+
+def test_switch_device_not_an_id():
+    assert errors(BASE.replace("devices: [mem0, mem1]\n", "devices: [mem0, 5]\n", 1)) == [
+        'my.yaml:16: host_bridges[0].root_ports[0].switch.devices[1]: expected a device id, got an integer',
+        "my.yaml:17: devices: device 'mem1' is not attached to any root port or switch"]
+
+
+def test_window_granularity():
+    assert errors(BASE.replace("targets: [hb0], granularity_bytes: 4096", "targets: [hb0], granularity_bytes: 100")) == [
+        'my.yaml:21: windows[0].granularity_bytes: expected a power of two the kernel accepts (256, 512, 1024, 2048, 4096, 8192, 16384), got 100']
+
+
+def test_window_size():
+    assert errors(BASE.replace("size_mib: 512, targets", "size_mib: 700, targets")) == [
+        'my.yaml:21: windows[0].size_mib: expected a positive multiple of 256 MiB, got 700']
+
+
+def test_window_unknown_target():
+    assert errors(BASE.replace("targets: [hb0]", "targets: [hb9]")) == [
+        "my.yaml:21: windows[0].targets[0]: unknown host bridge 'hb9' (known: hb0)",
+        "my.yaml:24: pool.devices[0]: interleave position 0 must be a device below host bridge 'hb9' (window 'fmw0' target 0), but 'mem0' is below 'hb0'",
+        "my.yaml:24: pool.devices[1]: interleave position 1 must be a device below host bridge 'hb9' (window 'fmw0' target 0), but 'mem1' is below 'hb0'"]
+
+
+def test_window_ways():
+    assert errors(BASE.replace("targets: [hb0]", "targets: [hb0, hb0, hb0, hb0, hb0]")) == [
+        'my.yaml:21: windows[0].targets: 5 targets: interleave ways the kernel accepts are 1, 2, 3, 4, 6, 8, 12, 16',
+        "my.yaml:24: pool.devices: 2 devices cannot be spread evenly over the window's 5 host bridges"]
+
+
+def test_pool_unknown_window():
+    assert errors(BASE.replace("  window: fmw0\n", "  window: fmw9\n")) == [
+        "my.yaml:23: pool.window: unknown window 'fmw9' (known: fmw0)"]
+
+
+def test_pool_unknown_device():
+    assert errors(BASE.replace("  devices: [mem0, mem1]\n  gran", "  devices: [mem0, mem9]\n  gran")) == [
+        "my.yaml:24: pool.devices[1]: unknown device 'mem9' (known: mem0, mem1)"]
+
+
+def test_pool_device_twice():
+    assert errors(BASE.replace("  devices: [mem0, mem1]\n  gran", "  devices: [mem0, mem0]\n  gran")) == [
+        'my.yaml:24: pool.devices: a device appears twice in the pool']
+
+
+def test_pool_mixed_sizes():
+    assert errors(BASE.replace("{id: mem1, size_mib: 256,", "{id: mem1, size_mib: 512,").replace("size_mib: 512, targets", "size_mib: 1024, targets")) == [
+        'my.yaml:24: pool.devices: interleaved devices must have one size, got [256, 512] MiB']
+
+
+def test_pool_ways_not_multiple_of_window_ways():
+    assert errors(TWO.replace("devices: [mem0, mem2, mem1, mem3]", "devices: [mem0, mem2, mem1]")) == [
+        "my.yaml:32: pool.devices: 3 devices cannot be spread evenly over the window's 2 host bridges"]
+
+
+def test_pool_position_below_wrong_bridge():
+    assert errors(TWO.replace("devices: [mem0, mem2, mem1, mem3]", "devices: [mem0, mem1, mem2, mem3]")) == [
+        "my.yaml:32: pool.devices[1]: interleave position 1 must be a device below host bridge 'hb1' (window 'fmw0' target 1), but 'mem1' is below 'hb0'",
+        "my.yaml:32: pool.devices[2]: interleave position 2 must be a device below host bridge 'hb0' (window 'fmw0' target 0), but 'mem2' is below 'hb1'"]
+
+
+def test_pool_granularity_differs_across_bridges():
+    assert errors(TWO.replace("  granularity_bytes: 4096\n", "  granularity_bytes: 8192\n")) == [
+        "my.yaml:33: pool.granularity_bytes: expected 4096 (the window's): the kernel requires the region granularity to equal the window's when the window interleaves host bridges"]
+
+
+def test_pool_granularity_below_window():
+    assert errors(BASE.replace("  granularity_bytes: 4096\n", "  granularity_bytes: 2048\n")) == [
+        "my.yaml:25: pool.granularity_bytes: expected at least the window's 4096"]
+
+
+def test_no_such_file_and_unknown_builtin_without_a_close_name():
+    with pytest.raises(T.TopologyError) as e:
+        T.load("nope.yaml")
+    assert e.value.errors == ["nope.yaml: no such topology file"]
+    with pytest.raises(T.TopologyError) as e:
+        T.load("zzzz")
+    assert e.value.errors == [f"zzzz: no built-in topology of that name (built in: {', '.join(T.builtin_names())}); "
+                              "give a path to use a file"]
