@@ -1,7 +1,8 @@
 """Topology files: versioned YAML describing the hosts and the CXL fabric they share.
 
 Parsed once, validated once (every error gathered, each with file:line and the YAML
-path), then passed around as frozen dataclasses. Imports nothing else of the project.
+path), then passed around as frozen dataclasses. The YAML is read and checked by
+testbed/yamlcheck.py (no aliases, no duplicate keys, bounded size and depth).
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from . import yamlcheck
+from .yamlcheck import Checker, ConfigError, Doc, fmt_path, typename
 
 API_VERSION = "beluga.testbed/v1alpha1"
 BUILTIN_DIR = Path(__file__).resolve().parent / "topologies"
@@ -22,10 +24,11 @@ DEVICE_SIZE_ALIGN_MIB = 256  # CXL decoders map in 256 MiB units
 MAX_HOSTS = 8
 
 
-class TopologyError(Exception):
+class TopologyError(ConfigError):
+    """Every mistake in one topology file; printed as 'invalid topology:' and one line each."""
+
     def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
+        super().__init__("topology", errors)
 
 
 @dataclass(frozen=True)
@@ -138,88 +141,14 @@ class Topology:
 
 # ---------------------------------------------------------------- YAML with lines
 
-class _Doc:
-    """Plain data from YAML plus the line of every node, by path."""
-
-    def __init__(self, file: str, text: str) -> None:
-        self.file = file
-        self.lines: dict[tuple, int] = {}
-        try:
-            node = yaml.compose(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise TopologyError([f"{file}{line}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
-        self.data = self._plain(node, ()) if node is not None else None
-
-    def _plain(self, node: yaml.Node, path: tuple) -> Any:
-        # A key's own line wins over its value's (a list value starts a line later).
-        self.lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            out = {}
-            for k, v in node.value:
-                key = k.value
-                self.lines[path + (key,)] = k.start_mark.line + 1
-                out[key] = self._plain(v, path + (key,))
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self._plain(v, path + (i,)) for i, v in enumerate(node.value)]
-        return yaml.safe_load(yaml.serialize(node))
-
-    def line(self, path: tuple) -> int:
-        while path and path not in self.lines:
-            path = path[:-1]
-        return self.lines.get(path, 1)
+def _Doc(file: str, text: str) -> Doc:  # noqa: N802 - scenario.py's name for it until it uses yamlcheck
+    try:
+        return yamlcheck.load(text, file, "topology")
+    except ConfigError as e:
+        raise TopologyError(e.errors) from None
 
 
-def _fmt_path(path: tuple) -> str:
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "(top)"
-
-
-class _Checker:
-    def __init__(self, doc: _Doc) -> None:
-        self.doc = doc
-        self.errors: list[str] = []
-
-    def err(self, path: tuple, msg: str) -> None:
-        self.errors.append(f"{self.doc.file}:{self.doc.line(path)}: {_fmt_path(path)}: {msg}")
-
-    def mapping(self, value: Any, path: tuple, required: dict[str, type], optional: dict[str, type]) -> dict | None:
-        if not isinstance(value, dict):
-            self.err(path, f"expected a mapping, got {_typename(value)}")
-            return None
-        known = {**required, **optional}
-        for k in value:
-            if k not in known:
-                close = difflib.get_close_matches(str(k), known, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
-                self.err(path + (k,), f"unknown key{hint}")
-        for k in required:
-            if k not in value:
-                self.err(path, f"missing required key '{k}'")
-        ok = {}
-        for k, typ in known.items():
-            if k in value:
-                v = value[k]
-                if typ is int and (not isinstance(v, int) or isinstance(v, bool)):
-                    self.err(path + (k,), f"expected an integer, got {_typename(v)} {v!r}")
-                elif typ is not int and not isinstance(v, typ):
-                    self.err(path + (k,), f"expected {_typename_of(typ)}, got {_typename(v)}")
-                else:
-                    ok[k] = v
-        return ok
-
-
-def _typename(v: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer", bool: "a boolean",
-            float: "a number", type(None): "nothing"}.get(type(v), type(v).__name__)
-
-
-def _typename_of(t: type) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer"}.get(t, t.__name__)
+_Checker = Checker  # scenario.py's name for it until it uses yamlcheck
 
 
 # ---------------------------------------------------------------- loading
@@ -246,12 +175,20 @@ def resolve(name_or_path: str) -> Path:
 def load(name_or_path: str) -> Topology:
     path = resolve(name_or_path)
     shown = path.name if path.parent == BUILTIN_DIR else str(path)
-    return parse(path.read_text(), shown)
+    try:
+        doc = yamlcheck.read(path, "topology", shown)
+    except ConfigError as e:
+        raise TopologyError(e.errors) from None
+    return _check(doc)
 
 
 def parse(text: str, file: str = "<topology>") -> Topology:
-    doc = _Doc(file, text)
-    c = _Checker(doc)
+    return _check(_Doc(file, text))
+
+
+def _check(doc: Doc) -> Topology:
+    file = doc.file
+    c = Checker(doc, "topology")
     top = c.mapping(doc.data, (), {"apiVersion": str, "kind": str, "name": str, "hosts": object,
                                    "host_bridges": list, "devices": list, "windows": list, "pool": dict},
                     {"description": str})
@@ -299,7 +236,7 @@ def parse(text: str, file: str = "<topology>") -> Topology:
                     windows=tuple(windows), pool=pool)  # type: ignore[arg-type]
 
 
-def _hosts(c: _Checker, value: Any, path: tuple) -> list[Host]:
+def _hosts(c: Checker, value: Any, path: tuple) -> list[Host]:
     out: list[Host] = []
     if isinstance(value, dict):
         m = c.mapping(value, path, {"count": int}, {"vcpus": int, "memory_mib": int, "name_prefix": str})
@@ -320,7 +257,7 @@ def _hosts(c: _Checker, value: Any, path: tuple) -> list[Host]:
             if m and "name" in m:
                 specs.append(({"vcpus": 1, "memory_mib": 1024, **m}, path + (i,)))
     else:
-        c.err(path, f"expected a mapping with 'count' or a list of hosts, got {_typename(value)}")
+        c.err(path, f"expected a mapping with 'count' or a list of hosts, got {typename(value)}")
         return out
     names: set[str] = set()
     for spec, p in specs:
@@ -337,7 +274,7 @@ def _hosts(c: _Checker, value: Any, path: tuple) -> list[Host]:
     return out
 
 
-def _devices(c: _Checker, value: list) -> list[Device]:
+def _devices(c: Checker, value: list) -> list[Device]:
     out = []
     serials: dict[int, int] = {}
     for i, d in enumerate(value):
@@ -356,7 +293,7 @@ def _devices(c: _Checker, value: list) -> list[Device]:
     return out
 
 
-def _bridges(c: _Checker, value: list, dev_ids: set[str]) -> tuple[list[HostBridge], dict[str, tuple]]:
+def _bridges(c: Checker, value: list, dev_ids: set[str]) -> tuple[list[HostBridge], dict[str, tuple]]:
     out = []
     attached: dict[str, tuple] = {}
 
@@ -366,7 +303,7 @@ def _bridges(c: _Checker, value: list, dev_ids: set[str]) -> tuple[list[HostBrid
             hint = f"did you mean '{close[0]}'? " if close else ""
             c.err(path, f"unknown device '{dev}' ({hint}known: {', '.join(sorted(dev_ids))})")
         elif dev in attached:
-            c.err(path, f"device '{dev}' is already attached at {_fmt_path(attached[dev])}")
+            c.err(path, f"device '{dev}' is already attached at {fmt_path(attached[dev])}")
         else:
             attached[dev] = path
 
@@ -402,7 +339,7 @@ def _bridges(c: _Checker, value: list, dev_ids: set[str]) -> tuple[list[HostBrid
                 listed: list[str | None] = []
                 for k, dev in enumerate(s["devices"]):
                     if not isinstance(dev, str):
-                        c.err(sp + ("devices", k), f"expected a device id, got {_typename(dev)}")
+                        c.err(sp + ("devices", k), f"expected a device id, got {typename(dev)}")
                         dev = None
                     else:
                         attach(dev, sp + ("devices", k))
@@ -417,12 +354,12 @@ def _bridges(c: _Checker, value: list, dev_ids: set[str]) -> tuple[list[HostBrid
     return out, attached
 
 
-def _check_granularity(c: _Checker, path: tuple, g: int) -> None:
+def _check_granularity(c: Checker, path: tuple, g: int) -> None:
     if g not in KERNEL_GRANULARITIES:
         c.err(path, f"expected a power of two the kernel accepts ({', '.join(map(str, KERNEL_GRANULARITIES))}), got {g}")
 
 
-def _windows(c: _Checker, value: list, bridge_ids: set[str]) -> list[Window]:
+def _windows(c: Checker, value: list, bridge_ids: set[str]) -> list[Window]:
     out = []
     for i, w in enumerate(value):
         p = ("windows", i)
@@ -432,18 +369,22 @@ def _windows(c: _Checker, value: list, bridge_ids: set[str]) -> list[Window]:
         if m["size_mib"] <= 0 or m["size_mib"] % DEVICE_SIZE_ALIGN_MIB:
             c.err(p + ("size_mib",), f"expected a positive multiple of {DEVICE_SIZE_ALIGN_MIB} MiB, got {m['size_mib']}")
         _check_granularity(c, p + ("granularity_bytes",), m["granularity_bytes"])
-        for k, t in enumerate(m["targets"]):
-            if t not in bridge_ids:
+        targets = m["targets"]
+        for k, t in enumerate(targets):
+            if not isinstance(t, str):
+                c.err(p + ("targets", k), f"expected a host bridge id, got {typename(t)}")
+                targets = []  # nothing below is checked against this window
+            elif t not in bridge_ids:
                 c.err(p + ("targets", k), f"unknown host bridge '{t}' (known: {', '.join(sorted(bridge_ids))})")
         if len(m["targets"]) not in KERNEL_WAYS:
             c.err(p + ("targets",), f"{len(m['targets'])} targets: interleave ways the kernel accepts are "
                                     f"{', '.join(map(str, KERNEL_WAYS))}")
-        out.append(Window(id=m["id"], size_mib=m["size_mib"], targets=tuple(m["targets"]),
+        out.append(Window(id=m["id"], size_mib=m["size_mib"], targets=tuple(targets),
                           granularity_bytes=m["granularity_bytes"]))
     return out
 
 
-def _pool(c: _Checker, value: Any, windows: list[Window], devices: list[Device],
+def _pool(c: Checker, value: Any, windows: list[Window], devices: list[Device],
           bridges: list[HostBridge], attached: dict[str, tuple]) -> Pool | None:
     p = ("pool",)
     m = c.mapping(value, p, {"window": str, "devices": list, "granularity_bytes": int}, {})
@@ -455,8 +396,13 @@ def _pool(c: _Checker, value: Any, windows: list[Window], devices: list[Device],
     by_id = {d.id: d for d in devices}
     devs = m["devices"]
     for k, d in enumerate(devs):
-        if d not in by_id:
+        if not isinstance(d, str):
+            c.err(p + ("devices", k), f"expected a device id, got {typename(d)}")
+        elif d not in by_id:
             c.err(p + ("devices", k), f"unknown device '{d}' (known: {', '.join(sorted(by_id))})")
+    if not all(isinstance(d, str) for d in devs):
+        _check_granularity(c, p + ("granularity_bytes",), m["granularity_bytes"])
+        return None
     if len(set(devs)) != len(devs):
         c.err(p + ("devices",), "a device appears twice in the pool")
     ways = len(devs)
@@ -464,7 +410,7 @@ def _pool(c: _Checker, value: Any, windows: list[Window], devices: list[Device],
         c.err(p + ("devices",), f"{ways} devices: interleave ways the kernel accepts are {', '.join(map(str, KERNEL_WAYS))}")
     _check_granularity(c, p + ("granularity_bytes",), m["granularity_bytes"])
     known = [d for d in devs if d in by_id]
-    if win and known and len(known) == ways:
+    if win and win.targets and known and len(known) == ways:
         sizes = {by_id[d].size_mib for d in known}
         if len(sizes) > 1:
             c.err(p + ("devices",), f"interleaved devices must have one size, got {sorted(sizes)} MiB")

@@ -160,3 +160,74 @@ def test_draw_shows_tree():
     assert "└── hb0 (host bridge, bus 12)" in out
     assert "sw0 (switch, 4 downstream ports)" in out
     assert "mem2 (type-3 volatile, 256 MiB, serial 0x1002) [pool position 2] -> /p/mem2.raw" in out
+
+
+# ---------------------------------------------------------------- hostile YAML (testbed/yamlcheck.py)
+
+def test_alias_bomb_is_refused_where_it_stands():
+    # 9 levels of 9 aliases: expanded, 9**9 strings (this shape took 6.4 s at 916 bytes).
+    bomb = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    errs = errors(bomb)
+    assert errs[:3] == [
+        "my.yaml:1: a: anchor '&a': anchors and aliases are not supported, write the value out",
+        "my.yaml:2: b: anchor '&b': anchors and aliases are not supported, write the value out",
+        "my.yaml:2: b[0]: alias '*a': anchors and aliases are not supported, write the value out"]
+    assert errs[20:] == ["my.yaml: ... and 61 more errors of these kinds"]
+
+
+def test_recursive_alias_is_an_error_not_a_recursion_error():
+    text = BASE.replace("hosts:\n  count: 2\n  vcpus: 1\n  memory_mib: 1024\n", "hosts: &h [*h]\n")
+    assert errors(text) == [
+        "my.yaml:4: hosts: anchor '&h': anchors and aliases are not supported, write the value out",
+        "my.yaml:4: hosts[0]: alias '*h': anchors and aliases are not supported, write the value out"]
+
+
+def test_duplicate_key_is_located_not_last_wins():
+    assert errors(BASE.replace("  memory_mib: 1024\n", "  memory_mib: 1024\n  vcpus: 2\n")) == [
+        "my.yaml:8: hosts.vcpus: duplicate key 'vcpus' (first at line 6)"]
+
+
+def test_non_scalar_keys():
+    assert errors(BASE.replace("  memory_mib: 1024\n", "  memory_mib: 1024\n  [x]: 1\n  ? {a: 1}\n  : 2\n")) == [
+        "my.yaml:8: hosts: expected a plain key, got a list",
+        "my.yaml:9: hosts: expected a plain key, got a mapping"]
+
+
+def test_lists_where_ids_belong():
+    text = BASE.replace("targets: [hb0]", "targets: [[hb0]]").replace(
+        "  devices: [mem0, mem1]\n  granularity", "  devices: [{id: mem0}, mem1]\n  granularity")
+    assert errors(text) == [
+        "my.yaml:21: windows[0].targets[0]: expected a host bridge id, got a list",
+        "my.yaml:24: pool.devices[0]: expected a device id, got a mapping"]
+
+
+def test_nesting_size_tags_and_documents_are_bounded():
+    assert errors(BASE + "description: " + "[" * 40 + "]" * 40 + "\n") == [
+        "my.yaml:26: description" + "[0]" * 31 + ": nested more than 32 levels deep"]
+    assert errors(BASE + "description: '" + "x" * (256 << 10) + "'\n") == [
+        "my.yaml: more than 262144 bytes: a topology file is a few kilobytes"]
+    assert errors(BASE.replace("name: t", "name: !!python/object/apply:os.system [ls]")) == [
+        "my.yaml:3: name: tag '!!python/object/apply:os.system' is not supported"]
+    assert errors(BASE + "---\nname: u\n") == ["my.yaml:26: expected one YAML document, found a second one ('---')"]
+    assert errors(BASE.replace("serial: 0x1001", "serial: " + "9" * 5000)) == [
+        "my.yaml:19: devices[1].serial: cannot read '" + "9" * 56 + "... as an integer"]
+    assert errors(BASE + "\x00") == ["my.yaml:26: not valid YAML: special characters are not allowed (character 0x0000)"]
+
+
+def test_file_is_read_bounded_and_as_utf8(tmp_path):
+    f = tmp_path / "big.yaml"
+    f.write_bytes(b"# " + b"x" * (300 << 10) + b"\n")
+    with pytest.raises(T.TopologyError) as e:
+        T.load(str(f))
+    assert e.value.errors == [f"{f}: more than 262144 bytes: a topology file is a few kilobytes"]
+    f.write_bytes(BASE.encode().replace(b"name: t", b"name: \xff"))
+    with pytest.raises(T.TopologyError) as e:
+        T.load(str(f))
+    assert e.value.errors == [f"{f}:3: not UTF-8 text (byte 57)"]
+
+
+def test_topology_error_reads_as_invalid_topology():
+    with pytest.raises(T.TopologyError) as e:
+        T.parse(BASE.replace("  memory_mib: 1024\n", "  memory_mib: 1024\n  vcpus: 2\n"), "my.yaml")
+    assert str(e.value) == "invalid topology:\n  my.yaml:8: hosts.vcpus: duplicate key 'vcpus' (first at line 6)"
