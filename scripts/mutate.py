@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """`make mutate`: mutation testing of the modules where a bug hurts users most.
 
-    scripts/mutate.py [GROUP ...] [--fresh]
+    scripts/mutate.py [GROUP ...] [--fresh | --survivors]
 
 Runs mutmut (2.x) once per group of mutmut_config.GROUPS, each mutant against that
 group's unit test files only (so a run fits this machine), then writes
 reports/mutate/summary.md: per group the mutants tested, killed (a timeout counts as
 killed: the tests did not pass), survived, the kill rate, and the diff of every
 survivor. mutmut keeps its results in .mutmut-cache: a second run with unchanged
-tests and code only reports; --fresh starts over. String mutations (messages) are
+tests and code only reports; --fresh starts over; --survivors re-tests only the
+mutants that survived the last run (after tests were added for them: mutants killed
+before stay killed, as tests are only ever added). String mutations (messages) are
 left out: the exact-message tests pin those, and a changed string is a changed
 message, not a changed behaviour.
 """
@@ -31,16 +33,25 @@ OUT = REPO / "reports" / "mutate"
 DISABLED_TYPES = "string,fstring,decorator"
 
 
-def run_group(name: str) -> float:
+def run_group(name: str, mutant_ids: list[int] | None = None) -> float:
+    """mutmut over the group's file, or (mutant_ids) over just those mutants."""
     file, _, tests, _ = mutmut_config.GROUPS[name]
     runner = (f"{shlex.quote(sys.executable)} -m pytest -x -q -p no:cacheprovider "
               + " ".join(tests))
     env = dict(os.environ, MUTATE_GROUP=name, PYTHONPATH=str(REPO))
     start = time.monotonic()
-    subprocess.run([sys.executable, "-m", "mutmut", "run", "--paths-to-mutate", file, "--runner", runner,
-                    "--tests-dir", "tests", "--disable-mutation-types", DISABLED_TYPES, "--simple-output",
-                    "--no-progress"], cwd=REPO, env=env, check=False)
+    for target in ([None] if mutant_ids is None else [str(i) for i in mutant_ids]):
+        subprocess.run([sys.executable, "-m", "mutmut", "run", *([target] if target else []),
+                        "--paths-to-mutate", file, "--runner", runner, "--tests-dir", "tests",
+                        "--disable-mutation-types", DISABLED_TYPES, "--simple-output", "--no-progress"],
+                       cwd=REPO, env=env, check=False)
     return time.monotonic() - start
+
+
+def group_rows(name: str, res: dict) -> list:
+    file = mutmut_config.GROUPS[name][0]
+    return [r for r in res.get(os.path.normpath(file), [])
+            if mutmut_config.selected(name, file, r[1], r[4]) and r[3] != "skipped"]
 
 
 def results() -> dict[str, list[tuple[int, int, str, str]]]:
@@ -61,6 +72,7 @@ def show(mid: int) -> str:
 
 def main(argv: list[str]) -> int:
     fresh = "--fresh" in argv
+    survivors_only = "--survivors" in argv
     groups = [a for a in argv if not a.startswith("--")] or list(mutmut_config.GROUPS)
     unknown = [g for g in groups if g not in mutmut_config.GROUPS]
     if unknown:
@@ -68,7 +80,12 @@ def main(argv: list[str]) -> int:
         return 2
     if fresh:
         (REPO / ".mutmut-cache").unlink(missing_ok=True)
-    times = {g: run_group(g) for g in groups}
+    if survivors_only:
+        before = results()
+        times = {g: run_group(g, [r[0] for r in group_rows(g, before) if r[3] in ("bad_survived", "untested")])
+                 for g in groups}
+    else:
+        times = {g: run_group(g) for g in groups}
     res = results()
     OUT.mkdir(parents=True, exist_ok=True)
     lines = ["# Mutation testing (`make mutate`)", "",
@@ -78,8 +95,7 @@ def main(argv: list[str]) -> int:
     total_k = total_t = 0
     for g in groups:
         file, functions, _, fraction = mutmut_config.GROUPS[g]
-        rows = [r for r in res.get(os.path.normpath(file), [])
-                if mutmut_config.selected(g, file, r[1], r[4]) and r[3] != "skipped"]
+        rows = group_rows(g, res)
         killed = [r for r in rows if r[3] in ("ok_killed", "bad_timeout", "ok_suspicious")]
         survived = [r for r in rows if r[3] == "bad_survived"]
         untested = [r for r in rows if r[3] == "untested"]
