@@ -383,3 +383,31 @@ def test_a_writer_whose_bytes_land_nowhere_reads_as_zeros(tmp_path, monkeypatch)
     assert "host1 at region offset 0x0: expected what host0 wrote there (device mem0, serial 0x1000), found zeros" in msg
     assert (f"backing file {tb.pool_files['mem0']} at 0x0 (device mem0, position 0) should hold region offset 0x0 "
             "as written by host0, found zeros") in msg
+
+
+@pytest.mark.parametrize("granularity", [256, 512, 4096])
+@pytest.mark.parametrize("ways", [1, 2, 4, 8])
+def test_no_signature_straddles_two_granules(ways, granularity):
+    """The host-side check reads each signature from one device's file: a signature that
+    ran into the next granule would sit in two devices."""
+    devices = "".join(f"  - {{id: m{i}, size_mib: 256, serial: {0x1000 + i}}}\n" for i in range(ways))
+    ids = ", ".join(f"m{i}" for i in range(ways))
+    t = T.parse(f"""\
+apiVersion: beluga.testbed/v1alpha1
+kind: Topology
+name: t
+hosts: {{count: 1}}
+host_bridges:
+  - id: hb0
+    bus_nr: 12
+    root_ports:
+      - id: rp0
+        switch: {{id: sw0, downstream_ports: {ways}, devices: [{ids}]}}
+devices:
+{devices}windows:
+  - {{id: w0, size_mib: {256 * ways}, targets: [hb0], granularity_bytes: {granularity}}}
+pool: {{window: w0, devices: [{ids}], granularity_bytes: {granularity}}}
+""", "t.yaml")
+    offs = P.sample_offsets(t)
+    assert all(o % granularity + P.SIGNATURE_BYTES <= granularity for o in offs)
+    assert {(o // granularity) % ways for o in offs} == set(range(ways))
