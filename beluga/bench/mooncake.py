@@ -116,7 +116,10 @@ class MooncakeServer:
                      # Its HTTP metrics server listens on 0.0.0.0:9003 by default: a second
                      # benchmark on the host would collide with it.
                      "--metrics_host=127.0.0.1",
-                     f"--metrics_port={_free_port()}"],
+                     f"--metrics_port={_free_port()}",
+                     # A client silent for client_ttl (default 10 s) is dropped with its segment;
+                     # on a shared two-core machine a starved process can miss heartbeats that long.
+                     "--client_ttl=60"],
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
             deadline = time.monotonic() + start_timeout_s
             self._wait_listening(deadline)
