@@ -201,3 +201,18 @@ def test_mooncake_absent_is_a_clear_error(monkeypatch):
     with pytest.raises(mooncake.MooncakeUnavailable, match=r"mooncake-transfer-engine-non-cuda is not installed "
                        r"\(pip install -e '\.\[bench\]'"):
         mooncake.master_executable()
+
+
+def test_a_failed_task_leaves_no_answer_behind_for_the_next():
+    """One worker fails, the other answers: the next task's answers are the next task's (not that one)."""
+    from beluga.bench.store import Workers
+
+    w = Workers(2, pool=None, redis_port=None)
+    try:
+        with pytest.raises(RuntimeError, match="benchmark worker failed: KeyError"):
+            w.run([{"kind": "memcpy_blocks"},  # no block size: fails
+                   {"kind": "memcpy_blocks", "block_bytes": 4096, "set_bytes": 1 << 20, "duration_s": 0.01}])
+        got = w.run_same({"kind": "memcpy", "buffer_bytes": 1 << 20, "duration_s": 0.01})
+        assert all(r["lat"] for r in got), got  # memcpy answers carry latencies; memcpy_blocks answers do not
+    finally:
+        w.close()
