@@ -1,7 +1,13 @@
-"""Each validation rule, with the exact message a user reads (file:line: path: what)."""
+"""Each validation rule, with the exact message a user reads (file:line: path: what).
+
+Limits that depend on the machine are checked against tests/unit/conftest.py's
+MACHINE (4 cores, 8192 MiB of RAM, 4096 MiB for pools)."""
+import os
+
 import pytest
 
 from testbed import topology as T
+from testbed.topology import this_machine as real_machine  # before conftest replaces it
 
 BASE = """\
 apiVersion: beluga.testbed/v1alpha1
@@ -231,3 +237,123 @@ def test_topology_error_reads_as_invalid_topology():
     with pytest.raises(T.TopologyError) as e:
         T.parse(BASE.replace("  memory_mib: 1024\n", "  memory_mib: 1024\n  vcpus: 2\n"), "my.yaml")
     assert str(e.value) == "invalid topology:\n  my.yaml:8: hosts.vcpus: duplicate key 'vcpus' (first at line 6)"
+
+
+# ---------------------------------------------------------------- names and ids (testbed/names.py)
+
+RULE = "use lower-case letters, digits and '-', starting with a letter or digit, at most 63 characters"
+
+
+def test_device_id_that_is_a_path_or_qemu_options_is_refused():
+    text = BASE.replace("mem0", "../../../cache/images/KEY/rootfs").replace(
+        "mem1", "'mem0,share=off,mem-path=/etc/passwd'")
+    assert errors(text) == [
+        f"my.yaml:18: devices[0].id: invalid name '../../../cache/images/KEY/rootfs': {RULE}",
+        f"my.yaml:19: devices[1].id: invalid name 'mem0,share=off,mem-path=/etc/passwd': {RULE}",
+        f"my.yaml:16: host_bridges[0].root_ports[0].switch.devices[0]: invalid name "
+        f"'../../../cache/images/KEY/rootfs': {RULE}",
+        f"my.yaml:16: host_bridges[0].root_ports[0].switch.devices[1]: invalid name "
+        f"'mem0,share=off,mem-path=/etc/passwd': {RULE}",
+        f"my.yaml:24: pool.devices[0]: invalid name '../../../cache/images/KEY/rootfs': {RULE}",
+        f"my.yaml:24: pool.devices[1]: invalid name 'mem0,share=off,mem-path=/etc/passwd': {RULE}"]
+
+
+def test_every_fabric_id_and_reference_is_a_name():
+    text = (BASE.replace("name: t", "name: ..").replace("id: hb0\n", "id: HB0\n").replace("- id: hb0-rp0", "- id: rp,0")
+            .replace("id: sw0", "id: sw/0").replace("{id: fmw0", "{id: fmw.0").replace("targets: [hb0]", "targets: [hb/0]")
+            .replace("  window: fmw0", "  window: 'fmw0,x'"))
+    assert errors(text) == [
+        f"my.yaml:3: name: invalid name '..': {RULE}",
+        f"my.yaml:9: host_bridges[0].id: invalid name 'HB0': {RULE}",
+        f"my.yaml:12: host_bridges[0].root_ports[0].id: invalid name 'rp,0': {RULE}",
+        f"my.yaml:14: host_bridges[0].root_ports[0].switch.id: invalid name 'sw/0': {RULE}",
+        f"my.yaml:21: windows[0].id: invalid name 'fmw.0': {RULE}",
+        f"my.yaml:21: windows[0].targets[0]: invalid name 'hb/0': {RULE}",
+        f"my.yaml:23: pool.window: invalid name 'fmw0,x': {RULE}"]
+
+
+def test_host_names_and_name_prefix():
+    assert errors(BASE.replace("  count: 2\n", "  count: 2\n  name_prefix: Host_\n")) == [
+        f"my.yaml:6: hosts.name_prefix: invalid name 'Host_0': {RULE}"]
+    text = BASE.replace("hosts:\n  count: 2\n  vcpus: 1\n  memory_mib: 1024\n", "hosts:\n  - {name: a}\n  - {name: ..}\n")
+    assert errors(text) == [f"my.yaml:6: hosts[1].name: invalid name '..': {RULE}"]
+
+
+def test_switch_id_too_long_for_its_port_ids():
+    sw = "s" * 60
+    assert errors(BASE.replace("id: sw0", f"id: {sw}")) == [
+        f"my.yaml:14: host_bridges[0].root_ports[0].switch.id: makes port id '{sw}-dsp1', longer than 63 characters"]
+
+
+# ---------------------------------------------------------------- numeric bounds
+
+def test_vcpus_and_memory_against_this_machine():
+    assert errors(BASE.replace("vcpus: 1", "vcpus: 100000000").replace("memory_mib: 1024", "memory_mib: 9000")) == [
+        "my.yaml:6: hosts.vcpus: expected at most 4 vCPUs (this machine has 4 CPU cores, os.cpu_count()), got 100000000",
+        "my.yaml:7: hosts.memory_mib: expected at most 8192 MiB (this machine's RAM, MemTotal in /proc/meminfo), got 9000"]
+    assert errors(BASE.replace("memory_mib: 1024", "memory_mib: 5000")) == [
+        "my.yaml:4: hosts: 2 hosts need 10000 MiB of memory together, more than this machine's 8192 MiB "
+        "(MemTotal in /proc/meminfo)"]
+
+
+def test_vcpus_against_the_real_machine(monkeypatch):
+    monkeypatch.setattr(T, "this_machine", real_machine)
+    n = os.cpu_count()
+    assert errors(BASE.replace("vcpus: 1", f"vcpus: {n + 1}")) == [
+        f"my.yaml:6: hosts.vcpus: expected at most {n} vCPUs (this machine has {n} CPU cores, os.cpu_count()), got {n + 1}"]
+
+
+def test_downstream_ports_within_a_qemu_switch():
+    assert errors(BASE.replace("downstream_ports: 2", "downstream_ports: 3000000")) == [
+        "my.yaml:15: host_bridges[0].root_ports[0].switch.downstream_ports: expected at most 32 downstream ports "
+        "(QEMU places a switch's downstream ports at device numbers 0-31 of its internal PCI bus), got 3000000"]
+
+
+def test_root_ports_within_a_host_bridge_bus():
+    rps = "".join(f"      - {{id: rp{i}, device: mem9}}\n" for i in range(32))
+    errs = errors(BASE.replace("    root_ports:\n", "    root_ports:\n" + rps))
+    assert errs[0] == ("my.yaml:11: host_bridges[0].root_ports: 33 root ports: QEMU places a host bridge's root "
+                       "ports at device numbers 0-31 of its bus, at most 32")
+
+
+def test_bus_numbers_stay_8_bit_and_apart():
+    assert errors(BASE.replace("bus_nr: 12", "bus_nr: 252")) == [
+        "my.yaml:10: host_bridges[0].bus_nr: host bridge 'hb0' needs buses 252 to 256 (one per root port, switch "
+        "and downstream port), past 255: PCI bus numbers are 8 bits"]
+    text = T.resolve("2hosts-2switches").read_text().replace("bus_nr: 64", "bus_nr: 14")
+    assert errors(text) == [
+        "my.yaml:19: host_bridges[1].bus_nr: bus 14 of host bridge 'hb1' is among the buses 12 to 16 "
+        "that host bridge 'hb0' needs (one per root port, switch and downstream port)"]
+
+
+def test_device_and_window_sizes_bounded():
+    assert errors(BASE.replace("{id: mem1, size_mib: 256", f"{{id: mem1, size_mib: {2**40}")) == [
+        "my.yaml:19: devices[1].size_mib: expected at most 524288 MiB (a device is mapped into the guests' physical "
+        "address space, 40 bits (1 TiB) under TCG, shared with RAM), got 1099511627776"]
+    assert errors(BASE.replace("size_mib: 512, targets", f"size_mib: {2**40}, targets")) == [
+        "my.yaml:21: windows[0].size_mib: expected at most 524288 MiB (a window is mapped into the guests' physical "
+        "address space, 40 bits (1 TiB) under TCG, shared with RAM), got 1099511627776"]
+
+
+def test_backing_files_fit_the_pools_file_system():
+    text = BASE.replace("size_mib: 256", "size_mib: 4096").replace("size_mib: 512, targets", "size_mib: 8192, targets")
+    assert errors(text) == [
+        "my.yaml:17: devices: the devices' backing files need 8192 MiB, more than the 4096 MiB of the file system "
+        "that holds the pools (/dev/shm; BELUGA_TESTBED_POOLS chooses another folder)"]
+
+
+@pytest.mark.parametrize("serial, shown", [("-1", "-0x1"), ("0xffffffffffffffff", "0xffffffffffffffff")])
+def test_serial_within_64_bits(serial, shown):
+    assert errors(BASE.replace("serial: 0x1001", f"serial: {serial}")) == [
+        "my.yaml:19: devices[1].serial: expected a serial number from 0 to 0xfffffffffffffffe "
+        f"(64 bits; QEMU reads all ones as none), got {shown}"]
+
+
+def test_topology_validate_refuses_a_path_in_a_device_id(tmp_path, capsys):
+    from testbed import cli
+    f = tmp_path / "evil.yaml"
+    f.write_text(BASE.replace("{id: mem0,", "{id: ../../../cache/images/KEY/rootfs,"))
+    assert cli.main(["topology", "validate", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"✗ invalid topology:\n  {f}:18: devices[0].id: invalid name "
+                          f"'../../../cache/images/KEY/rootfs': {RULE}\n")
