@@ -25,11 +25,14 @@ from testbed import paths
 from testbed.log import TestbedError
 
 FAKE_QEMU = r"""
-import signal, sys, time
+import signal, socket, sys, time
 host_dir, mode = sys.argv[1], sys.argv[2]
 if mode == "exit":
     print("qemu-system-x86_64: -device cxl-type3: memory backend is too small", flush=True)
     sys.exit(3)
+qmp = socket.socket(socket.AF_UNIX)  # where QEMU's monitor listens (the fake QMP answers for it)
+qmp.bind(host_dir + "/qmp.sock")
+qmp.listen()
 if mode == "boot":
     with open(host_dir + "/serial.log", "ab") as f:
         f.write(b"[    2.0] beluga: sshd started\n")
@@ -95,10 +98,13 @@ def bed(tmp_path, monkeypatch):
     qmp_calls = []
 
     def qmp_execute(sock, command, arguments=None, *, timeout_s=5.0):
-        """QEMU's answer to 'quit': it exits."""
+        """QEMU's answers: its status while it runs; to 'quit', it exits."""
         qmp_calls.append((Path(sock).parent.name, command))
         tb = json.loads((Path(sock).parent.parent / L.STATE_FILE).read_text())
         pid = next(h["pid"] for h in tb["hosts"] if h["dir"] == str(Path(sock).parent))
+        if command == "query-status":
+            return {"status": "running", "running": True}
+        assert command == "quit", command
         os.kill(pid, signal.SIGTERM)
         return {}
 
@@ -135,7 +141,8 @@ def test_up_status_down(bed, capsys):
     assert L.names() == ["ok"]
     assert "✓ ok is up: 2 host(s) ready" in capsys.readouterr().err
     assert L.down("ok") is True
-    assert sorted(bed.qmp_calls) == [("host0", "quit"), ("host1", "quit")], "QMP quit first, politely"
+    assert sorted(c for c in bed.qmp_calls if c[1] == "quit") == [("host0", "quit"), ("host1", "quit")], \
+        "QMP quit first, politely"
     assert_gone(bed, "ok")
     assert L.down("ok") is False, "down is idempotent"
 
