@@ -8,6 +8,7 @@ reader got then is not the committed block, and must come back as a counted miss
 from __future__ import annotations
 
 import os
+import types
 
 import pytest
 
@@ -111,3 +112,72 @@ def test_slot_reused_while_get_checksums_its_copy_is_a_miss(reader, store, monke
     assert r.get(KEY) is None
     st = r.client_stats()
     assert (st.hits, st.misses, st.corrupt_misses) == (0, 1, 1)
+
+
+# ---------------------------------------------------------------- damaged bytes, counts, messages
+
+@pytest.mark.parametrize("read", ["get", "get_into", "view"])
+def test_bytes_damaged_after_the_commit_are_a_counted_miss(store, read):
+    """The header is intact and unchanged; only the checksum can tell."""
+    w = store.client()
+    data = os.urandom(3000)
+    w.put(KEY, data)
+    r = store.client()
+    loc = r._lookup([KEY], 0)[0]
+    with open(store.path, "r+b") as f:  # a bit flips in pool memory
+        f.seek(loc.data_offset + 1234)
+        byte = f.read(1)
+        f.seek(loc.data_offset + 1234)
+        f.write(bytes([byte[0] ^ 0x10]))
+    got = {"get": lambda: r.get(KEY), "get_into": lambda: r.get_into(KEY, bytearray(3000)),
+           "view": lambda: r.view(KEY)}[read]()
+    assert got is None
+    st = r.client_stats()
+    assert (st.hits, st.misses, st.corrupt_misses) == (0, 1, 1)
+
+
+def test_the_client_counts_what_it_did(store):
+    c = store.client()
+    blocks = {bytes([i]) * 32: os.urandom(1000 * (i + 1)) for i in range(3)}
+    for k, v in blocks.items():
+        c.put(k, v)
+    c.put_many([(bytes([9]) * 32, b"x" * 10), (bytes([8]) * 32, b"y" * 20)])
+    k0, k1, k2 = blocks
+    assert c.get_into(k1, bytearray(5000)) == 2000
+    with c.view(k2) as v:
+        assert bytes(v.data) == blocks[k2]
+    assert c.get(k0) == blocks[k0]
+    assert c.get(bytes([7]) * 32) is None
+    assert c.delete(k0) and not c.delete(k0)
+    st = c.client_stats()
+    assert (st.puts, st.put_bytes) == (5, 6000 + 30)
+    assert (st.gets, st.hits, st.misses, st.corrupt_misses, st.get_bytes) == (4, 3, 1, 0, 6000)
+    assert st.deletes == 1
+
+
+def test_a_block_too_large_names_its_key_and_the_limit(store):
+    c = store.client()
+    seg = c.g.segment_size_bytes
+    with pytest.raises(client_mod.BlockTooLargeError) as e:
+        c.put(KEY, bytes(seg + 1))
+    assert str(e.value) == (f"block of {seg + 1} bytes for key {KEY.hex()[:16]}... is larger than a segment can hold "
+                            f"({seg} bytes in a {seg}-byte segment)")
+    assert c.client_stats().puts == 0
+
+
+def test_a_rejected_commit_names_its_key(store, monkeypatch):
+    """A writer whose header disagrees with its commit (here: the header names another
+    key) is refused by the service; the error says which key, and nothing is stored."""
+    c = store.client()
+    real = L.BlockHeader
+
+    def header_of_another_key(state, length, generation, crc, slot, key):
+        return real(state, length, generation, crc, slot, bytes(32))
+
+    monkeypatch.setattr(client_mod, "L", types.SimpleNamespace(**{**vars(L), "BlockHeader": header_of_another_key}))
+    with pytest.raises(client_mod.RequestRejectedError) as e:
+        c.put_many([(KEY, b"a" * 100), (OTHER_KEY, b"b" * 100)])
+    msg = str(e.value)
+    assert msg.startswith(f"commit of key {KEY.hex()[:16]}... rejected (") and msg.endswith("[2 of 2 in the batch failed]")
+    monkeypatch.undo()
+    assert c.get(KEY) is None and c.client_stats().puts == 0
