@@ -273,3 +273,43 @@ def test_no_such_file_and_unknown_builtin_without_a_close_name():
         T.load("zzzz")
     assert e.value.errors == [f"zzzz: no built-in topology of that name (built in: {', '.join(T.builtin_names())}); "
                               "give a path to use a file"]
+
+
+# ---------------------------------------------------------------- found by `make mutate`
+
+def test_host_list_defaults():
+    t = T.parse(hosts("hosts:\n  - {name: a}\n  - {name: b, vcpus: 2, memory_mib: 2048}\n"), "my.yaml")
+    assert [(h.name, h.vcpus, h.memory_mib) for h in t.hosts] == [("a", 1, 1024), ("b", 2, 2048)]
+
+
+def test_bus_number_1_is_valid():
+    assert T.parse(BASE.replace("bus_nr: 12", "bus_nr: 1"), "my.yaml").host_bridges[0].bus_nr == 1
+
+
+def test_a_host_bridge_that_is_not_a_mapping_is_an_error_not_a_crash():
+    text = TWO.replace("  - id: hb0\n    bus_nr: 12\n", "  - 5\n  - id: hb0\n    bus_nr: 12\n", 1)
+    text = text.replace("  - id: hb0\n    bus_nr: 12\n    root_ports:\n      - id: hb0-rp0\n        switch:\n"
+                        "          id: sw0\n          downstream_ports: 2\n          devices: [mem0, mem1]\n", "", 1)
+    errs = errors(text)
+    assert errs[0] == "my.yaml:7: host_bridges[0]: expected a mapping, got an integer"
+
+
+def test_a_half_written_host_bridge_does_not_hide_the_next_one():
+    """An incomplete entry reports what it lacks; the entries after it are still checked
+    (their devices count as attached, so there is no follow-up error about them)."""
+    assert errors(BASE.replace("host_bridges:\n", "host_bridges:\n  - id: hbx\n")) == [
+        "my.yaml:9: host_bridges[0]: missing required key 'bus_nr'",
+        "my.yaml:9: host_bridges[0]: missing required key 'root_ports'"]
+
+
+def test_a_half_written_switch_is_an_error_not_a_crash():
+    errs = errors(BASE.replace("          downstream_ports: 2\n          devices: [mem0, mem1]\n", ""))
+    assert errs[:2] == ["my.yaml:13: host_bridges[0].root_ports[0].switch: missing required key 'downstream_ports'",
+                        "my.yaml:13: host_bridges[0].root_ports[0].switch: missing required key 'devices'"]
+
+
+def test_a_half_written_window_does_not_hide_the_next_one():
+    text = BASE.replace("windows:\n", "windows:\n  - {id: fmwx, size_mib: 512}\n")
+    assert errors(text) == [
+        "my.yaml:21: windows[0]: missing required key 'targets'",
+        "my.yaml:21: windows[0]: missing required key 'granularity_bytes'"]
