@@ -411,3 +411,21 @@ pool: {{window: w0, devices: [{ids}], granularity_bytes: {granularity}}}
     offs = P.sample_offsets(t)
     assert all(o % granularity + P.SIGNATURE_BYTES <= granularity for o in offs)
     assert {(o // granularity) % ways for o in offs} == set(range(ways))
+
+
+@pytest.mark.parametrize("wrong, shown, more", [(11, 11, None), (12, 12, None), (13, 12, "... and 1 more")])
+def test_at_most_twelve_mismatches_are_listed(tmp_path, monkeypatch, wrong, shown, more):
+    tb = make_testbed(tmp_path, "2hosts-2switches")
+    g = guests_for(tb, monkeypatch)
+    real_read = g._read
+
+    def host1_misreads_the_first(host, offsets, length):
+        data = real_read(host, offsets, length)
+        return ["00" * length] * wrong + data[wrong:] if host == "host1" else data
+
+    monkeypatch.setattr(g, "_read", host1_misreads_the_first)
+    with pytest.raises(TestbedError) as e:
+        P.verify(tb, {h.name: {"dax": "/dev/dax0.0"} for h in tb.hosts})
+    lines = str(e.value).splitlines()
+    assert sum(x.strip().startswith("host1 at region offset") for x in lines) == shown
+    assert [x.strip() for x in lines if x.strip().startswith("...")] == ([more] if more else [])
