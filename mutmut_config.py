@@ -26,7 +26,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...], float]] = 
         "MetadataService._drop_lease", "MetadataService.evict", "MetadataService._free_slot",
         "MetadataService._unindex", "MetadataService._op_lookup", "MetadataService._op_delete",
         "MetadataService.reap", "MetadataService._locate",
-    ), ("tests/unit/beluga/test_store_service.py",), 0.08),
+    ), ("tests/unit/beluga/test_store_service.py", "tests/unit/beluga/test_store_service_counts.py"), 0.08),
     # The on-pool format: geometry, records and their checks.
     "layout": ("beluga/layout.py", (
         "compute_geometry", "compute_geometry.place", "parse_size", "_is_pow2", "_round_up",
