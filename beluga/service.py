@@ -67,6 +67,10 @@ class ServiceConfig:
     claim_scan_interval_s: float = 0.001
     """How often the serve loop looks at free host slots for claims and reads heartbeats
     (requests of registered clients are looked at on every pass)."""
+    stall_threshold_s: float = 0.25
+    """A gap this long between two passes of the serve loop is the service's own stall (a GC pause,
+    a descheduled or stopped process, slow pool memory): client heartbeat deadlines move by the gap,
+    so clients are never reaped for time in which the service could not watch them."""
     # Limits on TCP clients (see beluga/tcpserver.py and docs/store.md). Frames are capped at the
     # pool's RPC buffer size (`beluga format --rpc-buffer`).
     tcp_max_connections: int = 64
@@ -163,6 +167,7 @@ class MetadataService:
             "deletes": 0, "evictions": 0, "segment_evictions": 0, "leases_granted": 0, "leases_expired": 0,
             "reservations_expired": 0, "reservations_reclaimed": 0, "clients_registered": 0,
             "clients_reaped": 0, "corrupt_reports": 0, "corrupt_blocks_dropped": 0, "bad_requests": 0,
+            "stalls_forgiven": 0,
         }
         self._tcp: TcpServer | None = None
         self._ops_count: dict[str, int] = {}
@@ -1026,6 +1031,7 @@ class MetadataService:
             sleep_s = self.cfg.poll_min_sleep_s
             last_work = time.monotonic()
             next_scan = 0.0
+            last_pass = self.clock()
             reduce_timer_slack()
             while not stop.is_set():
                 t = time.monotonic()
@@ -1035,7 +1041,11 @@ class MetadataService:
                 worked = self.poll_pool(claims=scan)
                 if tcp is not None:
                     worked |= tcp.poll(0)
+                now = self.clock()
+                if now - last_pass > self.cfg.stall_threshold_s:
+                    self._forgive_stall(now - last_pass)
                 self.housekeeping()
+                last_pass = self.clock()
                 if worked:
                     sleep_s = self.cfg.poll_min_sleep_s
                     last_work = time.monotonic()
@@ -1059,6 +1069,19 @@ class MetadataService:
         finally:
             if tcp is not None:
                 tcp.close()
+
+    def _forgive_stall(self, gap_s: float) -> None:
+        """The loop did not run for ``gap_s``: that time must not count against any client's heartbeat.
+
+        A stalled service cannot see heartbeats, so without this every client would look dead
+        the moment the loop resumes (a blocking send to a client that never read once made the
+        service reap every healthy client)."""
+        now = self.clock()
+        for c in self.clients.values():
+            c.seen_at = min(c.seen_at + gap_s, now)
+        self.counters["stalls_forgiven"] += 1
+        _log(f"service loop stalled for {gap_s:.2f}s; client heartbeat deadlines moved by as much")
+
 
 class ServiceThread:
     """Run a service in a background thread of this process (tests, embedding)."""

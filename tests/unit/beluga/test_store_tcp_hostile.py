@@ -23,7 +23,7 @@ import pytest
 from beluga import rpc
 from beluga.client import BelugaClient
 from beluga.keys import name_key
-from beluga.service import ServiceConfig, ServiceThread
+from beluga.service import MetadataService, ServiceConfig, ServiceThread
 
 from _tcp_attacker import closed_by_service, framed, read_frame
 from beluga_store_support import make_pool, subprocess_env
@@ -200,6 +200,34 @@ def test_hello_floods_cannot_take_the_slots_pool_clients_need(service_process, p
     finally:
         for s in socks:
             s.close()
+
+
+def test_a_stalled_service_does_not_reap_the_clients_it_could_not_watch(pool_path, healthy, monkeypatch):
+    make_pool(pool_path)
+    svc = ServiceThread(pool_path, ServiceConfig(takeover_wait_s=0, tcp_host="127.0.0.1", heartbeat_timeout_s=0.5))
+    try:
+        h = healthy(pool_path)
+        stats = MetadataService._HANDLERS[rpc.OP_STATS]
+
+        def stalling_stats(service, client, req):
+            # The service's own stall (here 3x the heartbeat timeout), as a blocking send to a
+            # client that never read once caused: clients kept beating, but nobody watched.
+            time.sleep(1.5)
+            return stats(service, client, req)
+
+        monkeypatch.setitem(MetadataService._HANDLERS, rpc.OP_STATS, stalling_stats)
+        bad = socket.create_connection(h.clients["tcp"].channel._resolve(), timeout=10)
+        slot, _ = _register(bad, 0xBAD)
+        req = rpc.encode_request(1, 0xBAD, slot, rpc.OP_STATS)
+        bad.sendall(framed(req))
+        assert read_frame(bad)[1] == rpc.OK  # the stall is over
+        monkeypatch.setitem(MetadataService._HANDLERS, rpc.OP_STATS, stats)
+        during = h.p50s(40)
+        h.assert_unharmed(during)
+        assert svc.service.counters["stalls_forgiven"] >= 1
+        bad.close()
+    finally:
+        svc.stop()
 
 
 def test_an_idle_tcp_client_whose_connection_was_closed_carries_on(pool_path):
