@@ -29,6 +29,7 @@ from _tcp_attacker import closed_by_service, framed, read_frame
 from beluga_store_support import make_pool, subprocess_env
 
 ATTACKER = Path(__file__).with_name("_tcp_attacker.py")
+FD_HOG = Path(__file__).with_name("_fd_hog_service.py")
 RATIO = 50
 
 
@@ -173,6 +174,48 @@ def test_idle_connections_under_a_low_file_limit_do_not_end_the_service(service_
     finally:
         for s in idle:
             s.close()
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, log: Path, within_s: float = 30) -> None:
+    deadline = time.monotonic() + within_s
+    while not path.exists():
+        assert proc.poll() is None, f"the service exited: {log.read_text()}"
+        assert time.monotonic() < deadline, f"no {path.name} after {within_s}s: {log.read_text()}"
+        time.sleep(0.01)
+
+
+def test_accept_failing_for_want_of_descriptors_does_not_end_the_service(pool_path, tmp_path, healthy):
+    make_pool(pool_path)
+    log = tmp_path / "service.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, str(FD_HOG), pool_path, str(tmp_path)], stdout=fh,
+                                stderr=subprocess.STDOUT, env=subprocess_env(), preexec_fn=_low_file_limit)
+    h = None
+    waiting = []
+    try:
+        _wait_for(tmp_path / "ready.json", proc, log)
+        h = healthy(pool_path)
+        (tmp_path / "hog").mkdir()  # the service process runs out of descriptors
+        _wait_for(tmp_path / "hogged", proc, log)
+        waiting = [socket.create_connection(h.clients["tcp"].channel._resolve(), timeout=5) for _ in range(3)]
+        deadline = time.monotonic() + 20
+        during = h.p50s(40, while_=lambda: h.tcp_stats()["accept_errors"] == 0 and time.monotonic() < deadline)
+        assert proc.poll() is None, f"the service exited: {log.read_text()}"
+        assert h.tcp_stats()["accept_errors"] >= 1
+        h.assert_unharmed(during)
+        assert "accepting a TCP connection failed" in log.read_text()
+        (tmp_path / "release").mkdir()
+        # Accepted once descriptors are back, then closed for saying nothing (hello timeout 1 s).
+        assert all(closed_by_service(s, 10) for s in waiting), "the waiting connections were never served"
+        with BelugaClient(pool_path, transport="tcp", rpc_timeout_s=2.0) as late:
+            assert late.get(name_key("healthy-tcp")) == h.block
+    finally:
+        for s in waiting:
+            s.close()
+        if h is not None:
+            h.close()
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_hello_floods_cannot_take_the_slots_pool_clients_need(service_process, pool_path, healthy):
