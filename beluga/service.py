@@ -76,7 +76,8 @@ class ServiceConfig:
     tcp_max_connections: int = 64
     """Open TCP connections at most (lowered to what the file limit, RLIMIT_NOFILE, leaves room for)."""
     tcp_max_clients: int | None = None
-    """Host slots TCP clients may hold at most (None: all but a quarter, at least one, kept for pool clients)."""
+    """Host slots TCP clients may hold at most (None: all but a quarter, at least one, kept for pool clients;
+    none kept with a single slot or without the pool transport)."""
     tcp_hello_timeout_s: float = 5.0
     """A connection that has made no valid request (HELLO or a live session) this long is closed."""
     tcp_idle_timeout_s: float = 60.0

@@ -86,7 +86,10 @@ class TcpServer:
         self.log = log
         self.max_frame_bytes = service.g.rpc_buffer_bytes
         max_clients = service.g.max_clients
-        default_tcp = max_clients - max(1, max_clients // 4)
+        # Pool clients need no connection, so a flood of HELLOs must leave them some slots; with
+        # --max-clients 1, or no pool transport served, there is nobody to keep them for.
+        reserve = min(max(1, max_clients // 4), max_clients - 1) if cfg.serve_cxl else 0
+        default_tcp = max_clients - reserve
         self.max_tcp_clients = max(0, min(max_clients, default_tcp if cfg.tcp_max_clients is None
                                           else cfg.tcp_max_clients))
         self.max_connections = max(1, cfg.tcp_max_connections)

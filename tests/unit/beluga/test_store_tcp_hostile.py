@@ -287,3 +287,18 @@ def test_an_idle_tcp_client_whose_connection_was_closed_carries_on(pool_path):
             assert c.client_stats().reregistrations == 0 and c.client_stats().rpc_timeouts == 0
     finally:
         svc.stop()
+
+
+def test_without_the_pool_transport_tcp_clients_may_use_every_slot(pool_path):
+    make_pool(pool_path)  # 8 client slots
+    svc = ServiceThread(pool_path, ServiceConfig(takeover_wait_s=0, tcp_host="127.0.0.1", serve_cxl=False))
+    clients = []
+    try:
+        for i in range(8):  # nobody to keep slots for
+            clients.append(BelugaClient(pool_path, transport="tcp", rpc_timeout_s=2.0))
+            clients[-1].put(name_key(f"c{i}"), b"c")
+        assert svc.service.stats()["tcp"]["max_tcp_clients"] == 8
+    finally:
+        for c in clients:
+            c.close()
+        svc.stop()
