@@ -159,10 +159,10 @@ class TcpServer:
             worked = True
             if events & selectors.EVENT_WRITE:
                 self._flush(conn)
-            if events & selectors.EVENT_READ and conn.fd in self.conns:
+            if events & selectors.EVENT_READ and self._open(conn):
                 self._read(conn)
         for conn in list(self._pending):
-            if conn.fd in self.conns:
+            if self._open(conn):
                 self._answer_frames(conn)
                 worked = True
             else:
@@ -215,6 +215,10 @@ class TcpServer:
             self.conns[conn.fd] = conn
             self._set_events(conn)
 
+    def _open(self, conn: _Conn) -> bool:
+        # By identity: a closed connection's descriptor number may already belong to a new one.
+        return self.conns.get(conn.fd) is conn
+
     def _set_events(self, conn: _Conn) -> None:
         want = 0
         if len(conn.inbuf) < 4 + self.max_frame_bytes:
@@ -232,8 +236,9 @@ class TcpServer:
         conn.events = want
 
     def _close(self, conn: _Conn, counter: str | None = None, reason: str = "") -> None:
-        if self.conns.pop(conn.fd, None) is None:
+        if not self._open(conn):
             return
+        del self.conns[conn.fd]
         if counter:
             self.counters[counter] += 1
         if reason:
@@ -268,7 +273,7 @@ class TcpServer:
             return
         conn.inbuf += data
         self._answer_frames(conn)
-        if conn.fd in self.conns:
+        if self._open(conn):
             self._set_events(conn)  # a full input buffer stops reading until frames are answered
 
     def _answer_frames(self, conn: _Conn) -> None:
@@ -299,7 +304,7 @@ class TcpServer:
         else:
             if len(buf) >= 4 and len(buf) >= 4 + _FRAME.unpack_from(buf)[0]:
                 self._pending.add(conn)
-        if conn.fd in self.conns:
+        if self._open(conn):
             self._set_events(conn)
 
     def _dispatch(self, conn: _Conn, msg: bytes) -> bytes | None:
