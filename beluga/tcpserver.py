@@ -93,6 +93,7 @@ class TcpServer:
         self.max_tcp_clients = max(0, min(max_clients, default_tcp if cfg.tcp_max_clients is None
                                           else cfg.tcp_max_clients))
         self.max_connections = max(1, cfg.tcp_max_connections)
+        self.output_limit_bytes = max(cfg.tcp_output_limit_bytes, 2 * (4 + self.max_frame_bytes))  # >= 2 answers
         budget = fd_budget()
         if budget is not None and budget[0] < self.max_connections:
             log(f"TCP connection limit lowered from {self.max_connections} to {budget[0]}: the file limit "
@@ -129,6 +130,7 @@ class TcpServer:
     def stats(self) -> dict:
         return {"connections": len(self.conns), "max_connections": self.max_connections,
                 "max_tcp_clients": self.max_tcp_clients, "max_frame_bytes": self.max_frame_bytes,
+                "output_limit_bytes": self.output_limit_bytes,
                 **self.counters}
 
     def close(self) -> None:
@@ -370,10 +372,10 @@ class TcpServer:
                 return True
             data = data[sent:]
         conn.outbuf += data
-        if len(conn.outbuf) > self.cfg.tcp_output_limit_bytes:
+        if len(conn.outbuf) > self.output_limit_bytes:
             self._close(conn, "closed_output_overflow",
                         f"{len(conn.outbuf)} bytes of answers are waiting and the client does not read them "
-                        f"(limit --tcp-output-limit {self.cfg.tcp_output_limit_bytes})")
+                        f"(limit --tcp-output-limit {self.output_limit_bytes})")
             return False
         return True
 
