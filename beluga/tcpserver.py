@@ -118,6 +118,8 @@ class TcpServer:
         self._accept_resume_at = 0.0
         self._last_accept_log = -1e9
         self._accept_errors_unlogged = 0
+        self._last_close_log = -1e9
+        self._closes_unlogged = 0
         self.conns: dict[int, _Conn] = {}
         self._pending: set[_Conn] = set()  # complete frames left over after a connection's share of a pass
         self._next_sweep = 0.0
@@ -244,7 +246,14 @@ class TcpServer:
         if counter:
             self.counters[counter] += 1
         if reason:
-            self.log(f"closed TCP connection from {conn.peer}: {reason}")
+            # At most one line a second: a client that reconnects to misbehave must not flood the log.
+            now = time.monotonic()
+            if now - self._last_close_log >= 1.0:
+                more = f" ({self._closes_unlogged} more since the last message)" if self._closes_unlogged else ""
+                self.log(f"closed TCP connection from {conn.peer}: {reason}{more}")
+                self._last_close_log, self._closes_unlogged = now, 0
+            else:
+                self._closes_unlogged += 1
         if conn.events:
             self.sel.unregister(conn.sock)
             conn.events = 0

@@ -302,3 +302,21 @@ def test_without_the_pool_transport_tcp_clients_may_use_every_slot(pool_path):
         for c in clients:
             c.close()
         svc.stop()
+
+
+def test_a_malformed_frame_gets_a_notice_and_the_connection_closed(pool_path):
+    make_pool(pool_path)
+    svc = ServiceThread(pool_path, ServiceConfig(takeover_wait_s=0, tcp_host="127.0.0.1"))
+    try:
+        with BelugaClient(pool_path, transport="tcp", rpc_timeout_s=2.0) as c:
+            bad = socket.create_connection(c.channel._resolve(), timeout=5)
+            bad.sendall(framed(b"garbage" * 10))
+            seq, status, body = read_frame(bad)
+            assert (seq, status) == (0, rpc.CLOSING) and b"malformed request" in body, body
+            assert closed_by_service(bad, 10)
+            bad.close()
+            c.put(name_key("ok"), b"ok")
+            assert c.get(name_key("ok")) == b"ok"
+        assert svc.service.stats()["tcp"]["closed_malformed_frame"] == 1
+    finally:
+        svc.stop()
