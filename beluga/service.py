@@ -433,11 +433,16 @@ class MetadataService:
                 continue
             if not self._transferable(seg, me):
                 continue
-            self._unindex(key)
+            # The slot goes straight to this client: the segment keeps its class and never
+            # passes through "free". (Through _unindex, a sealed segment whose last block this
+            # was went back on the free list while this client took it, so the next ALLOC of
+            # any client reopened it and wiped this client's reservation.)
+            del self.index[key]
+            blk = seg.blocks.pop(sl)
+            self._persist_entry(si, sl, None, blk.generation)
+            heapq.heappush(seg.free, sl)
             self.counters["evictions"] += 1
-            if seg.state == L.SEG_FREE:
-                self._open(seg, data_slot_bytes, me)
-            elif seg.owner != me:
+            if seg.owner != me:
                 self._set_owner(seg, me)
             return seg
         # Otherwise free a whole segment of another class: the one used least recently.

@@ -301,6 +301,21 @@ def test_large_block_evicts_a_whole_segment_of_small_ones(store):
     store.service.check_invariants()
 
 
+def test_evicting_the_last_block_of_a_segment_keeps_it_for_the_evicting_writer(store):
+    """A sealed segment whose only block is evicted for a writer stays that writer's: another
+    writer's ALLOC must not take it as a free segment and wipe the first one's reservation."""
+    a, b = store.client(), store.client()
+    seg_bytes = store.pool.geometry.segment_size_bytes  # one block fills a segment
+    keys = fill(store, a, length=seg_bytes)
+    pending = alloc(a, seg_bytes)  # evicts the LRU block, the only one in its segment
+    assert not a.contains(keys[0])
+    b.put(k("small"), b"s" * 100)  # the pool is full: B evicts too, it must not reopen A's segment
+    crc = write_block(a, pending, k("new"), b"n" * seg_bytes)
+    assert commit(a, k("new"), pending, seg_bytes, crc) == (rpc.OK, "")
+    assert a.get(k("new")) == b"n" * seg_bytes and b.get(k("small")) == b"s" * 100
+    store.service.check_invariants()
+
+
 def test_admin_evict_skips_leased(store):
     c = store.client()
     for i in range(5):
