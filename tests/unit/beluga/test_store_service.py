@@ -316,6 +316,29 @@ def test_evicting_the_last_block_of_a_segment_keeps_it_for_the_evicting_writer(s
     store.service.check_invariants()
 
 
+def test_writer_reaped_between_alloc_and_commit_puts_again(store):
+    """A session that ends mid-put (heartbeat missed under load) takes its reservation with it:
+    the put allocates again under the new session instead of committing a dead reservation."""
+    c = store.client()
+    c.put(k("before"), b"b" * 5000)
+    inner = c.channel.call
+    reaped = []
+
+    def call(message, seq, timeout_s):
+        resp = inner(message, seq, timeout_s)
+        if rpc.decode_request(message).op == rpc.OP_ALLOC and not reaped:
+            store.service.reap(c.slot, "test: heartbeat missed")
+            reaped.append(True)
+        return resp
+
+    c.channel.call = call
+    c.put(k(1), b"x" * 5000)
+    assert reaped and c.client_stats().reregistrations == 1
+    assert c.get(k(1)) == b"x" * 5000 and c.get(k("before")) == b"b" * 5000
+    assert store.service.stats()["reserved"] == 0
+    store.service.check_invariants()
+
+
 def test_admin_evict_skips_leased(store):
     c = store.client()
     for i in range(5):
