@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from . import layout as L
 from . import rpc
-from .errors import ProtocolError, ServiceBusyError
+from .errors import CorruptPoolError, ProtocolError, ServiceBusyError
 from .pool import Pool
 from .transport import reduce_timer_slack
 
@@ -251,6 +251,16 @@ class MetadataService:
         return gen
 
     # ------------------------------------------------------------ recovery
+    def _refuse(self, what: str) -> CorruptPoolError:
+        """A record with a valid CRC that the service cannot have written: stop, hand the pool back."""
+        self.release_pool()
+        path = self.pool.path
+        return CorruptPoolError(
+            f"{path}: {what}. Its checksum is valid, so it is no record torn by a crash: the metadata "
+            f"was damaged or crafted, and recovery refuses to act on it (it would read or overwrite "
+            f"other segments' records). `beluga stat {path}` shows the pool; `beluga format --force "
+            f"{path}` starts it over (its blocks are lost)")
+
     def _recover(self) -> None:
         t0 = time.perf_counter()
         now = self.clock()
@@ -264,21 +274,21 @@ class MetadataService:
                 self.clients[slot] = _Client(slot, owner, epoch, hb, now, resp_seq, "resumed")
         max_gen = 0
         committed = reserved = torn = dup = 0
+        # Entries to free, written only once every record has been read and found valid:
+        # a refused pool is left exactly as it was.
+        repairs: list[tuple[int, int, int]] = []
         for si, seg in enumerate(self.segments):
             entry = L.read_segment_entry(self.buf, g.segment_entry_offset(si))
-            if entry is None or entry.state == L.SEG_FREE or entry.data_slot_bytes == 0:
+            problem = L.segment_entry_problem(g, entry) if entry is not None else None
+            if problem:
+                raise self._refuse(f"segment {si}: segment-table entry: {problem}")
+            if entry is None or entry.state == L.SEG_FREE:
                 seg.state = L.SEG_FREE
                 if entry is None:
                     torn += 1
                 self._free_segments.append(si)
                 continue
             lay = self._layout(entry.data_slot_bytes)
-            if lay.slot_count != entry.slot_count:
-                _log(f"segment {si}: recorded {entry.slot_count} slots but class {entry.data_slot_bytes} has "
-                     f"{lay.slot_count}; treating it as free")
-                seg.state = L.SEG_FREE
-                self._free_segments.append(si)
-                continue
             seg.state = entry.state
             seg.layout = lay
             seg.owner = (entry.owner_slot, entry.owner_epoch) if entry.state == L.SEG_OPEN else None
@@ -289,9 +299,12 @@ class MetadataService:
                 e = L.IndexEntry.decode(raw[sl * L.INDEX_ENTRY_BYTES : (sl + 1) * L.INDEX_ENTRY_BYTES])
                 if e is None:
                     torn += 1  # a write cut short: never acknowledged, so it is as if it never happened
-                    self._persist_entry(si, sl, None)
+                    repairs.append((si, sl, 0))
                     seg.free.append(sl)
                     continue
+                problem = L.index_entry_problem(e, lay.data_slot_bytes)
+                if problem:
+                    raise self._refuse(f"segment {si} slot {sl}: index entry: {problem}")
                 max_gen = max(max_gen, e.generation)
                 if e.state == L.ENTRY_COMMITTED:
                     blk = _Block(L.ENTRY_COMMITTED, e.key, e.generation, e.length_bytes, e.data_crc,
@@ -307,11 +320,13 @@ class MetadataService:
                         owner.reservations.add((si, sl))
                         reserved += 1
                     else:
-                        self._persist_entry(si, sl, None, e.generation)
+                        repairs.append((si, sl, e.generation))
                         seg.free.append(sl)
                 else:
                     seg.free.append(sl)
             heapq.heapify(seg.free)
+        for si, sl, gen in repairs:
+            self._persist_entry(si, sl, None, gen)
         # Rebuild the index; LRU order is soft state, approximated by generation.
         order = []
         for seg in self.segments:

@@ -2,6 +2,7 @@
 hostile requests, leases, eviction, reclamation and recovery."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 
@@ -10,7 +11,7 @@ import pytest
 from beluga import layout as L
 from beluga import rpc
 from beluga.errors import (
-    BlockTooLargeError, InvalidKeyError, PoolFullError, RequestRejectedError, ServiceBusyError,
+    BlockTooLargeError, CorruptPoolError, InvalidKeyError, PoolFullError, RequestRejectedError, ServiceBusyError,
     ServiceUnavailableError,
 )
 from beluga.keys import name_key
@@ -473,6 +474,62 @@ def test_recovery_of_dead_clients_state(store):
     assert st["reserved"] == 0 and st["clients"] == [] and st["blocks"] == 1
     report = pool_report(store.pool)
     assert report["reserved"] == 0 and report["blocks"] == 1 and report["clients"] == []
+
+
+SEG = 256 * 1024  # the test pools' segment size (beluga_store_support.SMALL); granularity 4 KiB
+SLOT_SIZE_PROBLEM = ("data_slot_bytes {} is not a multiple of the 4096-byte slot granularity between 4096 and the "
+                     "262144-byte segment size")
+
+
+@pytest.mark.parametrize("state, data_slot_bytes, slot_count, problem", [
+    (L.SEG_SEALED, 1, SEG, SLOT_SIZE_PROBLEM.format(1)),  # was: struct.error out of the constructor
+    (L.SEG_SEALED, 512, SEG // 512, SLOT_SIZE_PROBLEM.format(512)),  # was: 8 segments' index entries read as one
+    (L.SEG_OPEN, 3000, SEG // 3000, SLOT_SIZE_PROBLEM.format(3000)),
+    (L.SEG_SEALED, 0, 0, SLOT_SIZE_PROBLEM.format(0)),
+    (L.SEG_SEALED, 2 * SEG, 0, SLOT_SIZE_PROBLEM.format(2 * SEG)),
+    (L.SEG_SEALED, 8192, 33, "slot_count 33 does not match data_slot_bytes 8192 (a 262144-byte segment holds 32 "
+                             "such slots)"),
+    (7, 4096, 64, "state 7 is unknown (known: 0 free, 1 open, 2 sealed)"),
+])
+def test_recovery_refuses_a_crafted_segment_entry_and_writes_nothing(store, state, data_slot_bytes, slot_count,
+                                                                     problem):
+    """A segment-table record with a valid CRC but impossible fields stops start-up with a
+    CorruptPoolError naming the segment, the field and its value; no other record is touched."""
+    c = store.client()
+    c.put_many([(k(i), bytes([i]) * 4000) for i in range(150)])  # 4 KiB slots: segments 0, 1 and 2
+    g = store.pool.geometry
+    assert {si for si, _ in store.service.index.values()} == {0, 1, 2}
+    L.write_segment_entry(store.pool.buf, g.segment_entry_offset(1),
+                          L.SegmentEntry(state, 0, 0, data_slot_bytes, slot_count))
+    store.pool.buf[g.index_entry_offset(0, 5) + 20] ^= 0xFF  # a torn entry before it: not freed either
+    metadata = bytes(store.pool.buf[g.segment_table_offset : g.segments_offset])
+    with pytest.raises(CorruptPoolError) as exc:
+        store.restart()
+    assert str(exc.value).startswith(f"{store.path}: segment 1: segment-table entry: {problem}. Its checksum is valid")
+    assert f"beluga format --force {store.path}" in str(exc.value)
+    assert bytes(store.pool.buf[g.segment_table_offset : g.segments_offset]) == metadata
+    # The pool is handed back (no successor waits for a takeover) and `beluga stat` names the record.
+    report = pool_report(store.pool)
+    assert report["service"]["running"] is False
+    assert report["invalid_records"] == [f"segment 1: {problem}"]
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("state", 9, "state 9 is unknown (known: 0 free, 1 reserved, 2 committed)"),
+    ("length_bytes", 4097, "length_bytes 4097 exceeds the segment's 4096-byte slots"),
+])
+def test_recovery_refuses_a_crafted_index_entry(store, field, value, problem):
+    c = store.client()
+    c.put_many([(k(i), bytes([i]) * 4000) for i in range(3)])
+    si, sl = store.service.index[k(1)]
+    g = store.pool.geometry
+    off = g.index_entry_offset(si, sl)
+    e = L.IndexEntry.decode(store.pool.buf[off : off + L.INDEX_ENTRY_BYTES])
+    store.pool.buf[off : off + L.INDEX_ENTRY_BYTES] = dataclasses.replace(e, **{field: value}).encode()
+    with pytest.raises(CorruptPoolError) as exc:
+        store.restart()
+    assert str(exc.value).startswith(f"{store.path}: segment {si} slot {sl}: index entry: {problem}. ")
+    assert pool_report(store.pool)["invalid_records"] == [f"segment {si} slot {sl}: {problem}"]
 
 
 def test_second_live_service_is_refused(pool_path):
