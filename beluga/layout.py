@@ -408,6 +408,8 @@ def index_entry_problem(entry: "IndexEntry", data_slot_bytes: int) -> str | None
     if entry.state not in ENTRY_STATE_NAMES:
         known = ", ".join(f"{k} {v}" for k, v in ENTRY_STATE_NAMES.items())
         return f"state {entry.state} is unknown (known: {known})"
+    if entry.generation >= MAX_GENERATION:
+        return f"generation {entry.generation} is beyond 2^62, more allocations than any pool can have made"
     if entry.state != ENTRY_FREE and entry.length_bytes > data_slot_bytes:
         # A reader would be sent past its slot: into the next slot, segment or beyond the pool.
         return f"length_bytes {entry.length_bytes} exceeds the segment's {data_slot_bytes}-byte slots"
@@ -439,6 +441,9 @@ ENTRY_FREE = 0
 ENTRY_RESERVED = 1
 ENTRY_COMMITTED = 2
 ENTRY_STATE_NAMES = {ENTRY_FREE: "free", ENTRY_RESERVED: "reserved", ENTRY_COMMITTED: "committed"}
+MAX_GENERATION = 1 << 62
+"""Generations count allocations from 1; no pool reaches this, and the service's u64 counters
+(generation high-water = a generation + 65536) must not overflow past it."""
 #   state B | pad B | owner_slot H | owner_epoch I | generation Q | length I | data_crc I | key 32s | pad 4 | crc I
 INDEX_ENTRY = struct.Struct("<BBHIQII32s4xI")
 

@@ -272,6 +272,9 @@ class MetadataService:
                 _, req_seq, hb = _QQQ.unpack_from(self.buf, base + L.CLIENT_LINE_OFFSET)
                 # Liveness restarts now: a client gets a full timeout to show its heartbeat.
                 self.clients[slot] = _Client(slot, owner, epoch, hb, now, resp_seq, "resumed")
+        if self._gen_high_water >= L.MAX_GENERATION:
+            raise self._refuse(f"service area: generation_high_water {self._gen_high_water} is beyond 2^62, "
+                               f"more allocations than any pool can have made")
         max_gen = 0
         committed = reserved = torn = dup = 0
         # Entries to free, written only once every record has been read and found valid:

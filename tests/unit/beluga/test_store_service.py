@@ -517,6 +517,8 @@ def test_recovery_refuses_a_crafted_segment_entry_and_writes_nothing(store, stat
 @pytest.mark.parametrize("field, value, problem", [
     ("state", 9, "state 9 is unknown (known: 0 free, 1 reserved, 2 committed)"),
     ("length_bytes", 4097, "length_bytes 4097 exceeds the segment's 4096-byte slots"),
+    ("generation", 2**64 - 1, f"generation {2**64 - 1} is beyond 2^62, more allocations than any pool can have "
+                              f"made"),  # was: struct.error persisting the next high-water mark
 ])
 def test_recovery_refuses_a_crafted_index_entry(store, field, value, problem):
     c = store.client()
@@ -530,6 +532,17 @@ def test_recovery_refuses_a_crafted_index_entry(store, field, value, problem):
         store.restart()
     assert str(exc.value).startswith(f"{store.path}: segment {si} slot {sl}: index entry: {problem}. ")
     assert pool_report(store.pool)["invalid_records"] == [f"segment {si} slot {sl}: {problem}"]
+
+
+def test_recovery_refuses_a_generation_high_water_mark_beyond_any_pool(store):
+    store.client().put(k(1), b"one")
+    g = store.pool.geometry
+    area = L.ServiceArea.decode(store.pool.buf[g.service_offset : g.service_offset + L.SERVICE_AREA.size])
+    raw = dataclasses.replace(area, generation_high_water=2**64 - 1).encode()
+    store.pool.buf[g.service_offset : g.service_offset + len(raw)] = raw
+    with pytest.raises(CorruptPoolError, match=rf"^{store.path}: service area: generation_high_water "
+                                               rf"{2**64 - 1} is beyond 2\^62"):
+        store.restart()
 
 
 def test_second_live_service_is_refused(pool_path):
