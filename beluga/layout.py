@@ -340,6 +340,8 @@ SERVICE_LINE = struct.Struct("<QQQ")
 SL_OWNER = 0
 SL_RESP_SEQ = 8
 SL_EPOCH = 16
+MAX_EPOCH = (1 << 32) - 1
+"""Epochs are stored in 32 bits in segment and index records; the next grant adds one."""
 U64 = struct.Struct("<Q")
 
 

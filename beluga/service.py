@@ -268,6 +268,9 @@ class MetadataService:
         for slot in range(g.max_clients):
             base = g.host_slot_offset(slot)
             owner, resp_seq, epoch = _QQQ.unpack_from(self.buf, base + L.SERVICE_LINE_OFFSET)
+            if epoch >= L.MAX_EPOCH:
+                raise self._refuse(f"client slot {slot}: service line: epoch {epoch} does not fit the 32-bit owner "
+                                   f"epoch of segment and index records")
             if owner:
                 _, req_seq, hb = _QQQ.unpack_from(self.buf, base + L.CLIENT_LINE_OFFSET)
                 # Liveness restarts now: a client gets a full timeout to show its heartbeat.

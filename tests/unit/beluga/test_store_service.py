@@ -534,6 +534,15 @@ def test_recovery_refuses_a_crafted_index_entry(store, field, value, problem):
     assert pool_report(store.pool)["invalid_records"] == [f"segment {si} slot {sl}: {problem}"]
 
 
+def test_recovery_refuses_a_client_epoch_beyond_32_bits(store):
+    c = store.client()
+    off = store.pool.geometry.host_slot_offset(c.slot) + L.SERVICE_LINE_OFFSET + L.SL_EPOCH
+    struct.pack_into("<Q", store.pool.buf, off, 2**32)  # was: struct.error writing its segments' owner epoch
+    with pytest.raises(CorruptPoolError, match=rf"^{store.path}: client slot {c.slot}: service line: epoch "
+                                               rf"{2**32} does not fit the 32-bit owner epoch"):
+        store.restart()
+
+
 def test_recovery_refuses_a_generation_high_water_mark_beyond_any_pool(store):
     store.client().put(k(1), b"one")
     g = store.pool.geometry
