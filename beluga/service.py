@@ -251,15 +251,15 @@ class MetadataService:
         return gen
 
     # ------------------------------------------------------------ recovery
-    def _refuse(self, what: str) -> CorruptPoolError:
-        """A record with a valid CRC that the service cannot have written: stop, hand the pool back."""
+    def _refuse(self, what: str, *, checksummed: bool = True) -> CorruptPoolError:
+        """A record the service cannot have written (intact, if it has a CRC): stop, hand the pool back."""
         self.release_pool()
         path = self.pool.path
+        torn = "Its checksum is valid, so it is no record torn by a crash: the" if checksummed else "The"
         return CorruptPoolError(
-            f"{path}: {what}. Its checksum is valid, so it is no record torn by a crash: the metadata "
-            f"was damaged or crafted, and recovery refuses to act on it (it would read or overwrite "
-            f"other segments' records). `beluga stat {path}` shows the pool; `beluga format --force "
-            f"{path}` starts it over (its blocks are lost)")
+            f"{path}: {what}. {torn} metadata was damaged or crafted, and recovery refuses to act on it "
+            f"(it would read or overwrite other records). `beluga stat {path}` shows the pool; "
+            f"`beluga format --force {path}` starts it over (its blocks are lost)")
 
     def _recover(self) -> None:
         t0 = time.perf_counter()
@@ -270,14 +270,14 @@ class MetadataService:
             owner, resp_seq, epoch = _QQQ.unpack_from(self.buf, base + L.SERVICE_LINE_OFFSET)
             if epoch >= L.MAX_EPOCH:
                 raise self._refuse(f"client slot {slot}: service line: epoch {epoch} does not fit the 32-bit owner "
-                                   f"epoch of segment and index records")
+                                   f"epoch of segment and index records", checksummed=False)
             if owner:
                 _, req_seq, hb = _QQQ.unpack_from(self.buf, base + L.CLIENT_LINE_OFFSET)
                 # Liveness restarts now: a client gets a full timeout to show its heartbeat.
                 self.clients[slot] = _Client(slot, owner, epoch, hb, now, resp_seq, "resumed")
         if self._gen_high_water >= L.MAX_GENERATION:
             raise self._refuse(f"service area: generation_high_water {self._gen_high_water} is beyond 2^62, "
-                               f"more allocations than any pool can have made")
+                               f"more allocations than any pool can have made", checksummed=False)
         max_gen = 0
         committed = reserved = torn = dup = 0
         # Entries to free, written only once every record has been read and found valid:

@@ -539,8 +539,9 @@ def test_recovery_refuses_a_client_epoch_beyond_32_bits(store):
     off = store.pool.geometry.host_slot_offset(c.slot) + L.SERVICE_LINE_OFFSET + L.SL_EPOCH
     struct.pack_into("<Q", store.pool.buf, off, 2**32)  # was: struct.error writing its segments' owner epoch
     with pytest.raises(CorruptPoolError, match=rf"^{store.path}: client slot {c.slot}: service line: epoch "
-                                               rf"{2**32} does not fit the 32-bit owner epoch"):
+                                               rf"{2**32} does not fit the 32-bit owner epoch") as exc:
         store.restart()
+    assert "epoch of segment and index records. The metadata was damaged or crafted" in str(exc.value)
 
 
 def test_recovery_refuses_a_generation_high_water_mark_beyond_any_pool(store):
