@@ -240,7 +240,8 @@ def test_writers_switching_size_classes_over_a_full_pool_only_ever_see_pool_full
     4 KiB blocks to blocks that fill a whole segment: ownership of segments moves between them
     and blocks and whole segments are evicted under their feet. Every put succeeds or raises
     PoolFullError; none is refused as "segment not owned" (or anything else)."""
-    service_process(extra=HB)  # SMALL pool: 256 KiB segments
+    # SMALL pool: 256 KiB segments. A generous heartbeat timeout: no writer is reaped on a loaded machine.
+    service_process(extra=["--heartbeat-timeout", "10"])
     seg = 256 * 1024
     sizes = ",".join(str(n) for n in (4096, 40_000, 130_000, seg))
     logdir = tmp_path / "writers"
