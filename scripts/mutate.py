@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make mutate`: mutation testing of the modules where a bug hurts users most.
 
-    scripts/mutate.py [GROUP ...] [--fresh | --survivors]
+    scripts/mutate.py [GROUP ...] [--fresh | --survivors | --report]
 
 Runs mutmut (2.x) once per group of mutmut_config.GROUPS, each mutant against that
 group's unit test files only (so a run fits this machine), then writes
@@ -10,7 +10,8 @@ killed: the tests did not pass), survived, the kill rate, and the diff of every
 survivor. mutmut keeps its results in .mutmut-cache: a second run with unchanged
 tests and code only reports; --fresh starts over; --survivors re-tests only the
 mutants that survived the last run (after tests were added for them: mutants killed
-before stay killed, as tests are only ever added). String mutations (messages) are
+before stay killed, as tests are only ever added); --report only writes the summary
+of what .mutmut-cache holds. String mutations (messages) are
 left out: the exact-message tests pin those, and a changed string is a changed
 message, not a changed behaviour.
 """
@@ -73,6 +74,7 @@ def show(mid: int) -> str:
 def main(argv: list[str]) -> int:
     fresh = "--fresh" in argv
     survivors_only = "--survivors" in argv
+    report_only = "--report" in argv
     groups = [a for a in argv if not a.startswith("--")] or list(mutmut_config.GROUPS)
     unknown = [g for g in groups if g not in mutmut_config.GROUPS]
     if unknown:
@@ -80,7 +82,9 @@ def main(argv: list[str]) -> int:
         return 2
     if fresh:
         (REPO / ".mutmut-cache").unlink(missing_ok=True)
-    if survivors_only:
+    if report_only:
+        times = {g: 0.0 for g in groups}
+    elif survivors_only:
         before = results()
         times = {g: run_group(g, [r[0] for r in group_rows(g, before) if r[3] in ("bad_survived", "untested")])
                  for g in groups}
@@ -89,8 +93,8 @@ def main(argv: list[str]) -> int:
     res = results()
     OUT.mkdir(parents=True, exist_ok=True)
     lines = ["# Mutation testing (`make mutate`)", "",
-             "| group | file | functions | sample | tested | killed | survived | kill rate | time |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| group | file | functions | sample | tested | killed | of which timeouts | survived | kill rate | time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     survivors_md = []
     total_k = total_t = 0
     for g in groups:
@@ -103,8 +107,9 @@ def main(argv: list[str]) -> int:
         total_k += len(killed)
         total_t += tested
         rate = f"{100 * len(killed) / tested:.1f} %" if tested else "-"
+        timeouts = sum(r[3] == "bad_timeout" for r in rows)
         lines.append(f"| {g} | {file} | {len(functions) if functions else 'all'} | {fraction:.0%} | {tested} | "
-                     f"{len(killed)} | {len(survived)} | {rate} | {times[g] / 60:.1f} min |"
+                     f"{len(killed)} | {timeouts} | {len(survived)} | {rate} | {times[g] / 60:.1f} min |"
                      + (f" ({len(untested)} untested)" if untested else ""))
         for r in survived:
             survivors_md += [f"## {g}: mutant {r[0]}, {file}:{r[1]} in {mutmut_config.function_at(file, r[1])}",
