@@ -313,3 +313,22 @@ def test_a_half_written_window_does_not_hide_the_next_one():
     assert errors(text) == [
         "my.yaml:21: windows[0]: missing required key 'targets'",
         "my.yaml:21: windows[0]: missing required key 'granularity_bytes'"]
+
+
+def test_the_limits_themselves_are_allowed():
+    """Eight hosts, as many vCPUs as the machine has cores (tests/unit/conftest.py: 4)."""
+    t = T.parse(hosts("hosts:\n  count: 8\n  vcpus: 4\n  memory_mib: 1024\n"), "my.yaml")
+    assert len(t.hosts) == 8 and {h.vcpus for h in t.hosts} == {4}
+
+
+def test_host_count_defaults():
+    t = T.parse(hosts("hosts:\n  count: 2\n"), "my.yaml")
+    assert [(h.name, h.vcpus, h.memory_mib) for h in t.hosts] == [("host0", 1, 1024), ("host1", 1, 1024)]
+
+
+def test_smallest_hosts_still_count_against_the_machines_memory(monkeypatch):
+    small = T.Machine(cpus=4, memory_mib=2048, pools_fs="/dev/shm", pools_fs_mib=4096)
+    monkeypatch.setattr(T, "this_machine", lambda: small)
+    assert errors(hosts("hosts:\n  count: 8\n  memory_mib: 512\n")) == [
+        "my.yaml:4: hosts: 8 hosts need 4096 MiB of memory together, more than this machine's 2048 MiB "
+        "(MemTotal in /proc/meminfo)"]
