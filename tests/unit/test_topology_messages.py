@@ -332,3 +332,27 @@ def test_smallest_hosts_still_count_against_the_machines_memory(monkeypatch):
     assert errors(hosts("hosts:\n  count: 8\n  memory_mib: 512\n")) == [
         "my.yaml:4: hosts: 8 hosts need 4096 MiB of memory together, more than this machine's 2048 MiB "
         "(MemTotal in /proc/meminfo)"]
+
+
+def test_a_window_of_size_zero():
+    assert errors(BASE.replace("size_mib: 512, targets", "size_mib: 0, targets")) == [
+        "my.yaml:21: windows[0].size_mib: expected a positive multiple of 256 MiB, got 0",
+        "my.yaml:23: pool.window: window 'fmw0' is 0 MiB, too small for the pool's 512 MiB"]
+
+
+ONE_DEVICE = (BASE.replace("devices: [mem0, mem1]\n", "devices: [mem0]\n", 1)
+              .replace("  - {id: mem1, size_mib: 256, serial: 0x1001}\n", "")
+              .replace("  devices: [mem0, mem1]\n  gran", "  devices: [mem0]\n  gran")
+              .replace("size_mib: 512, targets", "size_mib: 256, targets"))
+
+
+@pytest.mark.parametrize("ports", [1, 32])
+def test_port_ids_made_from_a_switch_id_must_stay_names(ports):
+    """The switch's ports are named '<switch id>-dsp<k>': with 1 and with 32 (the most)
+    downstream ports, a switch id one character too long is refused."""
+    last = f"-dsp{ports - 1}"
+    fits = "s" * (63 - len(last))
+    text = ONE_DEVICE.replace("downstream_ports: 2", f"downstream_ports: {ports}")
+    assert T.parse(text.replace("id: sw0", f"id: {fits}"), "my.yaml").host_bridges[0].root_ports[0].switch.id == fits
+    assert errors(text.replace("id: sw0", f"id: {fits}s")) == [
+        f"my.yaml:14: host_bridges[0].root_ports[0].switch.id: makes port id '{fits}s{last}', longer than 63 characters"]
