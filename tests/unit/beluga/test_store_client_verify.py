@@ -181,3 +181,53 @@ def test_a_rejected_commit_names_its_key(store, monkeypatch):
     assert msg.startswith(f"commit of key {KEY.hex()[:16]}... rejected (") and msg.endswith("[2 of 2 in the batch failed]")
     monkeypatch.undo()
     assert c.get(KEY) is None and c.client_stats().puts == 0
+
+
+def test_any_contiguous_buffer_is_stored_as_its_bytes(store):
+    import array
+
+    c = store.client()
+    floats = array.array("d", [1.5, -2.25, 3e10])
+    matrix = memoryview(bytearray(range(24))).cast("B", (4, 6))
+    c.put(KEY, floats)
+    c.put(OTHER_KEY, matrix)
+    assert c.get(KEY) == floats.tobytes() and c.get(OTHER_KEY) == bytes(range(24))
+
+
+def test_a_batch_that_does_not_fit_fails_whole_and_gives_back_what_it_reserved(store):
+    """One ALLOC of the batch fails (pool full, every block leased): the error names that
+    block's key, and the reservations the other blocks got are aborted at once."""
+    c = store.client()
+    held = []
+    i = 0
+    while True:  # fill the pool, holding every block so that nothing can be evicted
+        key = i.to_bytes(32, "big")
+        try:
+            c.put(key, bytes(60_000))
+        except client_mod.PoolFullError:
+            break
+        held.append(c.view(key))
+        i += 1
+    for v in held[-3:]:  # a little room: blocks of that size fit again, a segment-sized one does not
+        v.release()
+    c.delete_many([v.key for v in held[-3:]])
+    c.flush_releases()
+    small, large = bytes(range(100, 132)), bytes(range(200, 232))
+    with pytest.raises(client_mod.PoolFullError) as e:
+        c.put_many([(small, bytes(60_000)), (large, bytes(c.g.segment_size_bytes))])
+    assert str(e.value).startswith(f"put of key {large.hex()[:16]}... failed: ")
+    assert store.service.stats()["reserved"] == 0, "the small block's reservation was aborted"
+    assert c.get(small) is None
+    for v in held[:-3]:
+        v.release()
+
+
+def test_get_many_past_one_request_returns_every_block_after_a_miss(store):
+    """Keys go to the service in chunks of what one request holds; a miss in the first
+    chunk must not end the lookup (only lookup_prefix stops at the first miss)."""
+    c = store.client()
+    n = c._max_keys + 5
+    keys = [(1000 + i).to_bytes(32, "big") for i in range(n)]
+    c.put_many([(k, k[-2:]) for k in keys])
+    assert c.get_many([KEY] + keys) == [None] + [k[-2:] for k in keys]
+    assert c.lookup_prefix(keys + [KEY] + keys) == n
