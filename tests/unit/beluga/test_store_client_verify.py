@@ -148,10 +148,12 @@ def test_the_client_counts_what_it_did(store):
         assert bytes(v.data) == blocks[k2]
     assert c.get(k0) == blocks[k0]
     assert c.get(bytes([7]) * 32) is None
+    assert c.view(bytes([6]) * 32) is None
+    assert c.get_into(bytes([5]) * 32, bytearray(10)) is None
     assert c.delete(k0) and not c.delete(k0)
     st = c.client_stats()
     assert (st.puts, st.put_bytes) == (5, 6000 + 30)
-    assert (st.gets, st.hits, st.misses, st.corrupt_misses, st.get_bytes) == (4, 3, 1, 0, 6000)
+    assert (st.gets, st.hits, st.misses, st.corrupt_misses, st.get_bytes) == (6, 3, 3, 0, 6000)
     assert st.deletes == 1
 
 
