@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from beluga import rpc
 from beluga.keys import name_key
 from beluga.report import pool_report
 
@@ -38,4 +39,29 @@ def test_a_reaped_client_is_counted_and_its_slot_is_free_on_the_pool(store):
     assert gone not in {c["slot"] for c in pool_report(store.pool)["clients"]}, "the slot is free for a new client"
     assert alive.slot in {c["slot"] for c in pool_report(store.pool)["clients"]}
     assert alive.get(name_key("d")) == data, "its committed blocks stay"
+    store.service.check_invariants()
+
+
+def test_leases_granted_are_counted(store):
+    c = store.client()
+    c.put(name_key("a"), b"a" * 10)
+    before = store.service.counters["leases_granted"]
+    views = [c.view(name_key("a")) for _ in range(3)]
+    assert store.service.counters["leases_granted"] - before == 3
+    for v in views:
+        v.release()
+
+
+def test_abort_frees_only_the_reservation_it_names(store):
+    c = store.client()
+    body = rpc.ALLOC_REQ.pack([(100,)])
+    rows, _, _ = rpc.ALLOC_RESP.unpack(c._call(rpc.OP_ALLOC, body))
+    a = rpc.Allocation(*rows[0][1:])
+    assert store.service.stats()["reserved"] == 1
+    rows, errors, _ = rpc.STATUS_RESP.unpack(
+        c._call(rpc.OP_ABORT, rpc.ABORT_REQ.pack([(a.segment, a.slot, a.generation + 1)])))
+    assert rows[0][0] == rpc.NOT_RESERVED and store.service.stats()["reserved"] == 1, "another generation: refused"
+    rows, errors, _ = rpc.STATUS_RESP.unpack(
+        c._call(rpc.OP_ABORT, rpc.ABORT_REQ.pack([(a.segment, a.slot, a.generation)])))
+    assert rows[0][0] == rpc.OK and store.service.stats()["reserved"] == 0
     store.service.check_invariants()
