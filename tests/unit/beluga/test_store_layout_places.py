@@ -81,3 +81,17 @@ def test_an_all_zero_index_entry_is_free_and_a_torn_free_one_is_torn():
     assert L.IndexEntry.decode(bytes(freed)).key == bytes(range(32))
     freed[30] ^= 1  # state and generation still 0, the rest torn
     assert L.IndexEntry.decode(bytes(freed)) is None
+
+
+def test_a_header_matches_only_its_own_complete_block():
+    key, other = bytes(range(32)), bytes(range(1, 33))
+    raw = L.BlockHeader(L.BLOCK_COMPLETE, 100, 7, 0xDEADBEEF, 3, key).encode()
+    assert L.block_header_matches(raw, key, 7, 100, 0xDEADBEEF)
+    for args in ((other, 7, 100, 0xDEADBEEF), (key, 8, 100, 0xDEADBEEF), (key, 7, 101, 0xDEADBEEF),
+                 (key, 7, 100, 0xDEADBEEE)):
+        assert not L.block_header_matches(raw, *args), args
+    writing = L.BlockHeader(L.BLOCK_WRITING, 100, 7, 0xDEADBEEF, 3, key).encode()
+    assert not L.block_header_matches(writing, key, 7, 100, 0xDEADBEEF), "a header still being written"
+    torn = bytearray(raw)
+    torn[60] ^= 1
+    assert not L.block_header_matches(bytes(torn), key, 7, 100, 0xDEADBEEF), "a header whose own CRC fails"
