@@ -19,14 +19,14 @@ GROUPS: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...], float]] = 
         "BelugaClient._verify", "BelugaClient.get_many", "BelugaClient.get_many_into", "BelugaClient.view",
         "BelugaClient._put_batch_once", "BelugaClient.put_many", "BelugaClient._lookup", "BelugaClient._corrupt",
         "BelugaClient.delete_many", "BelugaClient.contains", "BelugaClient.lookup_prefix",
-    ), ("tests/unit/beluga/test_store_client.py", "tests/unit/beluga/test_store_client_verify.py"), 0.15),
+    ), ("tests/unit/beluga/test_store_client.py", "tests/unit/beluga/test_store_client_verify.py"), 0.3),
     # The service's block life cycle: allocate, commit, look up under a lease, free, evict, reap.
     "service": ("beluga/service.py", (
         "MetadataService._alloc_one", "MetadataService._commit_one", "MetadataService._abort_one",
         "MetadataService._drop_lease", "MetadataService.evict", "MetadataService._free_slot",
         "MetadataService._unindex", "MetadataService._op_lookup", "MetadataService._op_delete",
         "MetadataService.reap", "MetadataService._locate",
-    ), ("tests/unit/beluga/test_store_service.py", "tests/unit/beluga/test_store_service_counts.py"), 0.08),
+    ), ("tests/unit/beluga/test_store_service.py", "tests/unit/beluga/test_store_service_counts.py"), 0.16),
     # The on-pool format: geometry, records and their checks.
     "layout": ("beluga/layout.py", (
         "compute_geometry", "compute_geometry.place", "parse_size", "_is_pow2", "_round_up",
@@ -34,16 +34,16 @@ GROUPS: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...], float]] = 
         "IndexEntry.encode", "IndexEntry.decode", "SegmentEntry.encode", "SegmentEntry.decode",
         "read_segment_entry", "write_segment_entry", "Geometry.index_entry_offset", "Geometry.header_offset",
         "Geometry.segment_offset", "Geometry.segment_entry_offset", "Geometry.host_slot_offset",
-    ), ("tests/unit/beluga/test_store_layout.py", "tests/unit/beluga/test_store_layout_places.py"), 0.15),
+    ), ("tests/unit/beluga/test_store_layout.py", "tests/unit/beluga/test_store_layout_places.py"), 0.3),
     # Topology validation: every rule and the path/line it reports.
     "topology": ("testbed/topology.py", (
         "_check", "_hosts", "_devices", "_bridges", "_bridges.attach", "_windows", "_pool", "_check_granularity",
-    ), ("tests/unit/test_topology_validation.py", "tests/unit/test_topology_messages.py"), 0.15),
+    ), ("tests/unit/test_topology_validation.py", "tests/unit/test_topology_messages.py"), 0.3),
     # Provisioning on the host side: interleave arithmetic, order by serial, verification.
     "provision": ("testbed/provision.py", (
         "locate", "sample_offsets", "signature", "signing_plan", "pool_args", "verify", "verify.where",
         "verify.read", "provision", "_collect_at_boot", "_collect_at_boot.collect", "pool_table",
-    ), ("tests/unit/test_provision.py",), 0.2),
+    ), ("tests/unit/test_provision.py",), 0.4),
 }
 
 

@@ -37,8 +37,10 @@ DISABLED_TYPES = "string,fstring,decorator"
 def run_group(name: str, mutant_ids: list[int] | None = None) -> float:
     """mutmut over the group's file, or (mutant_ids) over just those mutants."""
     file, _, tests, _ = mutmut_config.GROUPS[name]
-    runner = (f"{shlex.quote(sys.executable)} -m pytest -x -q -p no:cacheprovider "
-              + " ".join(tests))
+    pytest = f"{shlex.quote(sys.executable)} -m pytest -x -q -p no:cacheprovider " + " ".join(tests)
+    # mutmut 2 counts only exit status 1 as "the tests failed": a mutant that breaks the
+    # import (pytest's status 2, a collection error) would pass as a survivor.
+    runner = f"sh -c {shlex.quote(pytest + ' || exit 1')}"
     env = dict(os.environ, MUTATE_GROUP=name, PYTHONPATH=str(REPO))
     start = time.monotonic()
     for target in ([None] if mutant_ids is None else [str(i) for i in mutant_ids]):
