@@ -356,3 +356,12 @@ def test_port_ids_made_from_a_switch_id_must_stay_names(ports):
     assert T.parse(text.replace("id: sw0", f"id: {fits}"), "my.yaml").host_bridges[0].root_ports[0].switch.id == fits
     assert errors(text.replace("id: sw0", f"id: {fits}s")) == [
         f"my.yaml:14: host_bridges[0].root_ports[0].switch.id: makes port id '{fits}s{last}', longer than 63 characters"]
+
+
+def test_hosts_without_a_count():
+    assert errors(hosts("hosts:\n  vcpus: 1\n")) == ["my.yaml:4: hosts: missing required key 'count'"]
+
+
+def test_a_half_written_device_does_not_hide_the_next_ones():
+    assert errors(BASE.replace("devices:\n  - {id: mem0", "devices:\n  - {id: memx, size_mib: 256}\n  - {id: mem0")) == [
+        "my.yaml:18: devices[0]: missing required key 'serial'"]
