@@ -346,9 +346,9 @@ ONE_DEVICE = (BASE.replace("devices: [mem0, mem1]\n", "devices: [mem0]\n", 1)
               .replace("size_mib: 512, targets", "size_mib: 256, targets"))
 
 
-@pytest.mark.parametrize("ports", [1, 32])
+@pytest.mark.parametrize("ports", [1, 10, 32])
 def test_port_ids_made_from_a_switch_id_must_stay_names(ports):
-    """The switch's ports are named '<switch id>-dsp<k>': with 1 and with 32 (the most)
+    """The switch's ports are named '<switch id>-dsp<k>': with 1, 10 and 32 (the most)
     downstream ports, a switch id one character too long is refused."""
     last = f"-dsp{ports - 1}"
     fits = "s" * (63 - len(last))
