@@ -365,3 +365,17 @@ def test_hosts_without_a_count():
 def test_a_half_written_device_does_not_hide_the_next_ones():
     assert errors(BASE.replace("devices:\n  - {id: mem0", "devices:\n  - {id: memx, size_mib: 256}\n  - {id: mem0")) == [
         "my.yaml:18: devices[0]: missing required key 'serial'"]
+
+
+def test_a_window_may_be_as_large_as_the_limit_and_no_larger():
+    most = T.MAX_SIZE_MIB
+    assert T.parse(BASE.replace("size_mib: 512, targets", f"size_mib: {most}, targets"), "my.yaml").windows[0].size_mib \
+        == most
+    assert errors(BASE.replace("size_mib: 512, targets", f"size_mib: {most + 256}, targets")) == [
+        f"my.yaml:21: windows[0].size_mib: expected at most {most} MiB (a window is {T.ADDRESS_SPACE_WHY}), "
+        f"got {most + 256}"]
+
+
+def test_a_half_written_pool_is_an_error_not_a_crash():
+    assert errors(BASE.replace("  granularity_bytes: 4096\n", "")) == [
+        "my.yaml:22: pool: missing required key 'granularity_bytes'"]
