@@ -233,3 +233,10 @@ def test_get_many_past_one_request_returns_every_block_after_a_miss(store):
     c.put_many([(k, k[-2:]) for k in keys])
     assert c.get_many([KEY] + keys) == [None] + [k[-2:] for k in keys]
     assert c.lookup_prefix(keys + [KEY] + keys) == n
+
+
+def test_a_strided_buffer_is_refused_naming_its_key(store):
+    c = store.client()
+    with pytest.raises(ValueError) as e:
+        c.put(KEY, memoryview(bytearray(100))[::2])
+    assert str(e.value) == f"block data for key {KEY.hex()[:16]}... must be a contiguous buffer"
