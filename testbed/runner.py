@@ -7,6 +7,7 @@ import json
 import shlex
 import threading
 import time
+import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,22 @@ class StepRecord:
     line: int
     start_s: float = 0.0
     end_s: float = 0.0
-    outcome: str = "pending"   # ok | failed | running (background)
+    outcome: str = "pending"   # ok | failed | running (background) | not run
     details: dict = field(default_factory=dict)
     error: str | None = None
+    traceback: str | None = None   # for an unexpected exception (a bug, not a user's mistake)
+
+    def fail(self, e: BaseException) -> None:
+        """Record `e` as this step's failure: a TestbedError is the message a user acts on;
+        anything else (a crash) also keeps its traceback."""
+        self.outcome = "failed"
+        if isinstance(e, TestbedError):
+            self.error = str(e)
+        elif isinstance(e, KeyboardInterrupt):
+            self.error = "interrupted (Ctrl-C or SIGTERM)"
+        else:
+            self.error = f"{type(e).__name__}: {e}"
+            self.traceback = "".join(traceback.format_exception(e))
 
 
 class _Lines(io.StringIO):
@@ -268,11 +282,18 @@ class Run:
         time.sleep(a["seconds"])
 
     def step_join(self, rec: StepRecord, a: dict) -> None:
+        late = []
         for t in self.background:
             t.join(timeout=900)
+            if t.is_alive():
+                late.append(t.name)
         self.background.clear()
+        if late:
+            raise TestbedError(f"background work still running after 900 s: {', '.join(late)}")
 
     def play(self) -> None:
+        """Every step, in order. A step that fails (a crash included) is recorded and the
+        next one runs; an interruption is recorded on the step it hit and ends the run."""
         for i, step in enumerate(self.sc.steps):
             rec = StepRecord(i, step.name, step.kind, step.line, start_s=self.now())
             self.steps.append(rec)
@@ -281,27 +302,46 @@ class Run:
                 getattr(self, f"step_{step.kind}")(rec, step.args)
                 if rec.outcome == "pending":
                     rec.outcome = "ok"
-            except TestbedError as e:
-                rec.outcome, rec.error = "failed", str(e)
-            rec.end_s = self.now()
-            mark = {"ok": "✓", "running": "…", "failed": "✗"}[rec.outcome]
-            info(f"{mark} step {i + 1}: {step.name} ({rec.end_s - rec.start_s:.1f} s)"
-                 + (f": {rec.error}" if rec.error else ""))
-        self.step_join(StepRecord(-1, "join", "join", 0), {})
+            except BaseException as e:
+                rec.fail(e)
+                if not isinstance(e, Exception):
+                    raise
+            finally:
+                rec.end_s = self.now()
+                mark = {"ok": "✓", "running": "…", "failed": "✗"}.get(rec.outcome, "?")
+                info(f"{mark} step {i + 1}: {step.name} ({rec.end_s - rec.start_s:.1f} s)"
+                     + (f": {rec.error}" if rec.error else ""))
+        final = StepRecord(-1, "join", "join", 0)
+        try:
+            self.step_join(final, {})
+        except TestbedError as e:
+            final.fail(e)
         for rec in self.steps:
             if rec.outcome == "running":
-                rec.outcome = "ok"
+                rec.outcome = "failed" if final.error else "ok"
+                rec.error = final.error
                 rec.details["committed"] = {s: len(v) for s, v in self.committed.items()}
+
+    def not_run(self) -> list[StepRecord]:
+        """Records for the steps the run never reached (after an interruption or a crash
+        before the first step), so the report shows them and the run cannot pass."""
+        return [StepRecord(i, s.name, s.kind, s.line, outcome="not run")
+                for i, s in enumerate(self.sc.steps) if i >= len(self.steps)]
 
     # ------------------------------------------------------------ expectations
     def check(self) -> list[dict]:
         out = []
         for e in self.sc.expect:
+            tb = None
             try:
                 passed, evidence = getattr(self, f"expect_{e.kind}")(e.args)
             except TestbedError as err:
                 passed, evidence = False, f"could not be checked: {err}"
-            out.append({"kind": e.kind, "args": e.args, "line": e.line, "passed": passed, "evidence": evidence})
+            except Exception as err:  # noqa: BLE001 - a crash in a check is a failed check, with its traceback
+                passed, evidence = False, f"could not be checked: {type(err).__name__}: {err}"
+                tb = "".join(traceback.format_exception(err))
+            out.append({"kind": e.kind, "args": e.args, "line": e.line, "passed": passed, "evidence": evidence,
+                        "traceback": tb})
             info(f"{'✓' if passed else '✗'} expect {e.kind} {e.args}: {evidence}")
         return out
 
@@ -432,6 +472,7 @@ def run(sc: Scenario, *, topology: str | None = None, testbed: str | None = None
                     "testbed": name, "started_at": started, "steps": [], "expectations": [], "deploy": None,
                     "error": None}
     r = None
+    interrupted: BaseException | None = None
     try:
         if own:
             tb = lifecycle.up(topo, name=name)
@@ -447,19 +488,39 @@ def run(sc: Scenario, *, topology: str | None = None, testbed: str | None = None
     except TestbedError as e:
         report["error"] = str(e)
         info(f"✗ {e}")
+    except Exception as e:  # noqa: BLE001 - a crash is a failed run with its traceback, never a pass
+        report["error"] = f"{type(e).__name__}: {e}"
+        report["traceback"] = "".join(traceback.format_exception(e))
+        info(f"✗ {report['error']}")
+    except BaseException as e:  # Ctrl-C, SIGTERM: record, write the report, tear down, then stop
+        interrupted = e
+        report["error"] = "interrupted (Ctrl-C or SIGTERM)"
+        info("✗ interrupted: writing the report and tearing down")
     finally:
-        if r is not None:
-            report["steps"] = [vars(s) for s in r.steps]
-            report["killed_hosts"] = sorted(r.killed)
-        report["passed"] = report["error"] is None and all(e["passed"] for e in report["expectations"]) \
-            and all(s["outcome"] != "failed" for s in report["steps"])
-        report["duration_s"] = round(time.monotonic() - t0, 1)
-        if not report["passed"]:
-            try:
-                report["logs"] = str(lifecycle.export_logs(name, report_dir / "logs"))
-            except Exception as e:  # noqa: BLE001 - the report matters more than the logs
-                report["logs"] = f"could not collect logs: {e}"
-        j, h = write_report(report, report_dir)
-        if own and not keep:
-            lifecycle.down(name)
+        try:
+            if r is not None:
+                report["steps"] = [vars(s) for s in r.steps + r.not_run()]
+                report["killed_hosts"] = sorted(r.killed)
+            report["passed"] = passed(report, sc)
+            report["duration_s"] = round(time.monotonic() - t0, 1)
+            if not report["passed"] and interrupted is None:
+                try:
+                    report["logs"] = str(lifecycle.export_logs(name, report_dir / "logs"))
+                except Exception as e:  # noqa: BLE001 - the report matters more than the logs
+                    report["logs"] = f"could not collect logs: {e}"
+            j, h = write_report(report, report_dir)
+        finally:
+            if own and not keep:
+                lifecycle.down(name)
+    if interrupted is not None:
+        raise interrupted
     return report, h
+
+
+def passed(report: dict, sc: Scenario) -> bool:
+    """True only when the run got through: no error, every step of the scenario ran and
+    ended ok, and every expectation was checked and held."""
+    steps, expects = report["steps"], report["expectations"]
+    return (report["error"] is None
+            and len(steps) == len(sc.steps) and all(s["outcome"] == "ok" for s in steps)
+            and len(expects) == len(sc.expect) and all(e["passed"] for e in expects))
