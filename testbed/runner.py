@@ -20,6 +20,7 @@ from .par import map_parallel
 from .scenario import Scenario
 
 TEMPLATES = Path(__file__).with_name("templates")
+TRACE_FILE = "/sys/kernel/tracing/trace"
 
 
 @dataclass
@@ -399,8 +400,7 @@ class Run:
         seen = {}
         for host in hosts:
             h = self.hosts[host]
-            r = ssh.run(host, h.ssh_port, self.tb.key,
-                        f"grep -m1 ' {a['event']}:' /sys/kernel/tracing/trace || true", timeout_s=60)
+            r = ssh.run(host, h.ssh_port, self.tb.key, guest_saw_command(a["event"]), timeout_s=60)
             seen[host] = r.stdout.strip()
         missing = [h for h, line in seen.items() if not line]
         if missing:
@@ -435,6 +435,12 @@ class Run:
         ok = len(g["misses"]) >= need and not g["torn"]
         return ok, (f"{len(g['misses'])} of {n} blocks of '{a['set']}' evicted (need >= {need}), "
                     f"{len(g['hits'])} still readable, {len(g['torn'])} torn")
+
+
+def guest_saw_command(event: str) -> str:
+    """The guest shell text that finds the first trace line of `event`. The event name
+    is the user's text: quoted as one word, `x:' /dev/null; touch f; echo '` ran the touch."""
+    return f"grep -m1 -F -e {shlex.quote(' ' + event + ':')} {TRACE_FILE} || true"
 
 
 def _ranges(xs) -> str:
