@@ -202,15 +202,42 @@ def cmd_pool(args) -> int:
     return 0
 
 
+def cmd_scenario_validate(args) -> int:
+    """Every scenario file against its topology (or --topology), all errors of all files."""
+    from . import scenario
+    errors: list[str] = []
+    for f in args.files:
+        try:
+            sc, t = scenario.load_checked(f, args.topology)
+        except TopologyError as e:
+            errors += e.errors
+            continue
+        print(f"{f}: ok ({sc.name}: {len(sc.steps)} step(s), {len(sc.expect)} expectation(s), "
+              f"on {t.name} with {len(t.hosts)} host(s))")
+    if errors:
+        raise scenario.ScenarioError(errors)
+    return 0
+
+
+def cmd_scenario_list(args) -> int:
+    from . import scenario
+    for name, path in scenario.builtin().items():
+        sc = scenario.parse(path.read_text(), str(path))
+        print(f"{name:34} {sc.description}")
+    return 0
+
+
 def cmd_run(args) -> int:
     from . import runner, scenario
     if args.list:
-        for name, path in scenario.builtin().items():
-            sc = scenario.parse(path.read_text(), str(path))
-            print(f"{name:34} {sc.description}")
-        return 0
+        return cmd_scenario_list(args)
     if not args.scenario:
         raise TestbedError("name a scenario (a file or a built-in name)", hint="'beluga-testbed run --list'")
+    if args.check:
+        sc, t = scenario.load_checked(args.scenario, args.topology)
+        info(f"✓ {sc.name}: valid on {t.name} ({len(sc.steps)} step(s), {len(sc.expect)} expectation(s)); "
+             "nothing was started")
+        return 0
     sc = scenario.load(args.scenario)
     report, html = runner.run(sc, topology=args.topology, testbed=args.testbed, keep=args.keep,
                               report_dir=Path(args.report_dir) if args.report_dir else None)
@@ -309,7 +336,19 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--testbed", help="use this running testbed instead of bringing one up (and down)")
     rn.add_argument("--keep", action="store_true", help="leave the testbed up afterwards")
     rn.add_argument("--report-dir", help="where report.json and report.html go (default ./reports/NAME-TIME)")
+    rn.add_argument("--check", action="store_true",
+                    help="validate the scenario against its topology and exit; boots nothing")
     rn.set_defaults(func=cmd_run)
+
+    sc = sub.add_parser("scenario", help="validate and list scenarios")
+    scsub = sc.add_subparsers(dest="scenario_cmd", required=True, metavar="ACTION")
+    sv = scsub.add_parser("validate", help="check scenario files against their topology; every error with "
+                                           "file:line; boots nothing")
+    sv.add_argument("files", nargs="+", metavar="FILE", help="a YAML file or a built-in name")
+    sv.add_argument("--topology", help="check against this topology instead of each scenario's")
+    sv.set_defaults(func=cmd_scenario_validate)
+    sl = scsub.add_parser("list", help="the built-in scenarios")
+    sl.set_defaults(func=cmd_scenario_list)
 
     lg = sub.add_parser("logs", help="collect logs")
     lsub = lg.add_subparsers(dest="logs_cmd", required=True, metavar="ACTION")
@@ -336,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"✗ {e}", file=sys.stderr)
         return 1
     except TopologyError as e:
-        print("✗ invalid topology:\n" + "\n".join(f"  {x}" for x in e.errors), file=sys.stderr)
+        kind = getattr(e, "kind", "topology")  # a ScenarioError says "scenario"
+        print(f"✗ invalid {kind}:\n" + "\n".join(f"  {x}" for x in e.errors), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("✗ interrupted", file=sys.stderr)

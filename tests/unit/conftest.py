@@ -40,8 +40,11 @@ class FakeGuests:
         self.tb = SimpleNamespace(
             name="fake", topology=self.topology, hosts=hosts, key=tmp / "id_ed25519", pool_files=pool_files,
             data={"pool": {"hosts": {h.name: {"dax": "/dev/dax0.0"} for h in hosts}}})
+        self.tb.host = lambda name: next(h for h in self.tb.hosts if h.name == name)
         self.by_port = {h.ssh_port: h.name for h in hosts}
         self.blocks: dict[str, int] = {}      # "set/i" -> slot number in the pool
+        self.sizes: dict[str, int] = {}
+        self.next_slot = 0
         self.torn: set[str] = set()           # returned as valid with the wrong bytes (a store bug)
         self.damaged: set[str] = set()        # detected by checksum: a miss
         self.poisoned: set[str] = set()
@@ -52,7 +55,8 @@ class FakeGuests:
         self.commands: list[tuple[str, str]] = []
         self.qmp: list[tuple[str, str, dict | None]] = []
         self.procs: list[subprocess.Popen] = []
-        self.crash_on: dict[str, BaseException] = {}  # verb -> exception the "SSH layer" raises
+        # verb -> exception the "SSH layer" raises, or (exception, calls to let through first)
+        self.crash_on: dict[str, object] = {}
 
     # ---------------------------------------------------------------- processes
     def start_qemus(self) -> None:
@@ -71,17 +75,35 @@ class FakeGuests:
             p.wait()
 
     # ---------------------------------------------------------------- the guest side
-    def slot(self, key: str) -> int:
-        return self.blocks.setdefault(key, len(self.blocks))
+    def slot(self, key: str, size: int) -> int:
+        """Store a block; past the pool's capacity the oldest blocks are evicted (LRU-ish)."""
+        if key not in self.blocks:
+            self.blocks[key] = self.next_slot
+            self.sizes[key] = size
+            self.next_slot += 1
+            while sum(self.sizes.values()) > self.topology.pool_size_bytes * 0.9:
+                old = next(iter(self.sizes))
+                del self.sizes[old], self.blocks[old]
+        return self.blocks[key]
+
+    def is_down(self, host: str) -> bool:
+        """A host whose stand-in QEMU was killed answers no SSH connection."""
+        h = next(h for h in self.tb.hosts if h.name == host)
+        return h.pid is not None and not h.alive()
 
     def answer(self, host: str, command: str, out_stream=None) -> tuple[int, str, str]:
+        if self.is_down(host):
+            raise ConnectionRefusedError(f"{host}: connection refused")
         self.commands.append((host, command))
         words = shlex.split(command)
         if "guest_store.py" in command:
             i = next(k for k, w in enumerate(words) if w.endswith("guest_store.py"))
             verb, args = words[i + 1], json.loads(words[i + 2])
             if verb in self.crash_on:
-                raise self.crash_on[verb]
+                exc, after = self.crash_on[verb] if isinstance(self.crash_on[verb], tuple) else (self.crash_on[verb], 0)
+                if after <= 0:
+                    raise exc
+                self.crash_on[verb] = (exc, after - 1)
             return 0, getattr(self, f"do_{verb}")(host, args, out_stream), ""
         if "beluga.cli format" in command:
             return 0, json.dumps({"geometry": {"segments": 8}}) + "\n", ""
@@ -103,14 +125,42 @@ class FakeGuests:
     def do_put(self, host, a, out):
         done = []
         for i in range(a["start"], a["start"] + a["count"]):
-            self.slot(f"{a['set']}/{i}")
+            self.slot(f"{a['set']}/{i}", a["size"])
             done.append(i)
             if out is not None:
                 out.write(f"committed {i}\n")
         return json.dumps({"committed": done})
 
+    def changed_offsets(self) -> list[int]:
+        """Region offsets of every non-zero byte in the (sparse, zero) backing files: what
+        a bitflip from the host changed. Only the files' data extents are read."""
+        t = self.topology
+        g, n = t.pool.granularity_bytes, len(t.pool.devices)
+        out = []
+        for pos, dev in enumerate(t.pool.devices):
+            with open(self.tb.pool_files[dev], "rb") as f:
+                fd, at = f.fileno(), 0
+                while True:
+                    try:
+                        start = os.lseek(fd, at, os.SEEK_DATA)
+                    except OSError:
+                        break
+                    end = os.lseek(fd, start, os.SEEK_HOLE)
+                    f.seek(start)
+                    chunk = f.read(end - start)
+                    for i, b in enumerate(chunk):
+                        if b:
+                            fo = start + i
+                            out.append((fo // g) * g * n + pos * g + fo % g)
+                    at = end
+        return out
+
     def do_get(self, host, a, out):
         hits, misses, torn, corrupt = [], [], [], 0
+        for off in self.changed_offsets():  # the checksum catches bytes changed under a block
+            for k in self.blocks:
+                if self.offset(k) <= off < self.offset(k) + a["size"]:
+                    self.damaged.add(k)
         for i in range(a["start"], a["start"] + a["count"]):
             k = f"{a['set']}/{i}"
             if k not in self.blocks:
@@ -138,7 +188,7 @@ class FakeGuests:
         for k in sorted(self.poisoned):
             if k in self.blocks:
                 removed.append({"key": name_key(k).hex(), "data_offset": self.offset(k), "length_bytes": 64})
-                del self.blocks[k]
+                del self.blocks[k], self.sizes[k]
         events = [{"event": line.split(":")[0].split()[-1], "hpa": 0x1000, "line": line} for line in self.trace[host]]
         return json.dumps({"events": events, "region_base": 0, "affected": [], "quarantined": removed})
 
@@ -206,6 +256,8 @@ def guests(tmp_path, monkeypatch):
                 code, out, err = fake.answer(fake.by_port[port], command)
             except _GuestExit as e:
                 return ssh.Result(host, 1, "", str(e))
+            except ConnectionRefusedError as e:
+                return ssh.Result(host, -1, "", "", error=f"NoValidConnectionsError: {e}")
             return ssh.Result(host, code, out, err)
 
         monkeypatch.setattr(ssh, "run", run)

@@ -1,6 +1,7 @@
 """A run that crashes or is interrupted is a failed run: the step records the error (and
 the traceback of a crash), report.json and the exit status say FAILED, the testbed goes
 down unless --keep. The guests are faked at SSH and QMP (conftest.py)."""
+import dataclasses
 import json
 
 import pytest
@@ -42,6 +43,15 @@ def run_text(tmp_path, step: str, **kw):
     return runner.run(sc, report_dir=tmp_path / "report", **kw)
 
 
+def run_unchecked(tmp_path, **replace):
+    """A scenario whose second step (a wait) holds values validation refuses, as a bug
+    in a step would: the runner must still fail the run, not pass it."""
+    sc = scenario.parse(SCENARIO.replace("STEP", "wait: {seconds: 1}"), str(tmp_path / "crash.yaml"))
+    steps = list(sc.steps)
+    steps[1] = dataclasses.replace(steps[1], **replace)
+    return runner.run(dataclasses.replace(sc, steps=tuple(steps)), report_dir=tmp_path / "report")
+
+
 def saved(tmp_path) -> dict:
     return json.loads((tmp_path / "report" / "report.json").read_text())
 
@@ -53,12 +63,13 @@ def test_a_clean_run_passes(bed, tmp_path):
     assert bed.calls == [("up", "scn-crash"), ("down", "scn-crash")]
 
 
-@pytest.mark.parametrize("step, error", [
-    ("put: {on: [], set: b, blocks: 2}", "ZeroDivisionError"),
-    ("wait: {seconds: -1}", "ValueError"),
-])
-def test_a_crashing_step_fails_the_run_with_its_traceback(bed, tmp_path, step, error):
-    report, html = run_text(tmp_path, step)
+@pytest.mark.parametrize("crash, error", [("wait", "ValueError"), ("stat", "ZeroDivisionError")])
+def test_a_crashing_step_fails_the_run_with_its_traceback(bed, tmp_path, crash, error):
+    if crash == "wait":
+        report, html = run_unchecked(tmp_path, seconds=-1)  # time.sleep(-1) raises ValueError
+    else:
+        bed.crash_on["stat"] = (ZeroDivisionError("division by zero"), 2)  # deploy's health check stats 2 hosts
+        report, html = run_text(tmp_path, "stat: {on: service}")
     r = saved(tmp_path)
     assert r["passed"] is False
     crashed = r["steps"][1]
@@ -67,6 +78,22 @@ def test_a_crashing_step_fails_the_run_with_its_traceback(bed, tmp_path, step, e
     assert r["steps"][2]["outcome"] == "ok"  # the next steps still ran
     assert "FAILED" in html.read_text() and "PASSED" not in html.read_text()
     assert bed.calls[-1] == ("down", "scn-crash")
+
+
+def test_put_on_no_host_is_refused_before_anything_boots(bed, tmp_path):
+    with pytest.raises(scenario.ScenarioError) as e:
+        run_text(tmp_path, "put: {on: [], set: b, blocks: 2}")
+    assert e.value.errors == [f"{tmp_path}/crash.yaml:10: steps[1].put.on: expected at least one host or role "
+                              "(service, writers, readers, survivors, all)"]
+    assert bed.calls == []
+
+
+def test_negative_wait_is_refused_before_anything_boots(bed, tmp_path):
+    with pytest.raises(scenario.ScenarioError) as e:
+        run_text(tmp_path, "wait: {seconds: -1}")
+    assert e.value.errors == [f"{tmp_path}/crash.yaml:10: steps[1].wait.seconds: expected more than 0 to 86400 "
+                              "seconds, got -1"]
+    assert bed.calls == []
 
 
 def test_interrupt_writes_a_failed_report_tears_down_and_stops(bed, tmp_path):
@@ -115,16 +142,18 @@ def test_a_crash_in_an_expectation_fails_it(bed, tmp_path):
 
 
 def test_keep_leaves_the_testbed_up(bed, tmp_path):
-    run_text(tmp_path, "wait: {seconds: -1}", keep=True)
+    bed.crash_on["stat"] = (ZeroDivisionError("division by zero"), 2)
+    run_text(tmp_path, "stat: {on: service}", keep=True)
     assert ("down", "scn-crash") not in bed.calls
 
 
 def test_cli_exit_status(bed, tmp_path, capsys):
     f = tmp_path / "crash.yaml"
-    f.write_text(SCENARIO.replace("STEP", "wait: {seconds: -1}"))
+    f.write_text(SCENARIO.replace("STEP", "stat: {on: service}"))
+    bed.crash_on["stat"] = (ZeroDivisionError("division by zero"), 2)
     assert cli.main(["run", str(f), "--report-dir", str(tmp_path / "report")]) == 1
     assert "FAILED" in capsys.readouterr().err
-    bed.crash_on["get"] = KeyboardInterrupt()
+    bed.crash_on = {"get": KeyboardInterrupt()}
     f.write_text(SCENARIO.replace("STEP", "stat: {on: service}"))
     assert cli.main(["run", str(f), "--report-dir", str(tmp_path / "report")]) == 130
     assert saved(tmp_path)["passed"] is False

@@ -34,24 +34,24 @@ def test_builtins_parse(name):
 def test_base_defaults():
     sc = S.parse(BASE, "s.yaml")
     assert sc.readers == "others" and sc.topology == "4hosts-1switch"
-    assert sc.block_size(sc.steps[0].args) == 65536
+    assert sc.block_size(sc.steps[0].size_bytes) == 65536
     assert [s.line for s in sc.steps] == [8, 9]
 
 
 def test_unknown_step_did_you_mean():
     assert errors(BASE.replace("  - get: {on", "  - gte: {on")) == [
-        "s.yaml:9: steps[1].gte: unknown step (did you mean 'get'? known: put, get, wait, fault, scan, stat, join)"]
+        "s.yaml:9: steps[1].gte: unknown step (did you mean 'get'? known: put, get, wait, fault, scan, stat, run, join)"]
 
 
 def test_unknown_and_missing_fields():
     errs = errors(BASE.replace("{on: writers, set: a, blocks: 4}", "{on: writers, set: a, blokcs: 4}"))
     assert errs == ["s.yaml:8: steps[0].put.blokcs: unknown field (did you mean 'blocks'?)",
-                    "s.yaml:8: steps[0].put: missing required field 'blocks'"]
+                    "s.yaml:8: steps[0].put: missing required field 'blocks' (how many blocks)"]
 
 
 def test_wrong_type():
     assert errors(BASE.replace("blocks: 4", "blocks: four")) == [
-        "s.yaml:8: steps[0].put.blocks: expected int, got str"]
+        "s.yaml:8: steps[0].put.blocks: expected an integer, got a string"]
 
 
 def test_fault_needs_exactly_one_kind_and_hang_needs_seconds():
@@ -61,8 +61,8 @@ def test_fault_needs_exactly_one_kind_and_hang_needs_seconds():
     assert errors(text) == [
         "s.yaml:9: steps[1].fault: expected exactly one fault (kill_host, hang_host, nic_down, nic_up, poison, "
         "media_event, bitflip, kill_service, start_service), got kill_host, nic_down",
-        "s.yaml:10: steps[2].fault: hang_host needs 'seconds' (how long the host stays stopped)",
-        "s.yaml:11: steps[3].fault.poison: missing required field 'index' (the block to hit)"]
+        "s.yaml:10: steps[2].fault: missing required field 'seconds' (how long the host stays stopped)",
+        "s.yaml:11: steps[3].fault.poison: missing required field 'index' (the block's index)"]
 
 
 def test_unknown_expectation_and_roles():
@@ -71,7 +71,8 @@ def test_unknown_expectation_and_roles():
     assert errors(text) == [
         "s.yaml:7: roles.readers: expected a list of host names or 'others', got 'host2'",
         "s.yaml:12: expect[0].all_readble: unknown expectation (did you mean 'all_readable'? known: all_readable, "
-        "no_torn_reads, never_returned, guest_saw, quarantined, no_reserved_space, evicted)"]
+        "no_torn_reads, never_returned, guest_saw, quarantined, no_reserved_space, evicted, exit_code, output_matches, "
+        "file_written)"]
 
 
 def test_unknown_builtin_name():
