@@ -227,6 +227,20 @@ def cmd_scenario_list(args) -> int:
     return 0
 
 
+def _copy_junit(report_dir: Path, dest: Path) -> None:
+    src = report_dir / "junit.xml"
+    if src.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(src.read_bytes())
+        info(f"JUnit XML: {dest}")
+
+
+def cmd_image_key(args) -> int:
+    """The current recipe's key: what a CI cache of the image is keyed by."""
+    print(image_mod.recipe_key())
+    return 0
+
+
 def cmd_run(args) -> int:
     from . import runner, scenario
     if args.list:
@@ -239,8 +253,16 @@ def cmd_run(args) -> int:
              "nothing was started")
         return 0
     sc = scenario.load(args.scenario)
-    report, html = runner.run(sc, topology=args.topology, testbed=args.testbed, keep=args.keep,
-                              report_dir=Path(args.report_dir) if args.report_dir else None)
+    junit = Path(args.junit) if args.junit else None
+    try:
+        report, html = runner.run(sc, topology=args.topology, testbed=args.testbed, keep=args.keep,
+                                  report_dir=Path(args.report_dir) if args.report_dir else None)
+    except KeyboardInterrupt:
+        if junit is not None and args.report_dir:  # the interrupted run's report was written: pass it on
+            _copy_junit(Path(args.report_dir), junit)
+        raise
+    if junit is not None:
+        _copy_junit(html.parent, junit)
     failed = [e for e in report["expectations"] if not e["passed"]]
     verdict = "passed" if report["passed"] else "FAILED"
     info(f"{'✓' if report['passed'] else '✗'} scenario {sc.name} {verdict} in {report['duration_s']} s: "
@@ -268,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls = isub.add_parser("list", help="list built images")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_image_list)
+    ik = isub.add_parser("key", help="print the current recipe's key (a CI cache key for the built image)")
+    ik.set_defaults(func=cmd_image_key)
     rm = isub.add_parser("rm", help="remove built images")
     rm.add_argument("keys", nargs="*", metavar="KEY")
     rm.add_argument("--all", action="store_true")
@@ -336,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--testbed", help="use this running testbed instead of bringing one up (and down)")
     rn.add_argument("--keep", action="store_true", help="leave the testbed up afterwards")
     rn.add_argument("--report-dir", help="where report.json and report.html go (default ./reports/NAME-TIME)")
+    rn.add_argument("--junit", metavar="FILE", help="also write JUnit XML there (one test case per expectation; "
+                                                    "report-dir/junit.xml is always written)")
     rn.add_argument("--check", action="store_true",
                     help="validate the scenario against its topology and exit; boots nothing")
     rn.set_defaults(func=cmd_run)

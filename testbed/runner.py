@@ -766,10 +766,78 @@ def _ranges(xs) -> str:
     return ",".join(out)
 
 
-def write_report(report: dict, dest: Path) -> tuple[Path, Path]:
+def step_log(report: dict) -> str:
+    """One line per step (the JUnit system-out, and what a CI log shows)."""
+    lines = []
+    for s in report["steps"]:
+        lines.append(f"step {s['index'] + 1} [{s['outcome']}] {s['name']} (line {s['line']}, "
+                     f"{s['start_s']:.1f}-{s['end_s']:.1f} s)" + (f": {s['error']}" if s.get("error") else ""))
+        if s.get("traceback"):
+            lines.append(s["traceback"].rstrip())
+    if report.get("error"):
+        lines.append(f"run error: {report['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def write_junit(report: dict, sc: Scenario | None, dest: Path) -> Path:
+    """JUnit XML: one test case per expectation (a failure carries the evidence), plus one
+    for the steps when a step failed or the run ended early; the step log as system-out.
+    An expectation the run never reached is an error, so the XML fails exactly when the
+    run did."""
+    from xml.etree import ElementTree as ET
+    name = report["scenario"]
+    suite = ET.Element("testsuite", name=name, timestamp=report.get("started_at", ""),
+                       time=f"{report.get('duration_s', 0):.1f}")
+    props = ET.SubElement(suite, "properties")
+    for k in ("topology", "testbed", "source"):
+        ET.SubElement(props, "property", name=k, value=str(report.get(k, "")))
+    cases = []
+    checked = report["expectations"]
+    for e in checked:
+        c = ET.Element("testcase", classname=f"scenario.{name}", name=_case_name(e["kind"], e["args"], e["line"]),
+                       time="0")
+        if not e["passed"]:
+            f = ET.SubElement(c, "failure", message=e["evidence"][:1000], type=e["kind"])
+            f.text = e["evidence"] + ("\n\n" + e["traceback"] if e.get("traceback") else "")
+        cases.append(c)
+    for e in (sc.expect[len(checked):] if sc is not None else ()):
+        c = ET.Element("testcase", classname=f"scenario.{name}", name=_case_name(e.kind, e.args(), e.line), time="0")
+        ET.SubElement(c, "error", message="not checked: the run ended before the expectations",
+                      type="not-checked").text = report.get("error") or "the run ended early"
+        cases.append(c)
+    bad = [s for s in report["steps"] if s["outcome"] != "ok"]
+    if bad or report.get("error"):
+        c = ET.Element("testcase", classname=f"scenario.{name}", name="steps", time=f"{report.get('duration_s', 0):.1f}")
+        msg = report.get("error") or f"{len(bad)} step(s) did not end ok"
+        ET.SubElement(c, "error" if report.get("error") else "failure", message=msg[:1000], type="steps").text = \
+            "\n".join(f"step {s['index'] + 1} [{s['outcome']}] {s['name']}: {s.get('error') or ''}" for s in bad) \
+            + (f"\n{report['traceback']}" if report.get("traceback") else "")
+        cases.append(c)
+    suite.extend(cases)
+    suite.set("tests", str(len(cases)))
+    suite.set("failures", str(sum(1 for c in cases if c.find("failure") is not None)))
+    suite.set("errors", str(sum(1 for c in cases if c.find("error") is not None)))
+    suite.set("skipped", "0")
+    ET.SubElement(suite, "system-out").text = step_log(report)
+    root = ET.Element("testsuites", name="beluga-testbed")
+    root.append(suite)
+    for k in ("tests", "failures", "errors"):
+        root.set(k, suite.get(k))
+    ET.indent(root)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n")
+    return dest
+
+
+def _case_name(kind: str, args: dict, line: int) -> str:
+    return f"{kind} {json.dumps(args, sort_keys=True)} (line {line})"
+
+
+def write_report(report: dict, dest: Path, sc: Scenario | None = None) -> tuple[Path, Path]:
     dest.mkdir(parents=True, exist_ok=True)
     j = dest / "report.json"
     j.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_junit(report, sc, dest / "junit.xml")
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
     h = dest / "report.html"
     total = max([s["end_s"] for s in report["steps"]] + [0.001])
@@ -830,7 +898,7 @@ def run(sc: Scenario, *, topology: str | None = None, testbed: str | None = None
                     report["logs"] = str(lifecycle.export_logs(name, report_dir / "logs"))
                 except Exception as e:  # noqa: BLE001 - the report matters more than the logs
                     report["logs"] = f"could not collect logs: {e}"
-            j, h = write_report(report, report_dir)
+            j, h = write_report(report, report_dir, sc)
         finally:
             if own and not keep:
                 lifecycle.down(name)

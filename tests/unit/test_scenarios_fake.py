@@ -86,3 +86,55 @@ def test_torn_reads_fail_the_run(bed, tmp_path):
     e = {x["kind"]: x for x in report["expectations"]}
     assert e["no_torn_reads"]["evidence"].startswith("torn or corrupted blocks returned as valid: host2 set a indices 3")
     assert "returned with wrong bytes" in e["all_readable"]["evidence"]
+
+
+# ---------------------------------------------------------------- JUnit XML
+
+def junit(path):
+    from xml.etree import ElementTree as ET
+    root = ET.parse(path).getroot()
+    assert root.tag == "testsuites"
+    (suite,) = root.findall("testsuite")
+    return root, suite
+
+
+def test_junit_of_a_failing_run(bed, tmp_path, capsys):
+    from testbed import cli
+    bed.torn.add("a/3")
+    out = tmp_path / "ci" / "junit.xml"
+    assert cli.main(["run", "functional/cross-host-put-get", "--report-dir", str(tmp_path / "r"),
+                     "--junit", str(out)]) == 1
+    root, suite = junit(out)
+    assert out.read_bytes() == (tmp_path / "r" / "junit.xml").read_bytes()
+    cases = suite.findall("testcase")
+    assert [c.get("name") for c in cases] == [
+        'all_readable {"on": "all", "set": "a"} (line 18)', "no_torn_reads {} (line 19)", "steps"]
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("3", "3", "0")
+    assert root.get("failures") == "3"
+    torn = cases[1].find("failure")
+    assert torn.get("type") == "no_torn_reads"
+    assert torn.get("message").startswith("torn or corrupted blocks returned as valid: host2 set a indices 3")
+    assert "step 2 [failed] get on=readers, set=a" in cases[2].find("failure").text
+    log = suite.find("system-out").text
+    assert log.splitlines()[0].startswith("step 1 [ok] put on=writers, set=a, blocks=32 (line 13, ")
+    props = {p.get("name"): p.get("value") for p in suite.find("properties")}
+    assert props["topology"] == "4hosts-1switch" and props["testbed"] == "scn-cross-host-put-get"
+
+
+def test_junit_of_a_passing_run(bed, tmp_path):
+    play("functional/cross-host-put-get", tmp_path)
+    root, suite = junit(tmp_path / "r" / "junit.xml")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("2", "0", "0")
+    assert all(len(c) == 0 for c in suite.findall("testcase"))
+
+
+def test_junit_of_an_interrupted_run_has_every_expectation_as_an_error(bed, tmp_path):
+    bed.crash_on["get"] = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        play("functional/cross-host-put-get", tmp_path)
+    root, suite = junit(tmp_path / "r" / "junit.xml")
+    cases = suite.findall("testcase")
+    assert [c.find("error").get("message") for c in cases[:2]] == [
+        "not checked: the run ended before the expectations"] * 2
+    assert cases[2].get("name") == "steps" and cases[2].find("error").get("message").startswith("interrupted")
+    assert suite.get("errors") == "3"
