@@ -205,11 +205,12 @@ def cmd_pool(args) -> int:
 def cmd_scenario_validate(args) -> int:
     """Every scenario file against its topology (or --topology), all errors of all files."""
     from . import scenario
+    from .yamlcheck import ConfigError
     errors: list[str] = []
     for f in args.files:
         try:
             sc, t = scenario.load_checked(f, args.topology)
-        except TopologyError as e:
+        except ConfigError as e:  # the scenario's, or its topology's
             errors += e.errors
             continue
         print(f"{f}: ok ({sc.name}: {len(sc.steps)} step(s), {len(sc.expect)} expectation(s), "
@@ -401,8 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"✗ {e}", file=sys.stderr)
         return 1
     except TopologyError as e:
-        kind = getattr(e, "kind", "topology")  # a ScenarioError says "scenario"
-        print(f"✗ invalid {kind}:\n" + "\n".join(f"  {x}" for x in e.errors), file=sys.stderr)
+        print("✗ invalid topology:\n" + "\n".join(f"  {x}" for x in e.errors), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("✗ interrupted", file=sys.stderr)

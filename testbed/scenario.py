@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from . import names
-from .topology import API_VERSION, Topology, TopologyError, _Checker, _Doc
+from . import names, yamlcheck
+from .topology import API_VERSION, Topology
+from .yamlcheck import Checker as _Checker
+from .yamlcheck import ConfigError
 
 SCENARIOS_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 ROLE_WORDS = ("service", "writers", "readers", "survivors", "all")
@@ -32,10 +34,11 @@ DEFAULT_BLOCK_BYTES = 65536
 MAX_SECONDS = 24 * 3600  # a wait, hang or timeout longer than a day is a typo
 
 
-class ScenarioError(TopologyError):
+class ScenarioError(ConfigError):
     """Every mistake found in a scenario file (the CLI prints 'invalid scenario:')."""
 
-    kind = "scenario"
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("scenario", errors)
 
 
 # ---------------------------------------------------------------- field types
@@ -330,7 +333,7 @@ def resolve(ref: str) -> Path:
 
 def load(ref: str) -> Scenario:
     p = resolve(ref)
-    return parse(p.read_text(), str(p))
+    return _parse(yamlcheck.read(p, "scenario"), str(p))
 
 
 def _fields(c: _Checker, cls: type[Node], raw: Any, path: tuple, *, skip: tuple = ()) -> dict | None:
@@ -427,15 +430,11 @@ def _fault(c: _Checker, raw: Any, path: tuple) -> Fault | None:
 
 
 def parse(text: str, file: str = "<scenario>") -> Scenario:
-    doc = _Doc(file, text)
-    c = _Checker(doc)
-    try:
-        return _parse(doc, c, file)
-    except TopologyError as e:
-        raise ScenarioError(e.errors) from None
+    return _parse(yamlcheck.load(text, file, "scenario"), file)
 
 
-def _parse(doc: _Doc, c: _Checker, file: str) -> Scenario:
+def _parse(doc: yamlcheck.Doc, file: str) -> Scenario:
+    c = _Checker(doc, "scenario")
     top = c.mapping(doc.data, (), {"apiVersion": str, "kind": str, "name": str, "roles": dict, "steps": list},
                     {"description": str, "topology": str, "store": dict, "expect": list})
     if top is None:
@@ -530,7 +529,7 @@ def check(sc: Scenario, t: Topology) -> None:
     every `on`/host field name hosts it has, block sizes fit its pool, every fault's and
     expectation's target exists (a block of a set an earlier step put, a run an earlier
     step started). Raises ScenarioError with every problem."""
-    c = _Checker(sc.doc if sc.doc is not None else _Doc(sc.source, "{}"))
+    c = _Checker(sc.doc if sc.doc is not None else yamlcheck.load("{}", sc.source, "scenario"), "scenario")
     known = [h.name for h in t.hosts]
     for role, value in (("service", (sc.service,)), ("writers", sc.writers),
                         ("readers", sc.readers if sc.readers != "others" else ())):

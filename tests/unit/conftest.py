@@ -1,8 +1,13 @@
-"""A testbed whose guests are faked at the true boundaries: SSH (the commands the runner
-sends get the answers the guest-side driver would print) and QMP (each command recorded;
-poison and media events land in the guests' trace). Everything on this side of those
-boundaries (the scenario model, the runner, the faults' arithmetic, the pool's backing
-files, the report) is the real code."""
+"""Fixtures of the unit tests.
+
+Topologies are checked against one fixed machine, not the one they run on, so the
+messages that name its cores, RAM and pool space read the same everywhere.
+
+`guests`: a testbed whose guests are faked at the true boundaries: SSH (the commands the
+runner sends get the answers the guest-side driver would print) and QMP (each command
+recorded; poison and media events land in the guests' trace). Everything on this side of
+those boundaries (the scenario model, the runner, the faults' arithmetic, the pool's
+backing files, the report) is the real code."""
 from __future__ import annotations
 
 import json
@@ -18,6 +23,14 @@ import pytest
 
 from beluga.keys import name_key
 from testbed import lifecycle, provision, qmp, ssh, topology
+
+MACHINE = topology.Machine(cpus=4, memory_mib=8192, pools_fs="/dev/shm", pools_fs_mib=4096)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_machine(monkeypatch):
+    monkeypatch.setattr(topology, "this_machine", lambda: MACHINE)
+
 
 BLOCK_SLOT = 1 << 17  # where the fake store puts block k of the pool: k * BLOCK_SLOT + 4096
 

@@ -2,7 +2,6 @@
 import pytest
 
 from testbed import scenario as S
-from testbed.topology import TopologyError
 
 BASE = """\
 apiVersion: beluga.testbed/v1alpha1
@@ -20,7 +19,7 @@ expect:
 
 
 def errors(text):
-    with pytest.raises(TopologyError) as e:
+    with pytest.raises(S.ScenarioError) as e:
         S.parse(text, "s.yaml")
     return e.value.errors
 
@@ -76,6 +75,14 @@ def test_unknown_expectation_and_roles():
 
 
 def test_unknown_builtin_name():
-    with pytest.raises(TopologyError) as e:
+    with pytest.raises(S.ScenarioError) as e:
         S.load("faults/writer-crsh")
     assert "did you mean 'faults/writer-crash'?" in e.value.errors[0]
+
+
+def test_scenarios_are_read_by_the_safe_loader():
+    text = BASE.replace("  - get: {on: readers, set: a}\n", "  - get: {on: readers, set: a, set: b}\n")
+    assert errors(text) == ["s.yaml:9: steps[1].get.set: duplicate key 'set' (first at line 9)"]
+    text = BASE.replace("roles:\n", "x: &a [1]\ny: *a\nroles:\n")
+    errs = errors(text)
+    assert errs[0] == "s.yaml:4: x: anchor '&a': anchors and aliases are not supported, write the value out"
