@@ -333,7 +333,14 @@ def resolve(ref: str) -> Path:
 
 def load(ref: str) -> Scenario:
     p = resolve(ref)
-    return _parse(yamlcheck.read(p, "scenario"), str(p))
+    return _parse(_read(lambda: yamlcheck.read(p, "scenario")), str(p))
+
+
+def _read(load_doc: Callable[[], yamlcheck.Doc]) -> yamlcheck.Doc:
+    try:
+        return load_doc()
+    except ConfigError as e:  # the loader's errors (syntax, duplicate keys, aliases) as this file's
+        raise ScenarioError(e.errors) from None
 
 
 def _fields(c: _Checker, cls: type[Node], raw: Any, path: tuple, *, skip: tuple = ()) -> dict | None:
@@ -430,7 +437,7 @@ def _fault(c: _Checker, raw: Any, path: tuple) -> Fault | None:
 
 
 def parse(text: str, file: str = "<scenario>") -> Scenario:
-    return _parse(yamlcheck.load(text, file, "scenario"), file)
+    return _parse(_read(lambda: yamlcheck.load(text, file, "scenario")), file)
 
 
 def _parse(doc: yamlcheck.Doc, file: str) -> Scenario:
