@@ -8,6 +8,7 @@ registered in testbed/scenario.py's registry; the fault kinds live in testbed/fa
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -551,7 +552,7 @@ class FileWritten(Expectation):
 # ================================================================ the run
 
 class Run:
-    def __init__(self, sc: Scenario, tb, out_dir: Path | None = None) -> None:
+    def __init__(self, sc: Scenario, tb, out_dir: Path | None = None, t0: float | None = None) -> None:
         self.sc = sc
         self.tb = tb
         self.topology = tb.topology
@@ -568,7 +569,7 @@ class Run:
         self.programs: dict[str, tuple[Any, StepRecord]] = {}   # background programs not joined yet
         self.program_results: dict[str, dict] = {}             # name -> {host: ProgramResult}
         self.steps: list[StepRecord] = []
-        self.t0 = time.monotonic()
+        self.t0 = time.monotonic() if t0 is None else t0  # the run's clock: boot and deploy share it
         names = list(self.hosts)
         missing = [n for n in (sc.service, *sc.writers, *(sc.readers if sc.readers != "others" else ())) if n not in names]
         if missing:
@@ -838,11 +839,30 @@ def write_report(report: dict, dest: Path, sc: Scenario | None = None) -> tuple[
     j = dest / "report.json"
     j.write_text(json.dumps(report, indent=2, default=str) + "\n")
     write_junit(report, sc, dest / "junit.xml")
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, extensions=["jinja2.ext.do"])
     h = dest / "report.html"
-    total = max([s["end_s"] for s in report["steps"]] + [0.001])
-    h.write_text(env.get_template("report.html.j2").render(r=report, total=total))
+    env.filters["cell"] = _cell
+    bars = [{"name": p["name"], "kind": "phase", "start_s": p["start_s"], "end_s": p["end_s"] or p["start_s"],
+             "outcome": p["outcome"], "n": ""} for p in report.get("phases", [])]
+    bars += [{"name": s["name"], "kind": s["kind"], "start_s": s["start_s"], "end_s": s["end_s"],
+              "outcome": s["outcome"], "n": f"{s['index'] + 1}."} for s in report["steps"] if s["outcome"] != "not run"]
+    bars.sort(key=lambda b: b["start_s"])
+    total = max([b["end_s"] for b in bars] + [report.get("duration_s") or 0, 0.001])
+    h.write_text(env.get_template("report.html.j2").render(r=report, total=total, bars=bars))
     return j, h
+
+
+def _cell(v: Any) -> str:
+    """A scalar or a list of scalars as text for a table cell (mappings become nested tables)."""
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 1 << 20:
+        return f"{v} ({v:#x})"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_cell(x) for x in v) or "(none)"
+    if v is None:
+        return "-"
+    return str(v)
 
 
 def run(sc: Scenario, *, topology: str | None = None, testbed: str | None = None, keep: bool = False,
@@ -855,7 +875,19 @@ def run(sc: Scenario, *, topology: str | None = None, testbed: str | None = None
     t0 = time.monotonic()
     report: dict = {"scenario": sc.name, "description": sc.description, "source": sc.source, "topology": topo,
                     "testbed": name, "started_at": started, "steps": [], "expectations": [], "deploy": None,
-                    "error": None}
+                    "error": None, "phases": []}
+
+    @contextlib.contextmanager
+    def phase(what: str):
+        """Boot, deploy and the checks on the report's timeline, on the steps' clock."""
+        p = {"name": what, "start_s": round(time.monotonic() - t0, 2), "end_s": None, "outcome": "failed"}
+        report["phases"].append(p)
+        try:
+            yield
+            p["outcome"] = "ok"
+        finally:
+            p["end_s"] = round(time.monotonic() - t0, 2)
+
     # Every mistake the scenario file can hold, against the topology, before a VM boots.
     if own:
         S.check(sc, topo_mod.load(topo))
@@ -864,17 +896,17 @@ def run(sc: Scenario, *, topology: str | None = None, testbed: str | None = None
     r = None
     interrupted: BaseException | None = None
     try:
-        if own:
-            tb = lifecycle.up(topo, name=name)
-        else:
-            tb = lifecycle.find(name)
-        r = Run(sc, tb, report_dir)
+        with phase(f"boot {topo}" if own else f"testbed {name} (already up)"):
+            tb = lifecycle.up(topo, name=name) if own else lifecycle.find(name)
+        r = Run(sc, tb, report_dir, t0=t0)
         report["roles"] = {"service": sc.service, "writers": list(sc.writers), "readers": r.readers}
         info(f"• deploy the store: service on {sc.service}, writers {', '.join(sc.writers)}, "
              f"readers {', '.join(r.readers)}")
-        report["deploy"] = r.deploy()
+        with phase("deploy the store"):
+            report["deploy"] = r.deploy()
         r.play()
-        report["expectations"] = r.check()
+        with phase("check the expectations"):
+            report["expectations"] = r.check()
     except TestbedError as e:
         report["error"] = str(e)
         info(f"✗ {e}")
