@@ -9,6 +9,7 @@ registered in testbed/scenario.py's registry; the fault kinds live in testbed/fa
 from __future__ import annotations
 
 import contextlib
+import difflib
 import io
 import json
 import re
@@ -286,7 +287,7 @@ def _block_target(self, sc, t, c) -> None:
 def _run_target(self, sc, t, c) -> None:
     runs = [s.name_ for s in sc.steps if s.kind == "run"]
     if self.run not in runs:
-        close = S.difflib.get_close_matches(self.run, runs, n=1)
+        close = difflib.get_close_matches(self.run, runs, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         c.err(self.path + ("run",), f"no program named '{self.run}' ({hint}programs: {', '.join(runs) or 'none'})")
 
