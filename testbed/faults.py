@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any, ClassVar
 
-from . import deploy, provision, qmp
+from . import deploy, paths, provision, qmp
 from .log import TestbedError
 from .scenario import Choice, Fault, Hosts, Int, Name, OneHost, Seconds, arg, block_problem, fault
 
@@ -67,7 +67,7 @@ def flip_bits(path, offset: int, bits: int = 1) -> list[int]:
     """Flip `bits` bits in the backing file at `offset` (one per byte from there);
     returns the byte offsets changed."""
     changed = []
-    with open(path, "r+b") as f:
+    with paths.open_nofollow(path, "r+b") as f:
         for i in range(bits):
             f.seek(offset + i)
             b = f.read(1)[0]
