@@ -847,7 +847,7 @@ def write_report(report: dict, dest: Path, sc: Scenario | None = None) -> tuple[
              "outcome": p["outcome"], "n": ""} for p in report.get("phases", [])]
     bars += [{"name": s["name"], "kind": s["kind"], "start_s": s["start_s"], "end_s": s["end_s"],
               "outcome": s["outcome"], "n": f"{s['index'] + 1}."} for s in report["steps"] if s["outcome"] != "not run"]
-    bars.sort(key=lambda b: b["start_s"])
+    bars.sort(key=lambda b: (b["start_s"], b["end_s"]))  # a 0 s join before the checks that start with it
     total = max([b["end_s"] for b in bars] + [report.get("duration_s") or 0, 0.001])
     h.write_text(env.get_template("report.html.j2").render(r=report, total=total, bars=bars))
     return j, h
@@ -898,7 +898,12 @@ def run(sc: Scenario, *, topology: str | None = None, testbed: str | None = None
     interrupted: BaseException | None = None
     try:
         with phase(f"boot {topo}" if own else f"testbed {name} (already up)"):
-            tb = lifecycle.up(topo, name=name) if own else lifecycle.find(name)
+            shares = sc.share_list()
+            if own:
+                tb = lifecycle.up(topo, name=name, **({"shares": shares} if shares else {}))
+            else:
+                tb = lifecycle.find(name)
+                _check_shares(tb, shares, sc)
         r = Run(sc, tb, report_dir, t0=t0)
         report["roles"] = {"service": sc.service, "writers": list(sc.writers), "readers": r.readers}
         info(f"• deploy the store: service on {sc.service}, writers {', '.join(sc.writers)}, "
@@ -938,6 +943,18 @@ def run(sc: Scenario, *, topology: str | None = None, testbed: str | None = None
     if interrupted is not None:
         raise interrupted
     return report, h
+
+
+def _check_shares(tb, wanted: list, sc: Scenario) -> None:
+    """A scenario run on a running testbed (`--testbed`) needs the folders it shares."""
+    if not wanted:
+        return
+    from . import shares as shares_mod
+    if lack := shares_mod.missing(tb, wanted):
+        raise TestbedError(f"{sc.source}: testbed '{tb.name}' does not share " +
+                           ", ".join(s.spec for s in lack),
+                           hint="bring it up with " + " ".join(f"--share {s.spec}" for s in lack) +
+                           ", or run without --testbed")
 
 
 def passed(report: dict, sc: Scenario) -> bool:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from . import names, yamlcheck
+from .log import TestbedError
 from .topology import API_VERSION, Topology
 from .yamlcheck import Checker as _Checker
 from .yamlcheck import ConfigError
@@ -309,7 +310,22 @@ class Scenario:
     store: dict
     steps: tuple[Step, ...]
     expect: tuple[Expectation, ...] = ()
+    shares: tuple[str, ...] = ()  # HOST_DIR[:GUEST_DIR[:rw]], as `up --share`; relative to the file's folder
     doc: Any = field(default=None, compare=False, repr=False)
+
+    def share_list(self) -> list:
+        """The shares as testbed/shares.py's Share objects (TestbedError, located, if one is bad)."""
+        if not self.shares:
+            return []
+        from . import shares as shares_mod
+        base = Path(self.source).resolve().parent
+        out = [shares_mod.parse(spec, i, base, where=self._where(("shares", i)))
+               for i, spec in enumerate(self.shares)]
+        return shares_mod.parse_all([s.spec for s in out]) if len(out) > 1 else out
+
+    def _where(self, path: tuple) -> str:
+        line = self.doc.line(path) if self.doc is not None else 1
+        return f"{self.source}:{line}: {yamlcheck.fmt_path(path)}"
 
     def block_size(self, size_bytes: int | None) -> int:
         return size_bytes or self.store.get("block_size_bytes", DEFAULT_BLOCK_BYTES)
@@ -443,7 +459,7 @@ def parse(text: str, file: str = "<scenario>") -> Scenario:
 def _parse(doc: yamlcheck.Doc, file: str) -> Scenario:
     c = _Checker(doc, "scenario")
     top = c.mapping(doc.data, (), {"apiVersion": str, "kind": str, "name": str, "roles": dict, "steps": list},
-                    {"description": str, "topology": str, "store": dict, "expect": list})
+                    {"description": str, "topology": str, "store": dict, "expect": list, "shares": list})
     if top is None:
         raise ScenarioError(c.errors)
     if top.get("apiVersion") not in (None, API_VERSION):
@@ -473,6 +489,12 @@ def _parse(doc: yamlcheck.Doc, file: str) -> Scenario:
     for k in ("heartbeat_timeout_s", "lease_ttl_s"):
         if k in store:
             Seconds().parse(c, store[k], ("store", k))
+    shares = []
+    for i, spec in enumerate(top.get("shares", []) or []):
+        if isinstance(spec, str) and spec:
+            shares.append(spec)
+        else:
+            _bad(c, ("shares", i), "a share 'HOST_DIR[:GUEST_DIR[:rw]]'", spec)
     steps: list[Step] = []
     for i, raw in enumerate(top.get("steps", [])):
         path = ("steps", i)
@@ -513,7 +535,7 @@ def _parse(doc: yamlcheck.Doc, file: str) -> Scenario:
     return Scenario(name=top["name"], description=top.get("description", ""), source=file,
                     topology=top.get("topology", "4hosts-1switch"), service=roles["service"],
                     writers=tuple(roles["writers"]), readers=tuple(readers) if isinstance(readers, list) else "others",
-                    store=store, steps=tuple(steps), expect=tuple(expect), doc=doc)
+                    store=store, steps=tuple(steps), expect=tuple(expect), shares=tuple(shares), doc=doc)
 
 
 # ---------------------------------------------------------------- against a topology
@@ -545,6 +567,20 @@ def check(sc: Scenario, t: Topology) -> None:
                 close = difflib.get_close_matches(x, known, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
                 c.err(("roles", role), f"no host '{x}' in topology {t.name} ({hint}hosts: {', '.join(known)})")
+    if sc.shares:
+        from . import shares as shares_mod
+        base, ok = Path(sc.source).resolve().parent, True
+        for i, spec in enumerate(sc.shares):
+            try:
+                shares_mod.parse(spec, i, base, where=sc._where(("shares", i)))
+            except TestbedError as e:  # already located: file:line: shares[i]: ...
+                c.errors.append(e.message)
+                ok = False
+        if ok:
+            try:
+                sc.share_list()  # across them: no guest folder twice, none inside another
+            except TestbedError as e:
+                c.err(("shares",), e.message)
     pool = t.pool_size_bytes
     for k in ("block_size_bytes", "segment_size_bytes"):
         if sc.store.get(k, 0) > pool // 2:

@@ -158,3 +158,27 @@ def test_every_kind_is_documented_and_every_field_typed():
             assert cls.summary, kind
             for f in cls.fields():
                 assert isinstance(f.metadata["type"], S.FieldType) and f.metadata["doc"], (kind, f.name)
+
+
+def test_shares_are_strings():
+    errs = parse_errors("shares:\n  - {dir: x}\n")
+    assert errs == ["s.yaml:11: shares[0]: expected a share 'HOST_DIR[:GUEST_DIR[:rw]]', got a mapping"]
+
+
+def test_shares_are_checked_with_the_scenario(tmp_path):
+    pytest.importorskip("testbed.shares")  # testbed/shares.py (up --share) lands with the programs branch
+    (tmp_path / "prog").mkdir()
+    f = tmp_path / "s.yaml"
+    f.write_text(HEAD + "shares:\n  - prog:/mnt/prog\n  - missing:/mnt/m\n  - prog:/etc/x\n")
+    with pytest.raises(S.ScenarioError) as e:
+        S.load_checked(str(f))
+    assert [x.split(": ", 2)[:2] for x in e.value.errors] == [[f"{f}:12", "shares[1]"], [f"{f}:13", "shares[2]"]]
+    assert "does not exist" in e.value.errors[0] and "system folder" in e.value.errors[1]
+    f.write_text(HEAD + "shares:\n  - prog:/mnt/prog\n  - prog:/mnt/prog/sub\n")
+    with pytest.raises(S.ScenarioError) as e:
+        S.load_checked(str(f))
+    assert e.value.errors[0].startswith(f"{f}:10: shares: share ") and "would be inside share" in e.value.errors[0]
+    f.write_text(HEAD + "shares:\n  - prog:/mnt/prog\n")
+    sc, _ = S.load_checked(str(f))
+    (share,) = sc.share_list()
+    assert (share.host_dir, share.guest_dir, share.rw) == (tmp_path / "prog", "/mnt/prog", False)
