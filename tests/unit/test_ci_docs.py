@@ -56,3 +56,10 @@ def test_every_command_in_the_workflow_exists(argv):
 def test_the_check_catches_a_command_that_does_not_exist():
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["image", "hash"])
+
+
+def test_image_key_is_the_recipes_hash(capsys):
+    from testbed import image
+    assert cli.main(["image", "key"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key == image.recipe_key() and re.fullmatch(r"[0-9a-f]{16}", key)
