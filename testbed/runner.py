@@ -131,6 +131,8 @@ class Put(Step):
                 rec.details.setdefault("exit", {})[host] = res.exited
             except Exception as e:  # noqa: BLE001 - a crashed writer ends its SSH session
                 rec.details.setdefault("exit", {})[host] = f"connection lost ({type(e).__name__})"
+            if self.background:  # the timeline shows a background put until its last writer ended
+                rec.end_s = max(rec.end_s, r.now())
 
         rec.details["writers"] = [j[0] for j in jobs]
         if self.background:
@@ -679,6 +681,7 @@ class Run:
             except TestbedError as e:
                 started.fail(e)
                 failures.append(str(e))
+            started.end_s = self.now()  # the timeline shows a background program until it was joined
             rec.details.setdefault("joined", []).append(n)
         if name is None:
             late = []
@@ -710,7 +713,7 @@ class Run:
                 if not isinstance(e, Exception):
                     raise
             finally:
-                rec.end_s = self.now()
+                rec.end_s = max(rec.end_s, self.now())
                 mark = {"ok": "✓", "running": "…", "failed": "✗"}.get(rec.outcome, "?")
                 info(f"{mark} step {i + 1}: {st.name} ({rec.end_s - rec.start_s:.1f} s)"
                      + (f": {rec.error}" if rec.error else ""))

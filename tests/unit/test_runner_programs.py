@@ -116,3 +116,14 @@ def test_background_program_without_join_is_joined_at_the_end(bed, tmp_path):
     assert report["passed"]
     assert bed.handles[0].joined == [runner.BACKGROUND_JOIN_S]
     assert json.loads((tmp_path / "r" / "report.json").read_text())["steps"][0]["outcome"] == "ok"
+
+
+def test_a_background_program_spans_the_timeline_until_joined(bed, tmp_path, monkeypatch):
+    import itertools
+    import time
+    clock = itertools.count()  # every reading of the clock is one second later
+    monkeypatch.setattr(runner, "time", SimpleNamespace(monotonic=lambda: float(next(clock)), sleep=lambda s: None,
+                                                        strftime=time.strftime))
+    report = play(tmp_path)
+    bg, fault, join = report["steps"][:3]
+    assert bg["start_s"] < fault["start_s"] < join["start_s"] < bg["end_s"] <= join["end_s"]
