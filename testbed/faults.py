@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 from . import deploy, paths, provision, qmp
 from .log import TestbedError
-from .scenario import Choice, Fault, Hosts, Int, Name, OneHost, Seconds, arg, block_problem, fault
+from .scenario import Choice, Fault, Hosts, Int, Name, OneHost, Seconds, arg, check_block, fault
 
 
 def kill_host(h) -> None:
@@ -83,8 +83,7 @@ def flip_bits(path, offset: int, bits: int = 1) -> list[int]:
 # record, whose `details` go into the report.
 
 def _block_checks(self, sc, t, c) -> None:
-    if (why := block_problem(sc, self, self.set, self.index)):
-        c.err(self.path + ("set",), why)
+    check_block(sc, self, c)
 
 
 @fault("kill_host", "SIGKILL of the host's QEMU (a crash)")

@@ -30,7 +30,7 @@ from . import scenario as S
 from .log import TestbedError, info
 from .par import map_parallel
 from .scenario import (Bool, Choice, Env, Expectation, Fault, Hosts, Int, Name, Regex, Scenario, Seconds, Step,
-                       StrList, Str, arg, block_problem, expectation, step, steps_before)
+                       StrList, Str, arg, check_block, expectation, step, steps_before)
 
 TEMPLATES = Path(__file__).with_name("templates")
 TRACE_FILE = "/sys/kernel/tracing/trace"
@@ -282,8 +282,7 @@ class Join(Step):
 # ================================================================ expectation kinds
 
 def _block_target(self, sc, t, c) -> None:
-    if (why := block_problem(sc, self, self.set, self.index)):
-        c.err(self.path + ("set",), why)
+    check_block(sc, self, c)
 
 
 def _run_target(self, sc, t, c) -> None:

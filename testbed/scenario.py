@@ -612,19 +612,19 @@ def steps_before(sc: Scenario, node: Node) -> tuple[Step, ...]:
     return tuple(s for s in sc.steps if s.path[1] < node.path[1])
 
 
-def block_problem(sc: Scenario, node: Node, set_name: str, index: int) -> str | None:
-    """Why block `set_name/index` cannot exist when `node` runs: no earlier put of the
-    set, or the index outside every such put's range."""
-    puts = [s for s in steps_before(sc, node) if s.kind == "put" and s.set == set_name]
+def check_block(sc: Scenario, node: Node, c: _Checker) -> None:
+    """Block `node.set/node.index` must exist when `node` runs: an earlier step puts the
+    set (else the error is on `set`) and its index is in that put's range (else on `index`)."""
+    puts = [s for s in steps_before(sc, node) if s.kind == "put" and s.set == node.set]
     if not puts:
         sets = sorted({s.set for s in steps_before(sc, node) if s.kind == "put"})
-        close = difflib.get_close_matches(set_name, sets, n=1)
+        close = difflib.get_close_matches(node.set, sets, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        return f"no step before this one puts set '{set_name}' ({hint}sets put so far: {', '.join(sets) or 'none'})"
-    if not any(p.start <= index < p.start + p.blocks for p in puts):
+        c.err(node.path + ("set",), f"no step before this one puts set '{node.set}' "
+                                    f"({hint}sets put so far: {', '.join(sets) or 'none'})")
+    elif not any(p.start <= node.index < p.start + p.blocks for p in puts):
         ranges = ", ".join(f"{p.start}-{p.start + p.blocks - 1}" for p in puts)
-        return f"block {index} of set '{set_name}' is never put (indices put: {ranges})"
-    return None
+        c.err(node.path + ("index",), f"block {node.index} of set '{node.set}' is never put (indices put: {ranges})")
 
 
 def load_checked(ref: str, topology_ref: str | None = None) -> tuple[Scenario, Topology]:

@@ -52,7 +52,7 @@ def test_block_faults_need_a_block_put_before_them():
                   "  - fault: {media_event: {set: a, index: 3, kind: dram}}\n")
     assert errs == [
         "s.yaml:10: steps[1].fault.poison.set: no step before this one puts set 'b' (sets put so far: a)",
-        "s.yaml:11: steps[2].fault.bitflip.set: block 4 of set 'a' is never put (indices put: 0-3)"]
+        "s.yaml:11: steps[2].fault.bitflip.index: block 4 of set 'a' is never put (indices put: 0-3)"]
 
 
 def test_roles_and_every_error_at_once():
