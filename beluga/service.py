@@ -14,7 +14,6 @@ from __future__ import annotations
 import heapq
 import json
 import os
-import selectors
 import socket
 import struct
 import sys
@@ -26,13 +25,13 @@ from dataclasses import dataclass
 
 from . import layout as L
 from . import rpc
-from .errors import ProtocolError, ServiceBusyError
+from .errors import CorruptPoolError, ProtocolError, ServiceBusyError
 from .pool import Pool
+from .tcpserver import TcpServer
 from .transport import reduce_timer_slack
 
 _QQQ = struct.Struct("<QQQ")
 _U64 = struct.Struct("<Q")
-_FRAME = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
@@ -68,6 +67,27 @@ class ServiceConfig:
     claim_scan_interval_s: float = 0.001
     """How often the serve loop looks at free host slots for claims and reads heartbeats
     (requests of registered clients are looked at on every pass)."""
+    stall_threshold_s: float = 0.25
+    """A gap this long between two passes of the serve loop is the service's own stall (a GC pause,
+    a descheduled or stopped process, slow pool memory): client heartbeat deadlines move by the gap,
+    so clients are never reaped for time in which the service could not watch them."""
+    # Limits on TCP clients (see beluga/tcpserver.py and docs/store.md). Frames are capped at the
+    # pool's RPC buffer size (`beluga format --rpc-buffer`).
+    tcp_max_connections: int = 64
+    """Open TCP connections at most (lowered to what the file limit, RLIMIT_NOFILE, leaves room for)."""
+    tcp_max_clients: int | None = None
+    """Host slots TCP clients may hold at most (None: all but a quarter, at least one, kept for pool clients;
+    none kept with a single slot or without the pool transport)."""
+    tcp_hello_timeout_s: float = 5.0
+    """A connection that has made no valid request (HELLO or a live session) this long is closed."""
+    tcp_idle_timeout_s: float = 60.0
+    """A connection that sent no complete frame this long is closed (clients reconnect when they next call)."""
+    tcp_output_limit_bytes: int = 1 << 20
+    """Answers waiting for a client that does not read them; past this the connection is closed."""
+    tcp_accept_backoff_s: float = 0.1
+    """After a failed accept (EMFILE, ...), accepting pauses this long; the service keeps serving."""
+    tcp_frames_per_pass: int = 1
+    """Frames answered per connection per loop pass: a pipelining client cannot starve the others."""
 
 
 class _Reject(Exception):
@@ -148,7 +168,9 @@ class MetadataService:
             "deletes": 0, "evictions": 0, "segment_evictions": 0, "leases_granted": 0, "leases_expired": 0,
             "reservations_expired": 0, "reservations_reclaimed": 0, "clients_registered": 0,
             "clients_reaped": 0, "corrupt_reports": 0, "corrupt_blocks_dropped": 0, "bad_requests": 0,
+            "stalls_forgiven": 0,
         }
+        self._tcp: TcpServer | None = None
         self._ops_count: dict[str, int] = {}
         self.segments = [_Segment(i) for i in range(self.g.segment_count)]
         self._free_segments: list[int] = []
@@ -251,6 +273,16 @@ class MetadataService:
         return gen
 
     # ------------------------------------------------------------ recovery
+    def _refuse(self, what: str, *, checksummed: bool = True) -> CorruptPoolError:
+        """A record the service cannot have written (intact, if it has a CRC): stop, hand the pool back."""
+        self.release_pool()
+        path = self.pool.path
+        torn = "Its checksum is valid, so it is no record torn by a crash: the" if checksummed else "The"
+        return CorruptPoolError(
+            f"{path}: {what}. {torn} metadata was damaged or crafted, and recovery refuses to act on it "
+            f"(it would read or overwrite other records). `beluga stat {path}` shows the pool; "
+            f"`beluga format --force {path}` starts it over (its blocks are lost)")
+
     def _recover(self) -> None:
         t0 = time.perf_counter()
         now = self.clock()
@@ -258,27 +290,33 @@ class MetadataService:
         for slot in range(g.max_clients):
             base = g.host_slot_offset(slot)
             owner, resp_seq, epoch = _QQQ.unpack_from(self.buf, base + L.SERVICE_LINE_OFFSET)
+            if epoch >= L.MAX_EPOCH:
+                raise self._refuse(f"client slot {slot}: service line: epoch {epoch} does not fit the 32-bit owner "
+                                   f"epoch of segment and index records", checksummed=False)
             if owner:
                 _, req_seq, hb = _QQQ.unpack_from(self.buf, base + L.CLIENT_LINE_OFFSET)
                 # Liveness restarts now: a client gets a full timeout to show its heartbeat.
                 self.clients[slot] = _Client(slot, owner, epoch, hb, now, resp_seq, "resumed")
+        if self._gen_high_water >= L.MAX_GENERATION:
+            raise self._refuse(f"service area: generation_high_water {self._gen_high_water} is beyond 2^62, "
+                               f"more allocations than any pool can have made", checksummed=False)
         max_gen = 0
         committed = reserved = torn = dup = 0
+        # Entries to free, written only once every record has been read and found valid:
+        # a refused pool is left exactly as it was.
+        repairs: list[tuple[int, int, int]] = []
         for si, seg in enumerate(self.segments):
             entry = L.read_segment_entry(self.buf, g.segment_entry_offset(si))
-            if entry is None or entry.state == L.SEG_FREE or entry.data_slot_bytes == 0:
+            problem = L.segment_entry_problem(g, entry) if entry is not None else None
+            if problem:
+                raise self._refuse(f"segment {si}: segment-table entry: {problem}")
+            if entry is None or entry.state == L.SEG_FREE:
                 seg.state = L.SEG_FREE
                 if entry is None:
                     torn += 1
                 self._free_segments.append(si)
                 continue
             lay = self._layout(entry.data_slot_bytes)
-            if lay.slot_count != entry.slot_count:
-                _log(f"segment {si}: recorded {entry.slot_count} slots but class {entry.data_slot_bytes} has "
-                     f"{lay.slot_count}; treating it as free")
-                seg.state = L.SEG_FREE
-                self._free_segments.append(si)
-                continue
             seg.state = entry.state
             seg.layout = lay
             seg.owner = (entry.owner_slot, entry.owner_epoch) if entry.state == L.SEG_OPEN else None
@@ -289,9 +327,12 @@ class MetadataService:
                 e = L.IndexEntry.decode(raw[sl * L.INDEX_ENTRY_BYTES : (sl + 1) * L.INDEX_ENTRY_BYTES])
                 if e is None:
                     torn += 1  # a write cut short: never acknowledged, so it is as if it never happened
-                    self._persist_entry(si, sl, None)
+                    repairs.append((si, sl, 0))
                     seg.free.append(sl)
                     continue
+                problem = L.index_entry_problem(e, lay.data_slot_bytes)
+                if problem:
+                    raise self._refuse(f"segment {si} slot {sl}: index entry: {problem}")
                 max_gen = max(max_gen, e.generation)
                 if e.state == L.ENTRY_COMMITTED:
                     blk = _Block(L.ENTRY_COMMITTED, e.key, e.generation, e.length_bytes, e.data_crc,
@@ -307,11 +348,13 @@ class MetadataService:
                         owner.reservations.add((si, sl))
                         reserved += 1
                     else:
-                        self._persist_entry(si, sl, None, e.generation)
+                        repairs.append((si, sl, e.generation))
                         seg.free.append(sl)
                 else:
                     seg.free.append(sl)
             heapq.heapify(seg.free)
+        for si, sl, gen in repairs:
+            self._persist_entry(si, sl, None, gen)
         # Rebuild the index; LRU order is soft state, approximated by generation.
         order = []
         for seg in self.segments:
@@ -433,11 +476,16 @@ class MetadataService:
                 continue
             if not self._transferable(seg, me):
                 continue
-            self._unindex(key)
+            # The slot goes straight to this client: the segment keeps its class and never
+            # passes through "free". (Through _unindex, a sealed segment whose last block this
+            # was went back on the free list while this client took it, so the next ALLOC of
+            # any client reopened it and wiped this client's reservation.)
+            del self.index[key]
+            blk = seg.blocks.pop(sl)
+            self._persist_entry(si, sl, None, blk.generation)
+            heapq.heappush(seg.free, sl)
             self.counters["evictions"] += 1
-            if seg.state == L.SEG_FREE:
-                self._open(seg, data_slot_bytes, me)
-            elif seg.owner != me:
+            if seg.owner != me:
                 self._set_owner(seg, me)
             return seg
         # Otherwise free a whole segment of another class: the one used least recently.
@@ -857,6 +905,7 @@ class MetadataService:
             "uptime_s": round(self.clock() - self.started_at, 3),
             "pid": os.getpid(),
             "restarts": self._restarts,
+            "tcp": self._tcp.stats() if self._tcp is not None else None,
         }
 
     def check_invariants(self) -> None:
@@ -998,22 +1047,18 @@ class MetadataService:
     def serve(self, stop: threading.Event | None = None, *, on_ready=None) -> None:
         """Run until ``stop`` is set. Pool requests are polled with a short, growing backoff."""
         stop = stop or threading.Event()
-        sel = None
-        listener = None
-        conns: dict[socket.socket, bytearray] = {}
+        tcp = None
         try:
             if self.cfg.tcp_host is not None:
-                listener = socket.create_server((self.cfg.tcp_host, self.cfg.tcp_port))
-                listener.setblocking(False)
-                sel = selectors.DefaultSelector()
-                sel.register(listener, selectors.EVENT_READ)
-                host, port = listener.getsockname()[:2]
+                tcp = self._tcp = TcpServer(self, self.cfg.tcp_host, self.cfg.tcp_port, log=_log)
+                host, port = tcp.address
                 self.set_tcp_address(self.cfg.advertise or f"{host}:{port}")
             if on_ready is not None:
                 on_ready(self)
             sleep_s = self.cfg.poll_min_sleep_s
             last_work = time.monotonic()
             next_scan = 0.0
+            last_pass = self.clock()
             reduce_timer_slack()
             while not stop.is_set():
                 t = time.monotonic()
@@ -1021,9 +1066,13 @@ class MetadataService:
                 if scan:
                     next_scan = t + self.cfg.claim_scan_interval_s
                 worked = self.poll_pool(claims=scan)
-                if sel is not None:
-                    worked |= self._serve_tcp(sel, listener, conns, 0)
+                if tcp is not None:
+                    worked |= tcp.poll(0)
+                now = self.clock()
+                if now - last_pass > self.cfg.stall_threshold_s:
+                    self._forgive_stall(now - last_pass)
                 self.housekeeping()
+                last_pass = self.clock()
                 if worked:
                     sleep_s = self.cfg.poll_min_sleep_s
                     last_work = time.monotonic()
@@ -1033,11 +1082,11 @@ class MetadataService:
                     os.sched_yield()  # hot: the next request is probably microseconds away
                     continue
                 # Idle: back off so that several processes on few cores do not starve each other.
-                if sel is not None and sleep_s >= 1e-3:
+                if tcp is not None and sleep_s >= 1e-3:
                     # Long idle: block in epoll (TCP requests wake us at once). Its timeout has
                     # millisecond resolution, so shorter sleeps use time.sleep below instead
                     # (TCP sockets are checked without blocking on every pass anyway).
-                    if self._serve_tcp(sel, listener, conns, sleep_s):
+                    if tcp.poll(sleep_s):
                         sleep_s = self.cfg.poll_min_sleep_s
                         continue
                 else:
@@ -1045,59 +1094,20 @@ class MetadataService:
                 cap = self.cfg.poll_warm_max_sleep_s if idle_s < self.cfg.poll_warm_s else self.cfg.poll_max_sleep_s
                 sleep_s = min(sleep_s * 2, cap)
         finally:
-            for conn in list(conns):
-                conn.close()
-            if listener is not None:
-                listener.close()
-            if sel is not None:
-                sel.close()
+            if tcp is not None:
+                tcp.close()
 
-    def _serve_tcp(self, sel, listener, conns, timeout_s: float) -> bool:
-        worked = False
-        for key, _ in sel.select(timeout_s):
-            sock = key.fileobj
-            if sock is listener:
-                try:
-                    conn, _ = listener.accept()
-                except BlockingIOError:
-                    continue
-                conn.setblocking(False)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sel.register(conn, selectors.EVENT_READ)
-                conns[conn] = bytearray()
-                continue
-            worked = True
-            try:
-                data = sock.recv(1 << 20)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                sel.unregister(sock)
-                conns.pop(sock, None)
-                sock.close()
-                continue
-            buf = conns[sock]
-            buf += data
-            while len(buf) >= 4:
-                (n,) = _FRAME.unpack_from(buf)
-                if len(buf) < 4 + n:
-                    break
-                msg = bytes(buf[4 : 4 + n])
-                del buf[: 4 + n]
-                resp = self.handle(msg)
-                try:
-                    sock.setblocking(True)
-                    sock.settimeout(5.0)
-                    sock.sendall(_FRAME.pack(len(resp)) + resp)
-                    sock.setblocking(False)
-                except OSError:
-                    sel.unregister(sock)
-                    conns.pop(sock, None)
-                    sock.close()
-                    break
-        return worked
+    def _forgive_stall(self, gap_s: float) -> None:
+        """The loop did not run for ``gap_s``: that time must not count against any client's heartbeat.
+
+        A stalled service cannot see heartbeats, so without this every client would look dead
+        the moment the loop resumes (a blocking send to a client that never read once made the
+        service reap every healthy client)."""
+        now = self.clock()
+        for c in self.clients.values():
+            c.seen_at = min(c.seen_at + gap_s, now)
+        self.counters["stalls_forgiven"] += 1
+        _log(f"service loop stalled for {gap_s:.2f}s; client heartbeat deadlines moved by as much")
 
 
 class ServiceThread:
