@@ -359,7 +359,7 @@ def _read(load_doc: Callable[[], yamlcheck.Doc]) -> yamlcheck.Doc:
         raise ScenarioError(e.errors) from None
 
 
-def _fields(c: _Checker, cls: type[Node], raw: Any, path: tuple, *, skip: tuple = ()) -> dict | None:
+def _fields(c: _Checker, cls: type[Node], raw: Any, path: tuple) -> dict | None:
     """The dataclass fields of `cls` read from mapping `raw`: unknown keys (did-you-mean),
     missing required ones, each value through its FieldType."""
     if raw is None:
@@ -371,16 +371,12 @@ def _fields(c: _Checker, cls: type[Node], raw: Any, path: tuple, *, skip: tuple 
     out: dict = {}
     ok = True
     for k in raw:
-        if k in skip:
-            continue
         if k not in spec:
             close = difflib.get_close_matches(str(k), spec, n=1)
             c.err(path + (k,), "unknown field (" + (f"did you mean '{close[0]}'?)" if close else
                                                     f"known: {', '.join(spec) or 'none'})"))
             ok = False
     for name, f in spec.items():
-        if name in skip:
-            continue
         if name not in raw:
             if f.default is dataclasses.MISSING:
                 doc = f.metadata.get("doc")
@@ -480,15 +476,13 @@ def _parse(doc: yamlcheck.Doc, file: str) -> Scenario:
         c.err(("roles", "readers"), f"expected a list of host names or 'others', got {readers!r}")
     elif isinstance(readers, list):
         Hosts().parse(c, readers, ("roles", "readers"))
-    store = c.mapping(top.get("store", {}), ("store",), {},
-                      {"block_size_bytes": int, "segment_size_bytes": int, "heartbeat_timeout_s": (int, float),
-                       "lease_ttl_s": (int, float), "max_clients": int}) or {}
-    for k in ("block_size_bytes", "segment_size_bytes", "max_clients"):
+    # Keys checked by the mapping, values by the field types (numbers with bounds).
+    store_types = {"block_size_bytes": Int(1, 1 << 40), "segment_size_bytes": Int(1, 1 << 40),
+                   "heartbeat_timeout_s": Seconds(), "lease_ttl_s": Seconds(), "max_clients": Int(1, 4096)}
+    store = c.mapping(top.get("store", {}), ("store",), {}, {k: object for k in store_types}) or {}
+    for k, typ in store_types.items():
         if k in store:
-            Int(1).parse(c, store[k], ("store", k))
-    for k in ("heartbeat_timeout_s", "lease_ttl_s"):
-        if k in store:
-            Seconds().parse(c, store[k], ("store", k))
+            typ.parse(c, store[k], ("store", k))
     shares = []
     for i, spec in enumerate(top.get("shares", []) or []):
         if isinstance(spec, str) and spec:

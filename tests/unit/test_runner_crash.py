@@ -157,3 +157,11 @@ def test_cli_exit_status(bed, tmp_path, capsys):
     f.write_text(SCENARIO.replace("STEP", "stat: {on: service}"))
     assert cli.main(["run", str(f), "--report-dir", str(tmp_path / "report")]) == 130
     assert saved(tmp_path)["passed"] is False
+
+
+def test_a_running_testbed_is_used_and_left_up(bed, tmp_path):
+    sc = scenario.parse(SCENARIO.replace("STEP", "stat: {on: service}"), str(tmp_path / "crash.yaml"))
+    report, _ = runner.run(sc, testbed="mine", report_dir=tmp_path / "report")
+    assert report["passed"] and report["testbed"] == "mine"
+    assert bed.calls == []  # neither up nor down
+    assert report["phases"][0]["name"] == "testbed mine (already up)"

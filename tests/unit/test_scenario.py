@@ -86,3 +86,11 @@ def test_scenarios_are_read_by_the_safe_loader():
     text = BASE.replace("roles:\n", "x: &a [1]\ny: *a\nroles:\n")
     errs = errors(text)
     assert errs[0] == "s.yaml:4: x: anchor '&a': anchors and aliases are not supported, write the value out"
+
+
+def test_store_and_roles_of_the_wrong_type_are_located():
+    text = BASE.replace("  writers: [host1]\n", "  writers: host1\nstore: {heartbeat_timeout_s: x, block_size_bytes: 0}\n")
+    assert errors(text) == [
+        "s.yaml:6: roles.writers: expected a list, got a string",
+        "s.yaml:7: store.block_size_bytes: expected an integer from 1 to 1099511627776, got 0",
+        "s.yaml:7: store.heartbeat_timeout_s: expected a number of seconds, got a string"]
