@@ -37,7 +37,9 @@ def commands() -> list[list[str]]:
 
 def test_workflow_parses_and_uses_the_cli():
     wf = workflow()
-    assert wf["name"] == "cxl-scenarios" and wf["jobs"]["scenarios"]["container"] == "debian:12"
+    job = wf["jobs"]["scenarios"]
+    assert wf["name"] == "cxl-scenarios" and job["container"]["image"] == "debian:12"
+    assert "--shm-size" in job["container"]["options"]  # the pools live in /dev/shm
     cmds = commands()
     assert {c[0] for c in cmds} >= {"image", "scenario", "up", "run", "logs", "down"}
     uses = [s.get("uses", "") for s in wf["jobs"]["scenarios"]["steps"]]
