@@ -79,16 +79,17 @@ def cmd_topology_show(args) -> int:
 
 
 def cmd_up(args) -> int:
-    from . import lifecycle, ssh
+    from . import lifecycle, shares, ssh
+    share_list = shares.parse_all(args.share or [])  # every mistake here, before anything boots
     if args.dry_run:
         t, name, argvs = lifecycle.plan(args.topology, args.name, accel="tcg" if args.accel == "auto" else args.accel,
-                                        provision=not args.no_provision)
+                                        provision=not args.no_provision, shares=share_list)
         for host, argv in argvs.items():
             print(f"# {name}/{host}")
             print(shlex.join(argv))
         return 0
     tb = lifecycle.up(args.topology, name=args.name, accel=args.accel, retain=args.retain,
-                      provision=not args.no_provision)
+                      provision=not args.no_provision, shares=share_list)
     for h in tb.hosts:
         print(f"{h.name}\t{shlex.join(ssh.ssh_argv(h.ssh_port, tb.key))}")
     return 0
@@ -120,6 +121,9 @@ def cmd_status(args) -> int:
         for h in s["hosts"]:
             pool = h["pool"] + (f" ({h['dax']})" if h.get("dax") else "")
             print(f"  {h['name']:10} {h['state']:8} {h['pid'] or '-':>8} {h['ssh_port']:>6}  {pool}")
+        for sh in s.get("shares") or []:
+            print(f"  share {sh['host_dir']} -> {sh['guest_dir']} ({'rw' if sh['rw'] else 'read-only'}, "
+                  f"tag {sh['tag']}) on every host")
     return 0
 
 
@@ -263,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--retain", action="store_true", help="on failure, keep VMs and files for inspection")
     u.add_argument("--dry-run", action="store_true", help="print each host's QEMU command line and exit")
     u.add_argument("--no-provision", action="store_true", help="boot only; do not configure the pool")
+    u.add_argument("--share", action="append", metavar="HOST_DIR[:GUEST_DIR[:rw]]",
+                   help="mount a host folder in every guest (virtio-9p; default GUEST_DIR /mnt/<folder name>; "
+                        "read-only unless ':rw'); repeatable")
     u.set_defaults(func=cmd_up)
 
     dn = sub.add_parser("down", help="stop a testbed and remove all its files (idempotent)")
