@@ -170,6 +170,14 @@ def cmd_exec(args) -> int:
     return 0
 
 
+def cmd_cp(args) -> int:
+    from . import lifecycle, transfer
+    tb = lifecycle.find(args.name)
+    for where in transfer.copy(tb, args.src, args.dst, all_hosts=args.all, recursive=args.recursive):
+        print(where)
+    return 0
+
+
 def cmd_logs_export(args) -> int:
     from . import lifecycle
     print(lifecycle.export_logs(args.name, Path(args.dest) if args.dest else None))
@@ -299,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     # The command after `--` is split off in main(): argparse's REMAINDER after an
     # optional positional swallows flags like --all.
     ex.set_defaults(func=cmd_exec)
+
+    cp = sub.add_parser("cp", help="copy files into or out of guests over SFTP (scp-style HOST:PATH)",
+                        description="One side is remote: HOST:PATH, or :PATH with --all (every host). "
+                                    "Out of several hosts, DST is a folder with one subfolder per host.")
+    cp.add_argument("name", metavar="NAME")
+    cp.add_argument("src", metavar="SRC", help="a local path, or HOST:PATH (:PATH with --all)")
+    cp.add_argument("dst", metavar="DST", help="a local path, or HOST:PATH (:PATH with --all)")
+    cp.add_argument("--all", action="store_true", help="every host of the testbed (remote side written :PATH)")
+    cp.add_argument("-r", "--recursive", action="store_true", help="copy folders and what they hold")
+    cp.set_defaults(func=cmd_cp)
 
     pv = sub.add_parser("provision", help="(re)create and verify the shared pool in every guest")
     pv.add_argument("name", metavar="NAME")
