@@ -106,11 +106,12 @@ def test_example_readers_check_every_record_when_the_writer_host_crashes(bed, tm
     assert (tmp_path / "records.json").read_text().count('"mismatches": []') == 1
 
     # One flipped bit in a committed record, in the backing file: the reader catches it.
-    off = RECORD_BYTES + 3 * RECORD_BYTES + 100  # slot 0, record 3, inside its payload
+    slot0 = tb.topology.pool_size_bytes - 2 * (16 << 20)  # the slots fill the end of the pool
+    off = slot0 + RECORD_BYTES + 3 * RECORD_BYTES + 100  # slot 0, record 3, inside its payload
     loc = provision.locate(tb.topology, tb.pool_files, off)
     faults.flip_bits(loc.file, loc.file_offset)
     r = programs.run_program(tb, ["host1"], [*prog, "read", "--writer", "0", "--once"], None, {}, 120, False,
                              tmp_path / "check").join()["host1"]
     assert r.exit_code == 1
-    assert f"MISMATCH record 3 of host 0 at pool offset {RECORD_BYTES * 4:#x}" in r.stdout_tail
+    assert f"MISMATCH record 3 of host 0 at pool offset {slot0 + RECORD_BYTES * 4:#x}" in r.stdout_tail
 

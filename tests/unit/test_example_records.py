@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 PROGRAM = Path(__file__).resolve().parents[2] / "scenarios/examples/dax-records/records.py"
-POOL = 8 << 20  # 2 hosts: two 4 MiB slots
+POOL = 64 << 20  # 2 hosts: two 16 MiB slots at the end, host 0 from 32 MiB, host 1 from 48 MiB
+SLOT0 = 32 << 20
 
 
 @pytest.fixture
@@ -48,18 +49,22 @@ def test_a_reader_checks_every_record_while_the_writer_publishes(pool, tmp_path)
     assert out.endswith("verified 300 records from host 0, all check (the writer finished)\n")
     report = json.loads((tmp_path / "report.json").read_text())
     assert (report["verified"], report["writer_finished"], report["mismatches"]) == (300, True, [])
-    # The writer's slot is the first half; host 1's own slot was never touched.
+    # Only the writer's slot was written: not the start of the pool (the Beluga store's
+    # records live there), not host 1's own slot.
     with open(pool, "rb") as f:
-        f.seek(POOL // 2)
-        assert f.read(4096) == bytes(4096)
+        assert f.read(SLOT0) == bytes(SLOT0)
+        f.seek(SLOT0 + (16 << 20))
+        assert f.read(1 << 20) == bytes(1 << 20)
+        f.seek(SLOT0)
+        assert f.read(8) == b"RECORDS1"
 
 
 def test_a_killed_writer_leaves_committed_records_that_still_check(pool):
     run(pool, 0, "reset")
     reader = start(pool, 1, "read", "--writer", "0", "--idle-s", "1")
     writer = start(pool, 0, "write", "--records", "1000", "--interval-s", "0.01", "--progress-every", "10")
-    assert writer.stdout.readline().startswith("host 0: publishing 1000 records")
-    assert writer.stdout.readline() == "committed 10\n"
+    w = run(pool, 1, "wait", "--writer", "0", "--committed", "10")
+    assert w.returncode == 0 and w.stdout.startswith("host 0 has committed ")
     writer.kill()  # as a host crash: mid-stream, no goodbye
     writer.wait()
     out, _ = reader.communicate(timeout=120)
@@ -71,7 +76,7 @@ def test_a_killed_writer_leaves_committed_records_that_still_check(pool):
 def test_a_flipped_bit_in_a_committed_record_is_caught(pool):
     run(pool, 0, "reset")
     assert run(pool, 0, "write", "--records", "20").returncode == 0
-    off = 4096 + 7 * 4096 + 100  # record 7, inside its payload
+    off = SLOT0 + 4096 + 7 * 4096 + 100  # record 7, inside its payload
     with open(pool, "r+b") as f:
         f.seek(off)
         b = f.read(1)[0]
@@ -79,7 +84,7 @@ def test_a_flipped_bit_in_a_committed_record_is_caught(pool):
         f.write(bytes([b ^ 0x10]))
     r = run(pool, 1, "read", "--writer", "0", "--once")
     assert r.returncode == 1
-    assert f"MISMATCH record 7 of host 0 at pool offset {4096 + 7 * 4096:#x}: CRC-32" in r.stdout
+    assert f"MISMATCH record 7 of host 0 at pool offset {SLOT0 + 4096 + 7 * 4096:#x}: CRC-32" in r.stdout
     assert "verified 20 records from host 0, 1 DO NOT CHECK" in r.stdout
 
 
@@ -89,5 +94,7 @@ def test_setup_mistakes_exit_2_and_a_silent_writer_3(pool):
     assert r.returncode == 2 and "BELUGA_DAX is not set: run me on a beluga-testbed host" in r.stderr
     r = run(pool, 1, "read", "--writer", "0", "--start-timeout-s", "0.2")
     assert r.returncode == 3 and "host 0 published nothing within 0.2 s" in r.stderr
+    r = run(pool, 1, "wait", "--writer", "0", "--committed", "1", "--timeout-s", "0.2")
+    assert r.returncode == 3 and "host 0 did not commit 1 records within 0.2 s (no records header)" in r.stderr
     r = run(pool, 0, "write", "--records", "5000")
-    assert r.returncode == 2 and "do not fit in a slot of 4194304 bytes (at most 1023)" in r.stderr
+    assert r.returncode == 2 and "do not fit in a slot of 16777216 bytes (at most 4095)" in r.stderr

@@ -8,13 +8,16 @@ only). It finds the pool in the environment the testbed gives every program:
     BELUGA_POOL_SIZE  its size in bytes
     BELUGA_HOST_INDEX this host's index, BELUGA_HOST_COUNT the number of hosts
 
-Each host owns one slot of the pool (pool size / host count, in whole 2 MiB units: a
-devdax device maps only in those). A slot starts with a header; the records follow it.
+Each host owns one slot of 16 MiB (less on a small pool: whole 2 MiB units, as a devdax
+device maps only in those), and the slots sit at the END of the pool: the Beluga store
+that the scenario runner deploys keeps its own records at the start. A slot starts with
+a header; the records follow it.
 
     records.py reset                  clear this host's slot header (before a new run)
     records.py write --records 200    publish records into this host's slot
     records.py read --writer 0        follow host 0's slot and check every record
     records.py read --writer 0 --once check what host 0 has committed so far, once
+    records.py wait --writer 0 --committed 50   return once host 0 has committed 50 records
 
 A record is committed when the slot header's count says so: the writer stores the record
 first, then the header. A reader checks only committed records, each against its CRC-32
@@ -35,6 +38,7 @@ import time
 import zlib
 
 ALIGN = 2 << 20  # a devdax device maps in 2 MiB units
+SLOT_BYTES = 16 << 20
 HEADER = struct.Struct("<8sQIIQQQI")  # magic, nonce, writer, record size, committed, planned, started_ns, crc
 HEADER_MAGIC = b"RECORDS1"
 HEADER_BYTES = 4096  # the records start one page after the slot
@@ -57,23 +61,28 @@ def pool_from_env():
         fail(f"{e.args[0]} is not set: run me on a beluga-testbed host (or set it by hand)")
     except ValueError as e:
         fail(f"bad BELUGA_* value: {e}")
-    slot = size // count // ALIGN * ALIGN
+    slot = min(SLOT_BYTES, size // count // ALIGN * ALIGN)
     if slot < 2 * HEADER_BYTES:
         fail(f"the pool ({size} bytes) is too small for {count} slots of whole 2 MiB units")
     return dax, size, index, count, slot
 
 
+def slot_offset(size: int, count: int, slot: int, index: int) -> int:
+    """Where host `index`'s slot starts: the slots fill the end of the pool, in host order."""
+    return size // ALIGN * ALIGN - (count - index) * slot
+
+
 class Slot:
     """One host's slot of the pool, mapped read-only or read-write."""
 
-    def __init__(self, dax: str, slot_index: int, slot_bytes: int, write: bool) -> None:
+    def __init__(self, dax: str, offset: int, slot_bytes: int, write: bool) -> None:
         fd = os.open(dax, os.O_RDWR if write else os.O_RDONLY)
         try:
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if write else 0)
-            self.m = mmap.mmap(fd, slot_bytes, mmap.MAP_SHARED, prot, offset=slot_index * slot_bytes)
+            self.m = mmap.mmap(fd, slot_bytes, mmap.MAP_SHARED, prot, offset=offset)
         finally:
             os.close(fd)
-        self.offset = slot_index * slot_bytes  # where the slot starts in the pool
+        self.offset = offset  # where the slot starts in the pool
         self.size = slot_bytes
 
     def header(self):
@@ -102,16 +111,16 @@ def payload(nonce: int, writer: int, i: int, n: int) -> bytes:
 
 
 def cmd_reset(args) -> int:
-    dax, _, index, _, slot_bytes = pool_from_env()
-    s = Slot(dax, index, slot_bytes, write=True)
+    dax, size, index, count, slot_bytes = pool_from_env()
+    s = Slot(dax, slot_offset(size, count, slot_bytes, index), slot_bytes, write=True)
     s.m[:HEADER_BYTES] = bytes(HEADER_BYTES)
-    print(f"slot {index} cleared", flush=True)
+    print(f"slot {index} at pool offset {s.offset:#x} cleared", flush=True)
     return 0
 
 
 def cmd_write(args) -> int:
-    dax, _, index, _, slot_bytes = pool_from_env()
-    s = Slot(dax, index, slot_bytes, write=True)
+    dax, size, index, count, slot_bytes = pool_from_env()
+    s = Slot(dax, slot_offset(size, count, slot_bytes, index), slot_bytes, write=True)
     capacity = (slot_bytes - HEADER_BYTES) // args.record_bytes
     if args.records > capacity:
         fail(f"{args.records} records of {args.record_bytes} bytes do not fit in a slot of {slot_bytes} bytes "
@@ -154,10 +163,10 @@ def check(s: Slot, writer: int, nonce: int, rsize: int, i: int) -> str | None:
 
 
 def cmd_read(args) -> int:
-    dax, _, index, count, slot_bytes = pool_from_env()
+    dax, size, index, count, slot_bytes = pool_from_env()
     if not 0 <= args.writer < count:
         fail(f"--writer {args.writer}: there are {count} hosts (0 to {count - 1})")
-    s = Slot(dax, args.writer, slot_bytes, write=False)
+    s = Slot(dax, slot_offset(size, count, slot_bytes, args.writer), slot_bytes, write=False)
     me = os.environ.get("BELUGA_HOST", f"host {index}")
     deadline = time.monotonic() + args.start_timeout_s
     h = s.header()
@@ -208,6 +217,25 @@ def cmd_read(args) -> int:
     return 1 if mismatches else 0
 
 
+def cmd_wait(args) -> int:
+    """Block until the writer has committed `--committed` records: a scenario step that
+    holds a fault back until the program under test is well under way."""
+    dax, size, _, count, slot_bytes = pool_from_env()
+    if not 0 <= args.writer < count:
+        fail(f"--writer {args.writer}: there are {count} hosts (0 to {count - 1})")
+    s = Slot(dax, slot_offset(size, count, slot_bytes, args.writer), slot_bytes, write=False)
+    deadline = time.monotonic() + args.timeout_s
+    while True:
+        h = s.header()
+        if h is not None and h[3] >= args.committed:
+            print(f"host {args.writer} has committed {h[3]} records", flush=True)
+            return 0
+        if time.monotonic() > deadline:
+            got = "no records header" if h is None else f"{h[3]} committed"
+            fail(f"host {args.writer} did not commit {args.committed} records within {args.timeout_s:g} s ({got})", 3)
+        time.sleep(0.1)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -226,6 +254,11 @@ def main(argv=None) -> int:
     r.add_argument("--progress-every", type=int, default=50)
     r.add_argument("--report", help="write a JSON summary here")
     r.set_defaults(func=cmd_read)
+    wt = sub.add_parser("wait", help="return once the writer has committed some records")
+    wt.add_argument("--writer", type=int, default=0, help="the writer's host index")
+    wt.add_argument("--committed", type=int, required=True, help="how many records")
+    wt.add_argument("--timeout-s", type=float, default=120.0)
+    wt.set_defaults(func=cmd_wait)
     args = p.parse_args(argv)
     if getattr(args, "record_bytes", RECORD.size + 1) <= RECORD.size:
         fail(f"--record-bytes must be more than {RECORD.size}")
