@@ -64,10 +64,12 @@ def guest_dir_problem(g: str) -> str | None:
     return None
 
 
-def parse(spec: str, index: int, base: Path | None = None) -> Share:
+def parse(spec: str, index: int, base: Path | None = None, where: str | None = None) -> Share:
     """`HOST_DIR[:GUEST_DIR[:rw|ro]]`. A relative HOST_DIR is taken from `base` (a
-    scenario's folder) or the current folder. GUEST_DIR defaults to /mnt/<folder name>."""
-    where = f"--share {spec!r}"
+    scenario's folder) or the current folder. GUEST_DIR defaults to /mnt/<folder name>.
+    Errors start with `where` (default `--share 'SPEC'`; a scenario passes its
+    `file:line: shares[i]`)."""
+    where = where or f"--share {spec!r}"
     parts = spec.split(":")
     if len(parts) > 3:
         raise TestbedError(f"{where}: too many ':' (expected HOST_DIR[:GUEST_DIR[:rw]])", hint=EXAMPLE)
@@ -140,3 +142,11 @@ def mount(tb, shares: list[Share]) -> None:
     if failed:
         raise TestbedError("mounting the shared folders failed: "
                            + "; ".join(f"{r.host}: {r.why}" for r in failed))
+
+
+def missing(tb, wanted: list[Share]) -> list[Share]:
+    """The shares in `wanted` that running testbed `tb` does not have (same host folder at
+    the same guest folder, writable if wanted so): a scenario run on an existing testbed
+    (`run --testbed`) checks this before its first step."""
+    have = {(s.host_dir, s.guest_dir): s.rw for s in tb.shares}
+    return [w for w in wanted if (w.host_dir, w.guest_dir) not in have or (w.rw and not have[(w.host_dir, w.guest_dir)])]

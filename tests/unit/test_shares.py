@@ -5,6 +5,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -105,3 +106,14 @@ def test_status_lists_the_shares_of_a_testbed(tmp_path):
     r = subprocess.run([sys.executable, "-m", "testbed.cli", "status", "sh"], cwd=REPO, capture_output=True, text=True,
                        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "BELUGA_TESTBED_STATE": str(state)})
     assert f"share {tmp_path} -> /mnt/prog (read-only, tag share0) on every host" in r.stdout, r.stderr
+
+
+def test_a_scenario_locates_its_errors_and_finds_what_a_running_testbed_lacks(tmp_path):
+    with pytest.raises(TestbedError) as e:
+        S.parse("nope", 0, base=tmp_path, where="s.yaml:7: shares[0]")
+    assert str(e.value).startswith(f"s.yaml:7: shares[0]: host folder {tmp_path}/nope does not exist")
+    ro, rw = S.parse(f"{tmp_path}:/mnt/a", 0), S.parse(f"{tmp_path}:/mnt/b:rw", 1)
+    tb = SimpleNamespace(shares=[ro, S.parse(f"{tmp_path}:/mnt/b", 1)])
+    assert S.missing(tb, [ro]) == []
+    assert S.missing(tb, [rw]) == [rw]  # mounted, but read-only
+    assert S.missing(tb, [S.parse(f"{tmp_path}:/mnt/c", 0)]) == [S.parse(f"{tmp_path}:/mnt/c", 0)]
