@@ -71,7 +71,9 @@ apt_entries() {
 # The Debian mirror that serves suite $2 (for example "bookworm") in folder $1: the
 # first enabled entry for exactly that suite. Prints nothing when there is none.
 debian_mirror() {
-    apt_entries "$1" | awk -v suite="$2" '$2 == suite { sub(/\/+$/, "", $1); print $1; exit }'
+    # awk reads to the end (no early `exit`): a writer cut off by SIGPIPE would fail
+    # the pipeline under `pipefail`.
+    apt_entries "$1" | awk -v suite="$2" '$2 == suite && !found { sub(/\/+$/, "", $1); print $1; found = 1 }'
 }
 
 # Whether folder $1 already has an enabled entry for suite $2 (exit status).

@@ -20,9 +20,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
-from . import paths
+from . import paths, yamlcheck
 from .initrd import CpioWriter
 from .log import TestbedError, step
 
@@ -79,32 +78,36 @@ _FIELDS = {
     "packages": list, "strip": list, "disk_size_mib": int, "initrd_modules": list,
     "kernel_cmdline": str,
 }
+# Package names go to debootstrap's comma-separated --include (Debian policy 5.6.1);
+# module names become file lookups in the initrd; strip patterns are globbed below the
+# rootfs and removed as root, so they stay below it.
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+_MODULE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def load_recipe(src: Path | None = None) -> Recipe:
     src = src or paths.images_src()
     file = src / RECIPE_FILE
-    try:
-        data = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise TestbedError(f"{file}: cannot read the image recipe: {e}") from None
-    errors = []
-    if not isinstance(data, dict):
-        raise TestbedError(f"{file}: expected a mapping of recipe fields")
-    for k in data:
-        if k not in _FIELDS:
-            errors.append(f"{file}: {k}: unknown field (known: {', '.join(_FIELDS)})")
-    for k, typ in _FIELDS.items():
-        if k not in data:
-            errors.append(f"{file}: {k}: missing (expected a {typ.__name__})")
-        elif not isinstance(data[k], typ):
-            errors.append(f"{file}: {k}: expected a {typ.__name__}, got {type(data[k]).__name__}")
-    if not errors and data["apiVersion"] != API_VERSION:
-        errors.append(f"{file}: apiVersion: expected {API_VERSION!r}, got {data['apiVersion']!r}")
-    if not errors and data["kind"] != "ImageRecipe":
-        errors.append(f"{file}: kind: expected 'ImageRecipe', got {data['kind']!r}")
-    if errors:
-        raise TestbedError("\n".join(errors))
+    doc = yamlcheck.read(file, "image recipe")
+    c = yamlcheck.Checker(doc, "image recipe")
+    data = c.mapping(doc.data, (), _FIELDS, {})
+    if data is None:
+        c.raise_errors()
+    if data.get("apiVersion", API_VERSION) != API_VERSION:
+        c.err(("apiVersion",), f"expected {API_VERSION!r}, got {data['apiVersion']!r}")
+    if data.get("kind", "ImageRecipe") != "ImageRecipe":
+        c.err(("kind",), f"expected 'ImageRecipe', got {data['kind']!r}")
+    for field, pattern, what in (("packages", _PACKAGE, "a Debian package name"),
+                                 ("initrd_modules", _MODULE, "a kernel module name")):
+        for i, v in enumerate(data.get(field, [])):
+            if not isinstance(v, str) or not pattern.fullmatch(v):
+                c.err((field, i), f"expected {what}, got {yamlcheck.typename(v)} {v!r}")
+    for i, v in enumerate(data.get("strip", [])):
+        if not isinstance(v, str) or not v or v.startswith("/") or ".." in v.split("/"):
+            c.err(("strip", i), f"expected a path pattern inside the rootfs (relative, no '..'), got {v!r}")
+    if "disk_size_mib" in data and not 512 <= data["disk_size_mib"] <= 65536:
+        c.err(("disk_size_mib",), f"expected 512 to 65536 MiB (a sparse ext4 file in the image cache), got {data['disk_size_mib']}")
+    c.raise_errors()
     return Recipe(
         name=data["name"], suite=data["suite"], variant=data["variant"],
         packages=tuple(data["packages"]), strip=tuple(data["strip"]),

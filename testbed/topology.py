@@ -1,16 +1,19 @@
 """Topology files: versioned YAML describing the hosts and the CXL fabric they share.
 
 Parsed once, validated once (every error gathered, each with file:line and the YAML
-path), then passed around as frozen dataclasses. Imports nothing else of the project.
+path), then passed around as frozen dataclasses. The YAML is read and checked by
+testbed/yamlcheck.py (no aliases, no duplicate keys, bounded size and depth).
 """
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from . import names, paths, yamlcheck
+from .yamlcheck import Checker, ConfigError, Doc, fmt_path, typename
 
 API_VERSION = "beluga.testbed/v1alpha1"
 BUILTIN_DIR = Path(__file__).resolve().parent / "topologies"
@@ -20,12 +23,53 @@ KERNEL_WAYS = (1, 2, 3, 4, 6, 8, 12, 16)
 KERNEL_GRANULARITIES = (256, 512, 1024, 2048, 4096, 8192, 16384)
 DEVICE_SIZE_ALIGN_MIB = 256  # CXL decoders map in 256 MiB units
 MAX_HOSTS = 8
+# Windows and the devices behind them are mapped into each guest's physical address
+# space: 40 bits (1 TiB) with TCG's `-cpu max`, shared with RAM and PCI.
+MAX_SIZE_MIB = 512 << 10
+ADDRESS_SPACE_WHY = "mapped into the guests' physical address space, 40 bits (1 TiB) under TCG, shared with RAM"
+# QEMU places a host bridge's root ports, and a switch's downstream ports, at the next
+# free device number of one PCI bus: 0-31.
+MAX_PORTS = 32
+# `sn` of cxl-type3 is a uint64; QEMU reads all ones as "no serial number".
+MAX_SERIAL = (1 << 64) - 2
+MAX_BUS = 255  # PCI bus numbers are 8 bits
 
 
-class TopologyError(Exception):
+@dataclass(frozen=True)
+class Machine:
+    """What this machine can give a testbed: topologies are checked against it."""
+    cpus: int
+    memory_mib: int
+    pools_fs: str  # the folder whose file system holds the devices' backing files
+    pools_fs_mib: int
+
+
+def this_machine() -> Machine:
+    """CPU cores (os.cpu_count), RAM (MemTotal in /proc/meminfo) and the size of the file
+    system that holds the pools (BELUGA_TESTBED_POOLS, /dev/shm by default)."""
+    mem_kib = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    folder = paths.pool_dir()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        st = os.statvfs(folder)
+        fs_mib = st.f_blocks * st.f_frsize >> 20
+    except OSError:
+        fs_mib = 0
+    return Machine(cpus=os.cpu_count() or 1, memory_mib=mem_kib >> 10, pools_fs=str(folder), pools_fs_mib=fs_mib)
+
+
+class TopologyError(ConfigError):
+    """Every mistake in one topology file; printed as 'invalid topology:' and one line each."""
+
     def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
+        super().__init__("topology", errors)
 
 
 @dataclass(frozen=True)
@@ -138,88 +182,14 @@ class Topology:
 
 # ---------------------------------------------------------------- YAML with lines
 
-class _Doc:
-    """Plain data from YAML plus the line of every node, by path."""
-
-    def __init__(self, file: str, text: str) -> None:
-        self.file = file
-        self.lines: dict[tuple, int] = {}
-        try:
-            node = yaml.compose(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise TopologyError([f"{file}{line}: not valid YAML: {getattr(e, 'problem', e)}"]) from None
-        self.data = self._plain(node, ()) if node is not None else None
-
-    def _plain(self, node: yaml.Node, path: tuple) -> Any:
-        # A key's own line wins over its value's (a list value starts a line later).
-        self.lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            out = {}
-            for k, v in node.value:
-                key = k.value
-                self.lines[path + (key,)] = k.start_mark.line + 1
-                out[key] = self._plain(v, path + (key,))
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self._plain(v, path + (i,)) for i, v in enumerate(node.value)]
-        return yaml.safe_load(yaml.serialize(node))
-
-    def line(self, path: tuple) -> int:
-        while path and path not in self.lines:
-            path = path[:-1]
-        return self.lines.get(path, 1)
+def _Doc(file: str, text: str) -> Doc:  # noqa: N802 - scenario.py's name for it until it uses yamlcheck
+    try:
+        return yamlcheck.load(text, file, "topology")
+    except ConfigError as e:
+        raise TopologyError(e.errors) from None
 
 
-def _fmt_path(path: tuple) -> str:
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "(top)"
-
-
-class _Checker:
-    def __init__(self, doc: _Doc) -> None:
-        self.doc = doc
-        self.errors: list[str] = []
-
-    def err(self, path: tuple, msg: str) -> None:
-        self.errors.append(f"{self.doc.file}:{self.doc.line(path)}: {_fmt_path(path)}: {msg}")
-
-    def mapping(self, value: Any, path: tuple, required: dict[str, type], optional: dict[str, type]) -> dict | None:
-        if not isinstance(value, dict):
-            self.err(path, f"expected a mapping, got {_typename(value)}")
-            return None
-        known = {**required, **optional}
-        for k in value:
-            if k not in known:
-                close = difflib.get_close_matches(str(k), known, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
-                self.err(path + (k,), f"unknown key{hint}")
-        for k in required:
-            if k not in value:
-                self.err(path, f"missing required key '{k}'")
-        ok = {}
-        for k, typ in known.items():
-            if k in value:
-                v = value[k]
-                if typ is int and (not isinstance(v, int) or isinstance(v, bool)):
-                    self.err(path + (k,), f"expected an integer, got {_typename(v)} {v!r}")
-                elif typ is not int and not isinstance(v, typ):
-                    self.err(path + (k,), f"expected {_typename_of(typ)}, got {_typename(v)}")
-                else:
-                    ok[k] = v
-        return ok
-
-
-def _typename(v: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer", bool: "a boolean",
-            float: "a number", type(None): "nothing"}.get(type(v), type(v).__name__)
-
-
-def _typename_of(t: type) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer"}.get(t, t.__name__)
+_Checker = Checker  # scenario.py's name for it until it uses yamlcheck
 
 
 # ---------------------------------------------------------------- loading
@@ -243,15 +213,24 @@ def resolve(name_or_path: str) -> Path:
                          f"{', '.join(builtin_names())}); give a path to use a file"])
 
 
-def load(name_or_path: str) -> Topology:
+def load(name_or_path: str, machine: Machine | None = None) -> Topology:
+    """The topology of that built-in name or file, checked against `machine` (this one)."""
     path = resolve(name_or_path)
     shown = path.name if path.parent == BUILTIN_DIR else str(path)
-    return parse(path.read_text(), shown)
+    try:
+        doc = yamlcheck.read(path, "topology", shown)
+    except ConfigError as e:
+        raise TopologyError(e.errors) from None
+    return _check(doc, machine or this_machine())
 
 
-def parse(text: str, file: str = "<topology>") -> Topology:
-    doc = _Doc(file, text)
-    c = _Checker(doc)
+def parse(text: str, file: str = "<topology>", machine: Machine | None = None) -> Topology:
+    return _check(_Doc(file, text), machine or this_machine())
+
+
+def _check(doc: Doc, machine: Machine) -> Topology:
+    file = doc.file
+    c = Checker(doc, "topology")
     top = c.mapping(doc.data, (), {"apiVersion": str, "kind": str, "name": str, "hosts": object,
                                    "host_bridges": list, "devices": list, "windows": list, "pool": dict},
                     {"description": str})
@@ -261,9 +240,11 @@ def parse(text: str, file: str = "<topology>") -> Topology:
         c.err(("apiVersion",), f"expected '{API_VERSION}', got '{top['apiVersion']}'")
     if top.get("kind") not in (None, "Topology"):
         c.err(("kind",), f"expected 'Topology', got '{top['kind']}'")
+    if "name" in top:
+        c.name(top["name"], ("name",))
 
-    hosts = _hosts(c, doc.data.get("hosts"), ("hosts",)) if "hosts" in doc.data else []
-    devices = _devices(c, top.get("devices", []))
+    hosts = _hosts(c, doc.data.get("hosts"), ("hosts",), machine) if "hosts" in doc.data else []
+    devices = _devices(c, top.get("devices", []), machine)
     dev_ids = {d.id for d in devices}
     bridges, attached = _bridges(c, top.get("host_bridges", []), dev_ids)
     windows = _windows(c, top.get("windows", []), {b.id for b in bridges})
@@ -291,6 +272,7 @@ def parse(text: str, file: str = "<topology>") -> Topology:
         if b.bus_nr in bus_nrs:
             c.err(("host_bridges", i, "bus_nr"), f"bus number {b.bus_nr} already used by host_bridges[{bus_nrs[b.bus_nr]}]")
         bus_nrs[b.bus_nr] = i
+    _bus_ranges(c, bridges)
 
     if c.errors:
         raise TopologyError(c.errors)
@@ -299,7 +281,7 @@ def parse(text: str, file: str = "<topology>") -> Topology:
                     windows=tuple(windows), pool=pool)  # type: ignore[arg-type]
 
 
-def _hosts(c: _Checker, value: Any, path: tuple) -> list[Host]:
+def _hosts(c: Checker, value: Any, path: tuple, machine: Machine) -> list[Host]:
     out: list[Host] = []
     if isinstance(value, dict):
         m = c.mapping(value, path, {"count": int}, {"vcpus": int, "memory_mib": int, "name_prefix": str})
@@ -309,35 +291,52 @@ def _hosts(c: _Checker, value: Any, path: tuple) -> list[Host]:
             c.err(path + ("count",), f"expected 1 to {MAX_HOSTS} hosts, got {m['count']}")
             return out
         prefix = m.get("name_prefix", "host")
-        specs = [({"name": f"{prefix}{i}", "vcpus": m.get("vcpus", 1), "memory_mib": m.get("memory_mib", 1024)}, path)
-                 for i in range(m["count"])]
+        made = [f"{prefix}{i}" for i in range(m["count"])]
+        bad = next((why for n in made if (why := names.problem(n))), None)
+        if bad:  # for example "invalid name 'Host_0': ..."
+            c.err(path + ("name_prefix",), bad)
+            return out
+        # One spec for the values every host shares, so each mistake is reported once.
+        specs = [({"name": made[0], "vcpus": m.get("vcpus", 1), "memory_mib": m.get("memory_mib", 1024)}, path)]
     elif isinstance(value, list):
         if not 1 <= len(value) <= MAX_HOSTS:
             c.err(path, f"expected 1 to {MAX_HOSTS} hosts, got {len(value)}")
+            return out
+        made = []
         specs = []
         for i, h in enumerate(value):
             m = c.mapping(h, path + (i,), {"name": str}, {"vcpus": int, "memory_mib": int})
             if m and "name" in m:
                 specs.append(({"vcpus": 1, "memory_mib": 1024, **m}, path + (i,)))
     else:
-        c.err(path, f"expected a mapping with 'count' or a list of hosts, got {_typename(value)}")
+        c.err(path, f"expected a mapping with 'count' or a list of hosts, got {typename(value)}")
         return out
-    names: set[str] = set()
+    names_seen: set[str] = set()
     for spec, p in specs:
         if spec["vcpus"] < 1:
             c.err(p + ("vcpus",), f"expected at least 1 vCPU, got {spec['vcpus']}")
+        elif spec["vcpus"] > machine.cpus:
+            c.err(p + ("vcpus",), f"expected at most {machine.cpus} vCPUs (this machine has {machine.cpus} "
+                                  f"CPU cores, os.cpu_count()), got {spec['vcpus']}")
         if spec["memory_mib"] < 512:
             c.err(p + ("memory_mib",), f"expected at least 512 MiB (the guest kernel and sshd need it), got {spec['memory_mib']}")
-        if spec["name"] in names:
+        elif spec["memory_mib"] > machine.memory_mib:
+            c.err(p + ("memory_mib",), f"expected at most {machine.memory_mib} MiB (this machine's RAM, MemTotal "
+                                       f"in /proc/meminfo), got {spec['memory_mib']}")
+        if spec["name"] in names_seen:
             c.err(p + ("name",), f"duplicate host name '{spec['name']}'")
-        if not spec["name"].replace("-", "").isalnum():
-            c.err(p + ("name",), f"expected letters, digits and '-', got '{spec['name']}'")
-        names.add(spec["name"])
-        out.append(Host(name=spec["name"], vcpus=spec["vcpus"], memory_mib=spec["memory_mib"]))
+        if p != path:  # names made from name_prefix were checked above
+            c.name(spec["name"], p + ("name",))
+        names_seen.add(spec["name"])
+        out += [Host(name=n, vcpus=spec["vcpus"], memory_mib=spec["memory_mib"]) for n in (made or [spec["name"]])]
+    total = sum(h.memory_mib for h in out)
+    if all(512 <= h.memory_mib <= machine.memory_mib for h in out) and total > machine.memory_mib:
+        c.err(path, f"{len(out)} hosts need {total} MiB of memory together, more than this machine's "
+                    f"{machine.memory_mib} MiB (MemTotal in /proc/meminfo)")
     return out
 
 
-def _devices(c: _Checker, value: list) -> list[Device]:
+def _devices(c: Checker, value: list, machine: Machine) -> list[Device]:
     out = []
     serials: dict[int, int] = {}
     for i, d in enumerate(value):
@@ -345,28 +344,48 @@ def _devices(c: _Checker, value: list) -> list[Device]:
         m = c.mapping(d, p, {"id": str, "size_mib": int, "serial": int}, {})
         if not m or len(m) < 3:
             continue
+        # A device with a bad id is left out: references to it are then reported too.
+        ok = c.name(m["id"], p + ("id",))
         if m["size_mib"] <= 0 or m["size_mib"] % DEVICE_SIZE_ALIGN_MIB:
             c.err(p + ("size_mib",), f"expected a positive multiple of {DEVICE_SIZE_ALIGN_MIB} MiB "
                                      f"(CXL decoders map 256 MiB units), got {m['size_mib']}")
-        if m["serial"] in serials:
+        elif m["size_mib"] > MAX_SIZE_MIB:
+            c.err(p + ("size_mib",), f"expected at most {MAX_SIZE_MIB} MiB (a device is {ADDRESS_SPACE_WHY}), "
+                                     f"got {m['size_mib']}")
+        if not 0 <= m["serial"] <= MAX_SERIAL:
+            c.err(p + ("serial",), f"expected a serial number from 0 to {MAX_SERIAL:#x} (64 bits; QEMU reads all "
+                                   f"ones as none), got {m['serial']:#x}")
+        elif m["serial"] in serials:
             c.err(p + ("serial",), f"serial {m['serial']:#x} already used by devices[{serials[m['serial']]}]: "
                                    "serial numbers tell the devices apart inside the guests")
         serials[m["serial"]] = i
-        out.append(Device(id=m["id"], size_mib=m["size_mib"], serial=m["serial"]))
+        if ok:
+            out.append(Device(id=m["id"], size_mib=m["size_mib"], serial=m["serial"]))
+    need = sum(d.size_mib for d in out)
+    if all(_size_ok(d.size_mib) for d in out) and need > machine.pools_fs_mib:
+        c.err(("devices",), f"the devices' backing files need {need} MiB, more than the {machine.pools_fs_mib} MiB "
+                            f"of the file system that holds the pools ({machine.pools_fs}; BELUGA_TESTBED_POOLS "
+                            "chooses another folder)")
     return out
 
 
-def _bridges(c: _Checker, value: list, dev_ids: set[str]) -> tuple[list[HostBridge], dict[str, tuple]]:
+def _size_ok(mib: int) -> bool:
+    return 0 < mib <= MAX_SIZE_MIB and mib % DEVICE_SIZE_ALIGN_MIB == 0
+
+
+def _bridges(c: Checker, value: list, dev_ids: set[str]) -> tuple[list[HostBridge], dict[str, tuple]]:
     out = []
     attached: dict[str, tuple] = {}
 
     def attach(dev: str, path: tuple) -> None:
+        if not c.name(dev, path):
+            return
         if dev not in dev_ids:
             close = difflib.get_close_matches(dev, dev_ids, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             c.err(path, f"unknown device '{dev}' ({hint}known: {', '.join(sorted(dev_ids))})")
         elif dev in attached:
-            c.err(path, f"device '{dev}' is already attached at {_fmt_path(attached[dev])}")
+            c.err(path, f"device '{dev}' is already attached at {fmt_path(attached[dev])}")
         else:
             attached[dev] = path
 
@@ -375,14 +394,19 @@ def _bridges(c: _Checker, value: list, dev_ids: set[str]) -> tuple[list[HostBrid
         m = c.mapping(b, p, {"id": str, "bus_nr": int, "root_ports": list}, {})
         if not m or len(m) < 3:
             continue
+        c.name(m["id"], p + ("id",))
         if not 1 <= m["bus_nr"] <= 254:
             c.err(p + ("bus_nr",), f"expected a PCI bus number 1..254, got {m['bus_nr']}")
+        if len(m["root_ports"]) > MAX_PORTS:
+            c.err(p + ("root_ports",), f"{len(m['root_ports'])} root ports: QEMU places a host bridge's root ports "
+                                       f"at device numbers 0-{MAX_PORTS - 1} of its bus, at most {MAX_PORTS}")
         rps = []
         for j, rp in enumerate(m["root_ports"]):
             rpp = p + ("root_ports", j)
             r = c.mapping(rp, rpp, {"id": str}, {"switch": dict, "device": str})
             if not r or "id" not in r:
                 continue
+            c.name(r["id"], rpp + ("id",))
             if ("switch" in r) == ("device" in r):
                 c.err(rpp, "expected exactly one of 'switch' or 'device' below a root port")
                 continue
@@ -394,21 +418,29 @@ def _bridges(c: _Checker, value: list, dev_ids: set[str]) -> tuple[list[HostBrid
                 s = c.mapping(r["switch"], sp, {"id": str, "downstream_ports": int, "devices": list}, {})
                 if not s or len(s) < 3:
                     continue
-                if s["downstream_ports"] < 1:
-                    c.err(sp + ("downstream_ports",), f"expected at least 1 downstream port, got {s['downstream_ports']}")
-                if len(s["devices"]) > s["downstream_ports"]:
+                n = s["downstream_ports"]
+                if c.name(s["id"], sp + ("id",)) and 1 <= n <= MAX_PORTS \
+                        and names.problem(f"{s['id']}-dsp{n - 1}"):
+                    c.err(sp + ("id",), f"makes port id '{s['id']}-dsp{n - 1}', longer than {names.MAX_LEN} characters")
+                if n < 1:
+                    c.err(sp + ("downstream_ports",), f"expected at least 1 downstream port, got {n}")
+                elif n > MAX_PORTS:
+                    c.err(sp + ("downstream_ports",), f"expected at most {MAX_PORTS} downstream ports (QEMU places a "
+                                                      f"switch's downstream ports at device numbers 0-{MAX_PORTS - 1} "
+                                                      f"of its internal PCI bus), got {n}")
+                elif len(s["devices"]) > n:
                     c.err(sp + ("devices",), f"{len(s['devices'])} devices below switch '{s['id']}' but only "
-                                             f"{s['downstream_ports']} downstream ports")
+                                             f"{n} downstream ports")
                 listed: list[str | None] = []
                 for k, dev in enumerate(s["devices"]):
                     if not isinstance(dev, str):
-                        c.err(sp + ("devices", k), f"expected a device id, got {_typename(dev)}")
+                        c.err(sp + ("devices", k), f"expected a device id, got {typename(dev)}")
                         dev = None
                     else:
                         attach(dev, sp + ("devices", k))
                     listed.append(dev)
                 ports = [DownstreamPort(id=f"{s['id']}-dsp{k}", index=k, device=listed[k] if k < len(listed) else None)
-                         for k in range(max(s["downstream_ports"], 0))]
+                         for k in range(min(max(n, 0), MAX_PORTS))]
                 sw = Switch(id=s["id"], ports=tuple(ports))
             rps.append(RootPort(id=r["id"], index=j, switch=sw, device=r.get("device")))
         out.append(HostBridge(id=m["id"], bus_nr=m["bus_nr"], root_ports=tuple(rps)))
@@ -417,46 +449,85 @@ def _bridges(c: _Checker, value: list, dev_ids: set[str]) -> tuple[list[HostBrid
     return out, attached
 
 
-def _check_granularity(c: _Checker, path: tuple, g: int) -> None:
+def _bus_ranges(c: Checker, bridges: list[HostBridge]) -> None:
+    """The buses below a host bridge are numbered from its bus_nr up: one for each root
+    port, switch (its internal bus) and downstream port. They must stay within 8 bits and
+    not run into the next host bridge's."""
+    spans = []
+    for i, b in enumerate(bridges):
+        below = sum(1 + (1 + len(rp.switch.ports) if rp.switch else 0) for rp in b.root_ports)
+        spans.append((b.bus_nr, b.bus_nr + below, i, b))
+        if 1 <= b.bus_nr and b.bus_nr + below > MAX_BUS:
+            c.err(("host_bridges", i, "bus_nr"), f"host bridge '{b.id}' needs buses {b.bus_nr} to {b.bus_nr + below} "
+                                                 f"(one per root port, switch and downstream port), past {MAX_BUS}: "
+                                                 "PCI bus numbers are 8 bits")
+    spans.sort(key=lambda s: s[:2])
+    for (lo, hi, _, b), (lo2, _, i2, b2) in zip(spans, spans[1:]):
+        if lo < lo2 <= hi:
+            c.err(("host_bridges", i2, "bus_nr"), f"bus {lo2} of host bridge '{b2.id}' is among the buses {lo} to {hi} "
+                                                  f"that host bridge '{b.id}' needs (one per root port, switch and "
+                                                  "downstream port)")
+
+
+def _check_granularity(c: Checker, path: tuple, g: int) -> None:
     if g not in KERNEL_GRANULARITIES:
         c.err(path, f"expected a power of two the kernel accepts ({', '.join(map(str, KERNEL_GRANULARITIES))}), got {g}")
 
 
-def _windows(c: _Checker, value: list, bridge_ids: set[str]) -> list[Window]:
+def _windows(c: Checker, value: list, bridge_ids: set[str]) -> list[Window]:
     out = []
     for i, w in enumerate(value):
         p = ("windows", i)
         m = c.mapping(w, p, {"id": str, "size_mib": int, "targets": list, "granularity_bytes": int}, {})
         if not m or len(m) < 4:
             continue
+        c.name(m["id"], p + ("id",))
         if m["size_mib"] <= 0 or m["size_mib"] % DEVICE_SIZE_ALIGN_MIB:
             c.err(p + ("size_mib",), f"expected a positive multiple of {DEVICE_SIZE_ALIGN_MIB} MiB, got {m['size_mib']}")
+        elif m["size_mib"] > MAX_SIZE_MIB:
+            c.err(p + ("size_mib",), f"expected at most {MAX_SIZE_MIB} MiB (a window is {ADDRESS_SPACE_WHY}), "
+                                     f"got {m['size_mib']}")
         _check_granularity(c, p + ("granularity_bytes",), m["granularity_bytes"])
-        for k, t in enumerate(m["targets"]):
-            if t not in bridge_ids:
+        targets = m["targets"]
+        for k, t in enumerate(targets):
+            if not isinstance(t, str):
+                c.err(p + ("targets", k), f"expected a host bridge id, got {typename(t)}")
+                targets = []  # nothing below is checked against this window
+            elif not c.name(t, p + ("targets", k)):
+                targets = []
+            elif t not in bridge_ids:
                 c.err(p + ("targets", k), f"unknown host bridge '{t}' (known: {', '.join(sorted(bridge_ids))})")
         if len(m["targets"]) not in KERNEL_WAYS:
             c.err(p + ("targets",), f"{len(m['targets'])} targets: interleave ways the kernel accepts are "
                                     f"{', '.join(map(str, KERNEL_WAYS))}")
-        out.append(Window(id=m["id"], size_mib=m["size_mib"], targets=tuple(m["targets"]),
+        out.append(Window(id=m["id"], size_mib=m["size_mib"], targets=tuple(targets),
                           granularity_bytes=m["granularity_bytes"]))
     return out
 
 
-def _pool(c: _Checker, value: Any, windows: list[Window], devices: list[Device],
+def _pool(c: Checker, value: Any, windows: list[Window], devices: list[Device],
           bridges: list[HostBridge], attached: dict[str, tuple]) -> Pool | None:
     p = ("pool",)
     m = c.mapping(value, p, {"window": str, "devices": list, "granularity_bytes": int}, {})
     if not m or len(m) < 3:
         return None
     win = next((w for w in windows if w.id == m["window"]), None)
-    if win is None:
+    if not c.name(m["window"], p + ("window",)):
+        pass
+    elif win is None:
         c.err(p + ("window",), f"unknown window '{m['window']}' (known: {', '.join(w.id for w in windows)})")
     by_id = {d.id: d for d in devices}
     devs = m["devices"]
     for k, d in enumerate(devs):
-        if d not in by_id:
+        if not isinstance(d, str):
+            c.err(p + ("devices", k), f"expected a device id, got {typename(d)}")
+        elif not c.name(d, p + ("devices", k)):
+            pass
+        elif d not in by_id:
             c.err(p + ("devices", k), f"unknown device '{d}' (known: {', '.join(sorted(by_id))})")
+    if not all(isinstance(d, str) for d in devs):
+        _check_granularity(c, p + ("granularity_bytes",), m["granularity_bytes"])
+        return None
     if len(set(devs)) != len(devs):
         c.err(p + ("devices",), "a device appears twice in the pool")
     ways = len(devs)
@@ -464,7 +535,7 @@ def _pool(c: _Checker, value: Any, windows: list[Window], devices: list[Device],
         c.err(p + ("devices",), f"{ways} devices: interleave ways the kernel accepts are {', '.join(map(str, KERNEL_WAYS))}")
     _check_granularity(c, p + ("granularity_bytes",), m["granularity_bytes"])
     known = [d for d in devs if d in by_id]
-    if win and known and len(known) == ways:
+    if win and win.targets and known and len(known) == ways and all(_size_ok(by_id[d].size_mib) for d in known):
         sizes = {by_id[d].size_mib for d in known}
         if len(sizes) > 1:
             c.err(p + ("devices",), f"interleaved devices must have one size, got {sorted(sizes)} MiB")

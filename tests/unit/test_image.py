@@ -59,8 +59,23 @@ def test_recipe_errors_name_file_and_field(recipe):
     r.write_text(r.read_text().replace("disk_size_mib: 2048", "disk_size_mb: 2048"))
     with pytest.raises(TestbedError) as e:
         image.load_recipe(recipe)
-    assert f"{r}: disk_size_mb: unknown field" in str(e.value)
-    assert f"{r}: disk_size_mib: missing (expected a int)" in str(e.value)
+    assert e.value.errors == [f"{r}:29: disk_size_mb: unknown key (did you mean 'disk_size_mib'?)",
+                              f"{r}:3: (top): missing required key 'disk_size_mib'"]
+    assert str(e.value).startswith("invalid image recipe:\n  ")
+
+
+def test_recipe_values_stay_inside_the_rootfs_and_debootstrap_argument(recipe):
+    """A strip pattern is removed as root below the rootfs; package names are joined with
+    commas for debootstrap: neither may reach outside."""
+    r = recipe / "recipe.yaml"
+    r.write_text(r.read_text().replace("  - usr/share/doc\n", "  - ../../home\n")
+                 .replace("  - kmod\n", "  - kmod,evil\n").replace("disk_size_mib: 2048", "disk_size_mib: 1e9"))
+    with pytest.raises(TestbedError) as e:
+        image.load_recipe(recipe)
+    assert e.value.errors == [
+        f"{r}:29: disk_size_mib: expected an integer, got a string '1e9'",
+        f"{r}:13: packages[4]: expected a Debian package name, got a string 'kmod,evil'",
+        f"{r}:23: strip[0]: expected a path pattern inside the rootfs (relative, no '..'), got '../../home'"]
 
 
 def _fake_image(cache: Path, key: str) -> Path:

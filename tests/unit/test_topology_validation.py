@@ -1,7 +1,13 @@
-"""Each validation rule, with the exact message a user reads (file:line: path: what)."""
+"""Each validation rule, with the exact message a user reads (file:line: path: what).
+
+Limits that depend on the machine are checked against tests/unit/conftest.py's
+MACHINE (4 cores, 8192 MiB of RAM, 4096 MiB for pools)."""
+import os
+
 import pytest
 
 from testbed import topology as T
+from testbed.topology import this_machine as real_machine  # before conftest replaces it
 
 BASE = """\
 apiVersion: beluga.testbed/v1alpha1
@@ -160,3 +166,194 @@ def test_draw_shows_tree():
     assert "└── hb0 (host bridge, bus 12)" in out
     assert "sw0 (switch, 4 downstream ports)" in out
     assert "mem2 (type-3 volatile, 256 MiB, serial 0x1002) [pool position 2] -> /p/mem2.raw" in out
+
+
+# ---------------------------------------------------------------- hostile YAML (testbed/yamlcheck.py)
+
+def test_alias_bomb_is_refused_where_it_stands():
+    # 9 levels of 9 aliases: expanded, 9**9 strings (this shape took 6.4 s at 916 bytes).
+    bomb = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    errs = errors(bomb)
+    assert errs[:3] == [
+        "my.yaml:1: a: anchor '&a': anchors and aliases are not supported, write the value out",
+        "my.yaml:2: b: anchor '&b': anchors and aliases are not supported, write the value out",
+        "my.yaml:2: b[0]: alias '*a': anchors and aliases are not supported, write the value out"]
+    assert errs[20:] == ["my.yaml: ... and 61 more errors of these kinds"]
+
+
+def test_recursive_alias_is_an_error_not_a_recursion_error():
+    text = BASE.replace("hosts:\n  count: 2\n  vcpus: 1\n  memory_mib: 1024\n", "hosts: &h [*h]\n")
+    assert errors(text) == [
+        "my.yaml:4: hosts: anchor '&h': anchors and aliases are not supported, write the value out",
+        "my.yaml:4: hosts[0]: alias '*h': anchors and aliases are not supported, write the value out"]
+
+
+def test_duplicate_key_is_located_not_last_wins():
+    assert errors(BASE.replace("  memory_mib: 1024\n", "  memory_mib: 1024\n  vcpus: 2\n")) == [
+        "my.yaml:8: hosts.vcpus: duplicate key 'vcpus' (first at line 6)"]
+
+
+def test_non_scalar_keys():
+    assert errors(BASE.replace("  memory_mib: 1024\n", "  memory_mib: 1024\n  [x]: 1\n  ? {a: 1}\n  : 2\n")) == [
+        "my.yaml:8: hosts: expected a plain key, got a list",
+        "my.yaml:9: hosts: expected a plain key, got a mapping"]
+
+
+def test_lists_where_ids_belong():
+    text = BASE.replace("targets: [hb0]", "targets: [[hb0]]").replace(
+        "  devices: [mem0, mem1]\n  granularity", "  devices: [{id: mem0}, mem1]\n  granularity")
+    assert errors(text) == [
+        "my.yaml:21: windows[0].targets[0]: expected a host bridge id, got a list",
+        "my.yaml:24: pool.devices[0]: expected a device id, got a mapping"]
+
+
+def test_nesting_size_tags_and_documents_are_bounded():
+    assert errors(BASE + "description: " + "[" * 40 + "]" * 40 + "\n") == [
+        "my.yaml:26: description" + "[0]" * 31 + ": nested more than 32 levels deep"]
+    assert errors(BASE + "description: '" + "x" * (256 << 10) + "'\n") == [
+        "my.yaml: more than 262144 bytes: a topology file is a few kilobytes"]
+    assert errors(BASE.replace("name: t", "name: !!python/object/apply:os.system [ls]")) == [
+        "my.yaml:3: name: tag '!!python/object/apply:os.system' is not supported"]
+    assert errors(BASE + "---\nname: u\n") == ["my.yaml:26: expected one YAML document, found a second one ('---')"]
+    assert errors(BASE.replace("serial: 0x1001", "serial: " + "9" * 5000)) == [
+        "my.yaml:19: devices[1].serial: cannot read '" + "9" * 56 + "... as an integer"]
+    assert errors(BASE + "\x00") == ["my.yaml:26: not valid YAML: special characters are not allowed (character 0x0000)"]
+
+
+def test_file_is_read_bounded_and_as_utf8(tmp_path):
+    f = tmp_path / "big.yaml"
+    f.write_bytes(b"# " + b"x" * (300 << 10) + b"\n")
+    with pytest.raises(T.TopologyError) as e:
+        T.load(str(f))
+    assert e.value.errors == [f"{f}: more than 262144 bytes: a topology file is a few kilobytes"]
+    f.write_bytes(BASE.encode().replace(b"name: t", b"name: \xff"))
+    with pytest.raises(T.TopologyError) as e:
+        T.load(str(f))
+    assert e.value.errors == [f"{f}:3: not UTF-8 text (byte 57)"]
+
+
+def test_topology_error_reads_as_invalid_topology():
+    with pytest.raises(T.TopologyError) as e:
+        T.parse(BASE.replace("  memory_mib: 1024\n", "  memory_mib: 1024\n  vcpus: 2\n"), "my.yaml")
+    assert str(e.value) == "invalid topology:\n  my.yaml:8: hosts.vcpus: duplicate key 'vcpus' (first at line 6)"
+
+
+# ---------------------------------------------------------------- names and ids (testbed/names.py)
+
+RULE = "use lower-case letters, digits and '-', starting with a letter or digit, at most 63 characters"
+
+
+def test_device_id_that_is_a_path_or_qemu_options_is_refused():
+    text = BASE.replace("mem0", "../../../cache/images/KEY/rootfs").replace(
+        "mem1", "'mem0,share=off,mem-path=/etc/passwd'")
+    assert errors(text) == [
+        f"my.yaml:18: devices[0].id: invalid name '../../../cache/images/KEY/rootfs': {RULE}",
+        f"my.yaml:19: devices[1].id: invalid name 'mem0,share=off,mem-path=/etc/passwd': {RULE}",
+        f"my.yaml:16: host_bridges[0].root_ports[0].switch.devices[0]: invalid name "
+        f"'../../../cache/images/KEY/rootfs': {RULE}",
+        f"my.yaml:16: host_bridges[0].root_ports[0].switch.devices[1]: invalid name "
+        f"'mem0,share=off,mem-path=/etc/passwd': {RULE}",
+        f"my.yaml:24: pool.devices[0]: invalid name '../../../cache/images/KEY/rootfs': {RULE}",
+        f"my.yaml:24: pool.devices[1]: invalid name 'mem0,share=off,mem-path=/etc/passwd': {RULE}"]
+
+
+def test_every_fabric_id_and_reference_is_a_name():
+    text = (BASE.replace("name: t", "name: ..").replace("id: hb0\n", "id: HB0\n").replace("- id: hb0-rp0", "- id: rp,0")
+            .replace("id: sw0", "id: sw/0").replace("{id: fmw0", "{id: fmw.0").replace("targets: [hb0]", "targets: [hb/0]")
+            .replace("  window: fmw0", "  window: 'fmw0,x'"))
+    assert errors(text) == [
+        f"my.yaml:3: name: invalid name '..': {RULE}",
+        f"my.yaml:9: host_bridges[0].id: invalid name 'HB0': {RULE}",
+        f"my.yaml:12: host_bridges[0].root_ports[0].id: invalid name 'rp,0': {RULE}",
+        f"my.yaml:14: host_bridges[0].root_ports[0].switch.id: invalid name 'sw/0': {RULE}",
+        f"my.yaml:21: windows[0].id: invalid name 'fmw.0': {RULE}",
+        f"my.yaml:21: windows[0].targets[0]: invalid name 'hb/0': {RULE}",
+        f"my.yaml:23: pool.window: invalid name 'fmw0,x': {RULE}"]
+
+
+def test_host_names_and_name_prefix():
+    assert errors(BASE.replace("  count: 2\n", "  count: 2\n  name_prefix: Host_\n")) == [
+        f"my.yaml:6: hosts.name_prefix: invalid name 'Host_0': {RULE}"]
+    text = BASE.replace("hosts:\n  count: 2\n  vcpus: 1\n  memory_mib: 1024\n", "hosts:\n  - {name: a}\n  - {name: ..}\n")
+    assert errors(text) == [f"my.yaml:6: hosts[1].name: invalid name '..': {RULE}"]
+
+
+def test_switch_id_too_long_for_its_port_ids():
+    sw = "s" * 60
+    assert errors(BASE.replace("id: sw0", f"id: {sw}")) == [
+        f"my.yaml:14: host_bridges[0].root_ports[0].switch.id: makes port id '{sw}-dsp1', longer than 63 characters"]
+
+
+# ---------------------------------------------------------------- numeric bounds
+
+def test_vcpus_and_memory_against_this_machine():
+    assert errors(BASE.replace("vcpus: 1", "vcpus: 100000000").replace("memory_mib: 1024", "memory_mib: 9000")) == [
+        "my.yaml:6: hosts.vcpus: expected at most 4 vCPUs (this machine has 4 CPU cores, os.cpu_count()), got 100000000",
+        "my.yaml:7: hosts.memory_mib: expected at most 8192 MiB (this machine's RAM, MemTotal in /proc/meminfo), got 9000"]
+    assert errors(BASE.replace("memory_mib: 1024", "memory_mib: 5000")) == [
+        "my.yaml:4: hosts: 2 hosts need 10000 MiB of memory together, more than this machine's 8192 MiB "
+        "(MemTotal in /proc/meminfo)"]
+
+
+def test_vcpus_against_the_real_machine(monkeypatch):
+    monkeypatch.setattr(T, "this_machine", real_machine)
+    n = os.cpu_count()
+    assert errors(BASE.replace("vcpus: 1", f"vcpus: {n + 1}")) == [
+        f"my.yaml:6: hosts.vcpus: expected at most {n} vCPUs (this machine has {n} CPU cores, os.cpu_count()), got {n + 1}"]
+
+
+def test_downstream_ports_within_a_qemu_switch():
+    assert errors(BASE.replace("downstream_ports: 2", "downstream_ports: 3000000")) == [
+        "my.yaml:15: host_bridges[0].root_ports[0].switch.downstream_ports: expected at most 32 downstream ports "
+        "(QEMU places a switch's downstream ports at device numbers 0-31 of its internal PCI bus), got 3000000"]
+
+
+def test_root_ports_within_a_host_bridge_bus():
+    rps = "".join(f"      - {{id: rp{i}, device: mem9}}\n" for i in range(32))
+    errs = errors(BASE.replace("    root_ports:\n", "    root_ports:\n" + rps))
+    assert errs[0] == ("my.yaml:11: host_bridges[0].root_ports: 33 root ports: QEMU places a host bridge's root "
+                       "ports at device numbers 0-31 of its bus, at most 32")
+
+
+def test_bus_numbers_stay_8_bit_and_apart():
+    assert errors(BASE.replace("bus_nr: 12", "bus_nr: 252")) == [
+        "my.yaml:10: host_bridges[0].bus_nr: host bridge 'hb0' needs buses 252 to 256 (one per root port, switch "
+        "and downstream port), past 255: PCI bus numbers are 8 bits"]
+    text = T.resolve("2hosts-2switches").read_text().replace("bus_nr: 64", "bus_nr: 14")
+    assert errors(text) == [
+        "my.yaml:19: host_bridges[1].bus_nr: bus 14 of host bridge 'hb1' is among the buses 12 to 16 "
+        "that host bridge 'hb0' needs (one per root port, switch and downstream port)"]
+
+
+def test_device_and_window_sizes_bounded():
+    assert errors(BASE.replace("{id: mem1, size_mib: 256", f"{{id: mem1, size_mib: {2**40}")) == [
+        "my.yaml:19: devices[1].size_mib: expected at most 524288 MiB (a device is mapped into the guests' physical "
+        "address space, 40 bits (1 TiB) under TCG, shared with RAM), got 1099511627776"]
+    assert errors(BASE.replace("size_mib: 512, targets", f"size_mib: {2**40}, targets")) == [
+        "my.yaml:21: windows[0].size_mib: expected at most 524288 MiB (a window is mapped into the guests' physical "
+        "address space, 40 bits (1 TiB) under TCG, shared with RAM), got 1099511627776"]
+
+
+def test_backing_files_fit_the_pools_file_system():
+    text = BASE.replace("size_mib: 256", "size_mib: 4096").replace("size_mib: 512, targets", "size_mib: 8192, targets")
+    assert errors(text) == [
+        "my.yaml:17: devices: the devices' backing files need 8192 MiB, more than the 4096 MiB of the file system "
+        "that holds the pools (/dev/shm; BELUGA_TESTBED_POOLS chooses another folder)"]
+
+
+@pytest.mark.parametrize("serial, shown", [("-1", "-0x1"), ("0xffffffffffffffff", "0xffffffffffffffff")])
+def test_serial_within_64_bits(serial, shown):
+    assert errors(BASE.replace("serial: 0x1001", f"serial: {serial}")) == [
+        "my.yaml:19: devices[1].serial: expected a serial number from 0 to 0xfffffffffffffffe "
+        f"(64 bits; QEMU reads all ones as none), got {shown}"]
+
+
+def test_topology_validate_refuses_a_path_in_a_device_id(tmp_path, capsys):
+    from testbed import cli
+    f = tmp_path / "evil.yaml"
+    f.write_text(BASE.replace("{id: mem0,", "{id: ../../../cache/images/KEY/rootfs,"))
+    assert cli.main(["topology", "validate", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"✗ invalid topology:\n  {f}:18: devices[0].id: invalid name "
+                          f"'../../../cache/images/KEY/rootfs': {RULE}\n")
