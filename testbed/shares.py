@@ -111,18 +111,6 @@ def parse_all(specs: list[str], base: Path | None = None) -> list[Share]:
     return shares
 
 
-def qemu_args(shares: list[Share]) -> list[str]:
-    """The QEMU options of the shares: one fsdev and one virtio-9p device each. Commas
-    in a folder name are doubled, QEMU's escape, or they would start a new option."""
-    argv: list[str] = []
-    for s in shares:
-        fsdev = f"local,id={s.tag},path={str(s.host_dir).replace(',', ',,')},security_model=none"
-        argv += ["-fsdev", fsdev + ("" if s.rw else ",readonly=on"),
-                 # bus=pcie.0: like every virtio device here, never the pxb-cxl bus.
-                 "-device", f"virtio-9p-pci,fsdev={s.tag},mount_tag={s.tag},bus=pcie.0,id={s.tag}-dev"]
-    return argv
-
-
 def mount_command(shares: list[Share]) -> str:
     """One shell command that mounts every share in a guest (the 9p modules come from
     the guest's rootfs; the tiny initrd does not load them)."""
