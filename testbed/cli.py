@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("cp", help="copy files into or out of guests over SFTP (scp-style HOST:PATH)",
                         description="One side is remote: HOST:PATH, or :PATH with --all (every host). "
                                     "Out of several hosts, DST is a folder with one subfolder per host.")
-    cp.add_argument("name", metavar="NAME")
+    cp.add_argument("name", type=_testbed_name, metavar="NAME")
     cp.add_argument("src", metavar="SRC", help="a local path, or HOST:PATH (:PATH with --all)")
     cp.add_argument("dst", metavar="DST", help="a local path, or HOST:PATH (:PATH with --all)")
     cp.add_argument("--all", action="store_true", help="every host of the testbed (remote side written :PATH)")
