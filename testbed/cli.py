@@ -159,8 +159,15 @@ def cmd_exec(args) -> int:
         raise TestbedError("no command given", hint="beluga-testbed exec NAME HOST|--all -- CMD ...")
     tb = lifecycle.find(args.name)
     hosts = lifecycle.resolve_hosts(tb, args.host, args.all)
-    results = lifecycle.exec_on(tb, hosts, shlex.join(command) if len(command) > 1 else command[0],
-                                timeout_s=args.timeout)
+    line = shlex.join(command) if len(command) > 1 else command[0]
+    if args.pool_env:
+        from . import programs, ssh
+        from .par import map_parallel
+        results = map_parallel(lambda h: ssh.run(h.name, h.ssh_port, tb.key,
+                                                 programs.exports(programs.pool_env(tb, h.name)) + line,
+                                                 timeout_s=args.timeout), hosts)
+    else:
+        results = lifecycle.exec_on(tb, hosts, line, timeout_s=args.timeout)
     failed = 0
     for r in results:
         if len(results) > 1:
@@ -315,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("host", nargs="?", metavar="HOST")
     ex.add_argument("--all", action="store_true", help="every host of the testbed")
     ex.add_argument("--timeout", type=float, default=120, help="seconds per host (default 120)")
+    ex.add_argument("--pool-env", action="store_true",
+                    help="set BELUGA_DAX, BELUGA_POOL_SIZE, BELUGA_HOST_INDEX, ... as a scenario's run step does")
     # The command after `--` is split off in main(): argparse's REMAINDER after an
     # optional positional swallows flags like --all.
     ex.set_defaults(func=cmd_exec)

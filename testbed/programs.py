@@ -90,14 +90,18 @@ def pool_env(testbed, host: str) -> dict[str, str]:
     return env
 
 
+def exports(env: dict[str, str]) -> str:
+    """`export K='v'; ...` for a remote shell, every value quoted."""
+    return "".join(f"export {k}={shlex.quote(v)}; " for k, v in env.items())
+
+
 def remote_command(run_dir: str, argv: list[str] | None, shell: str | None, env: dict[str, str]) -> str:
     """The command line sshd runs. The program is the shell's child (never exec'd: dash and
     bash exec the last command of `-c`, hence `; exit`), so its exit status is the shell's,
     128+N after signal N."""
     program = shlex.join(argv) if argv is not None else f"sh -c {shlex.quote(shell or '')}"
-    exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in env.items())
     d = shlex.quote(run_dir)
-    script = (f"mkdir -p {d} && echo $$ > {d}/pgid || exit 125; {exports}"
+    script = (f"mkdir -p {d} && echo $$ > {d}/pgid || exit 125; {exports(env)}"
               f"{program} < /dev/null; rc=$?; rm -rf {d}; exit $rc")
     return f"exec sh -c {shlex.quote(script)}"
 

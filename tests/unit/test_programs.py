@@ -247,3 +247,29 @@ def test_remote_command_quotes_the_environment_and_runs_the_program_as_a_child()
                             capture_output=True, text=True).stdout
     assert script.rstrip().endswith("prog 'a b' < /dev/null; rc=$?; rm -rf /run/beluga/programs/abc; exit $rc")
     assert "export K='v'\"'\"'; rm -rf /'; " in script
+
+
+def test_exec_pool_env_gives_each_host_its_own_variables(tmp_path, monkeypatch, capsys):
+    """`exec --pool-env`: the command runs after the host's own exports (ssh.run faked:
+    each host's command is run by a local shell)."""
+    from testbed import cli
+    topo = T.resolve("2hosts-1switch")
+    state = tmp_path / "state"
+    (state / "t").mkdir(parents=True)
+    (state / "t" / "state.json").write_text(json.dumps({
+        "name": "t", "topology": "2hosts-1switch", "topology_yaml": topo.read_text(), "topology_source": str(topo),
+        "accel": "tcg", "image": "k", "created_at": "now",
+        "hosts": [{"name": n, "pid": None, "ssh_port": 0, "dir": str(state / "t" / n), "argv": []}
+                  for n in ("host0", "host1")],
+        "pool": {"hosts": {"host0": {"dax": "/dev/dax0.0"}, "host1": {"dax": "/dev/dax1.0"}}}}))
+    monkeypatch.setenv("BELUGA_TESTBED_STATE", str(state))
+
+    def local(host, port, key, command, timeout_s):
+        r = subprocess.run(["sh", "-c", command], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+        return ssh.Result(host, r.returncode, r.stdout, r.stderr)
+
+    monkeypatch.setattr(ssh, "run", local)
+    assert cli.main(["exec", "t", "--all", "--pool-env", "--", 'echo "$BELUGA_HOST_INDEX $BELUGA_DAX"']) == 0
+    assert capsys.readouterr().out == "=== host0 (exit 0)\n0 /dev/dax0.0\n=== host1 (exit 0)\n1 /dev/dax1.0\n"
+    assert cli.main(["exec", "t", "host1", "--", 'echo "[$BELUGA_DAX]"']) == 0  # without the flag: nothing set
+    assert capsys.readouterr().out == "[]\n"
