@@ -31,6 +31,7 @@ GUEST_RUN_DIR = "/run/beluga/programs"  # in the guest (tmpfs): one folder per r
 TAIL_BYTES = 4096  # what ProgramResult keeps of each stream (the files hold everything)
 KILL_GRACE_S = 3.0  # after SIGTERM to the group, before SIGKILL
 CLOSE_WAIT_S = 10.0  # after SIGKILL, how long the channel may take to report the end
+LINGER_S = 2.0  # after the program exits, how long what it left in the background may hold its output
 POLL_S = 0.5  # the longest a host thread waits on its channel before rechecking host and deadline
 NOTE = "beluga-testbed:"  # prefix of the lines this module adds to a program's stderr
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -98,11 +99,12 @@ def exports(env: dict[str, str]) -> str:
 def remote_command(run_dir: str, argv: list[str] | None, shell: str | None, env: dict[str, str]) -> str:
     """The command line sshd runs. The program is the shell's child (never exec'd: dash and
     bash exec the last command of `-c`, hence `; exit`), so its exit status is the shell's,
-    128+N after signal N."""
+    128+N after signal N. The run folder (a few bytes of tmpfs) stays: the pgid in it is
+    what kills processes the program left behind after it exited."""
     program = shlex.join(argv) if argv is not None else f"sh -c {shlex.quote(shell or '')}"
     d = shlex.quote(run_dir)
     script = (f"mkdir -p {d} && echo $$ > {d}/pgid || exit 125; {exports(env)}"
-              f"{program} < /dev/null; rc=$?; rm -rf {d}; exit $rc")
+              f"{program} < /dev/null; exit $?")
     return f"exec sh -c {shlex.quote(script)}"
 
 
@@ -240,8 +242,10 @@ class _HostRun(threading.Thread):
 
     def _follow(self, stream: Stream) -> tuple[int | None, bool]:
         h = self.h
+        linger_end = None  # set once the program has exited while its output is still open
         while True:
-            stream.wait(max(0.0, min(POLL_S, self.deadline - time.monotonic())))
+            until = min(self.deadline, linger_end if linger_end is not None else self.deadline)
+            stream.wait(max(0.0, min(POLL_S, until - time.monotonic())))
             self._drain(stream)
             if stream.ended():
                 self._drain(stream)
@@ -257,9 +261,29 @@ class _HostRun(threading.Thread):
                 self._drain(stream)
                 self.err.note(f"{h.name} died while the program ran (QEMU is not running): no exit status")
                 return None, False
+            code = stream.exit_status()
+            if code is not None and linger_end is None:
+                # It exited, but something it started in the background still holds its
+                # stdout or stderr: sshd keeps the channel open until that closes.
+                linger_end = time.monotonic() + LINGER_S
+            if linger_end is not None and time.monotonic() >= linger_end:
+                self._kill_leftovers(stream, code)
+                return code, False
             if time.monotonic() >= self.deadline:
                 self._kill(stream)
                 return None, True
+
+    def _kill_leftovers(self, stream: Stream, code: int | None) -> None:
+        h = self.h
+        r = run_command(h, self.tb.key, kill_command(self.run_dir, "KILL"), timeout_s=ssh.CONNECT_TIMEOUT_S + 5)
+        end = time.monotonic() + CLOSE_WAIT_S
+        while r.ok and not stream.ended() and time.monotonic() < end:
+            stream.wait(min(POLL_S, max(0.0, end - time.monotonic())))
+            self._drain(stream)
+        self._drain(stream)
+        self.err.note(f"{h.name}: the program exited {code}, but processes it left in the background held its "
+                      f"output open {LINGER_S:g} s later: killed them (SIGKILL to its process group)"
+                      + ("" if r.ok else f"; the kill failed: {r.why}"))
 
     def _kill(self, stream: Stream) -> None:
         """SIGTERM to the program's process group, SIGKILL after a grace period; each

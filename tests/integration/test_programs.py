@@ -45,11 +45,16 @@ def test_background_on_both_hosts_then_join(bed, tmp_path):
         assert res[n].stdout_path.read_text() == f"{n} {i}/2 {dax[n]} it's me\n"
 
 
-def test_a_timeout_kills_the_program_and_its_children_in_the_guest(bed, tmp_path):
+def test_a_timeout_or_an_exit_leaves_nothing_running_in_the_guest(bed, tmp_path):
     tb, _ = bed
     r = programs.run_program(tb, ["host1"], ["sh", "-c", "sleep 1000 & sleep 1001"], None, {}, 3, False,
                              tmp_path).join()["host1"]
     assert r.timed_out and r.exit_code is None and "killed the program's process group" in r.stderr_tail
+    # A program that exits while what it started in the background holds its output:
+    # its exit code counts, and what it left is killed.
+    r = programs.run_program(tb, ["host1"], None, "sleep 1002 & echo done; exit 5", {}, 120, False,
+                             tmp_path / "linger").join()["host1"]
+    assert (r.exit_code, r.timed_out, r.stdout_tail) == (5, False, "done\n"), r.stderr_tail
     left = programs.run_program(tb, ["host1"], None, "grep -l '^sleep$' /proc/[0-9]*/comm; true", {}, 60, False,
                                 tmp_path / "check").join()["host1"]
     assert left.exit_code == 0 and left.stdout_tail == ""
