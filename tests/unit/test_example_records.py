@@ -98,3 +98,17 @@ def test_setup_mistakes_exit_2_and_a_silent_writer_3(pool):
     assert r.returncode == 3 and "host 0 did not commit 1 records within 0.2 s (no records header)" in r.stderr
     r = run(pool, 0, "write", "--records", "5000")
     assert r.returncode == 2 and "do not fit in a slot of 16777216 bytes (at most 4095)" in r.stderr
+
+
+def test_the_walkthrough_shows_the_scenario_as_it_is():
+    """docs/your-software.md quotes the example scenario (step labels left out): the two stay in step."""
+    import yaml
+    root = PROGRAM.parents[3]
+    doc = (root / "docs/your-software.md").read_text()
+    quoted = yaml.safe_load(doc.split("```yaml\n", 1)[1].split("```", 1)[0])
+    real = yaml.safe_load((root / "scenarios/examples/dax-records.yaml").read_text())
+    unlabelled = [{k: v for k, v in s.items() if k != "name"} for s in real["steps"]]
+    assert quoted["steps"] == unlabelled
+    for key in ("topology", "shares", "roles"):
+        assert quoted[key] == real[key], key
+    assert all(e in real["expect"] for e in quoted["expect"])
