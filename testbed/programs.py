@@ -244,7 +244,7 @@ class _HostRun(threading.Thread):
         h = self.h
         linger_end = None  # set once the program has exited while its output is still open
         while True:
-            until = min(self.deadline, linger_end if linger_end is not None else self.deadline)
+            until = self.deadline if linger_end is None else min(self.deadline, linger_end)
             stream.wait(max(0.0, min(POLL_S, until - time.monotonic())))
             self._drain(stream)
             if stream.ended():
