@@ -89,16 +89,17 @@ def cmd_topology_show(args) -> int:
 
 
 def cmd_up(args) -> int:
-    from . import lifecycle, ssh
+    from . import lifecycle, shares, ssh
+    share_list = shares.parse_all(args.share or [])  # every mistake here, before anything boots
     if args.dry_run:
         t, name, argvs = lifecycle.plan(args.topology, args.name, accel="tcg" if args.accel == "auto" else args.accel,
-                                        provision=not args.no_provision)
+                                        provision=not args.no_provision, shares=share_list)
         for host, argv in argvs.items():
             print(f"# {name}/{host}")
             print(shlex.join(argv))
         return 0
     tb = lifecycle.up(args.topology, name=args.name, accel=args.accel, retain=args.retain,
-                      provision=not args.no_provision)
+                      provision=not args.no_provision, shares=share_list)
     for h in tb.hosts:
         print(f"{h.name}\t{shlex.join(ssh.ssh_argv(h.ssh_port, tb.key))}")
     return 0
@@ -130,6 +131,9 @@ def cmd_status(args) -> int:
         for h in s["hosts"]:
             pool = h["pool"] + (f" ({h['dax']})" if h.get("dax") else "")
             print(f"  {h['name']:10} {h['state']:8} {h['pid'] or '-':>8} {h['ssh_port']:>6}  {pool}")
+        for sh in s.get("shares") or []:
+            print(f"  share {sh['host_dir']} -> {sh['guest_dir']} ({'rw' if sh['rw'] else 'read-only'}, "
+                  f"tag {sh['tag']}) on every host")
     return 0
 
 
@@ -155,8 +159,15 @@ def cmd_exec(args) -> int:
         raise TestbedError("no command given", hint="beluga-testbed exec NAME HOST|--all -- CMD ...")
     tb = lifecycle.find(args.name)
     hosts = lifecycle.resolve_hosts(tb, args.host, args.all)
-    results = lifecycle.exec_on(tb, hosts, shlex.join(command) if len(command) > 1 else command[0],
-                                timeout_s=args.timeout)
+    line = shlex.join(command) if len(command) > 1 else command[0]
+    if args.pool_env:
+        from . import programs, ssh
+        from .par import map_parallel
+        results = map_parallel(lambda h: ssh.run(h.name, h.ssh_port, tb.key,
+                                                 programs.exports(programs.pool_env(tb, h.name)) + line,
+                                                 timeout_s=args.timeout), hosts)
+    else:
+        results = lifecycle.exec_on(tb, hosts, line, timeout_s=args.timeout)
     failed = 0
     for r in results:
         if len(results) > 1:
@@ -173,6 +184,14 @@ def cmd_exec(args) -> int:
         print(f"✗ failed on {failed} of {len(results)} host(s): "
               + ", ".join(r.host for r in results if not r.ok), file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_cp(args) -> int:
+    from . import lifecycle, transfer
+    tb = lifecycle.find(args.name)
+    for where in transfer.copy(tb, args.src, args.dst, all_hosts=args.all, recursive=args.recursive):
+        print(where)
     return 0
 
 
@@ -326,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--retain", action="store_true", help="on failure, keep VMs and files for inspection")
     u.add_argument("--dry-run", action="store_true", help="print each host's QEMU command line and exit")
     u.add_argument("--no-provision", action="store_true", help="boot only; do not configure the pool")
+    u.add_argument("--share", action="append", metavar="HOST_DIR[:GUEST_DIR[:rw]]",
+                   help="mount a host folder in every guest (virtio-9p; default GUEST_DIR /mnt/<folder name>; "
+                        "read-only unless ':rw'); repeatable")
     u.set_defaults(func=cmd_up)
 
     dn = sub.add_parser("down", help="stop a testbed and remove all its files (idempotent)")
@@ -352,9 +374,21 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("host", nargs="?", metavar="HOST")
     ex.add_argument("--all", action="store_true", help="every host of the testbed")
     ex.add_argument("--timeout", type=float, default=120, help="seconds per host (default 120)")
+    ex.add_argument("--pool-env", action="store_true",
+                    help="set BELUGA_DAX, BELUGA_POOL_SIZE, BELUGA_HOST_INDEX, ... as a scenario's run step does")
     # The command after `--` is split off in main(): argparse's REMAINDER after an
     # optional positional swallows flags like --all.
     ex.set_defaults(func=cmd_exec)
+
+    cp = sub.add_parser("cp", help="copy files into or out of guests over SFTP (scp-style HOST:PATH)",
+                        description="One side is remote: HOST:PATH, or :PATH with --all (every host). "
+                                    "Out of several hosts, DST is a folder with one subfolder per host.")
+    cp.add_argument("name", type=_testbed_name, metavar="NAME")
+    cp.add_argument("src", metavar="SRC", help="a local path, or HOST:PATH (:PATH with --all)")
+    cp.add_argument("dst", metavar="DST", help="a local path, or HOST:PATH (:PATH with --all)")
+    cp.add_argument("--all", action="store_true", help="every host of the testbed (remote side written :PATH)")
+    cp.add_argument("-r", "--recursive", action="store_true", help="copy folders and what they hold")
+    cp.set_defaults(func=cmd_cp)
 
     pv = sub.add_parser("provision", help="(re)create and verify the shared pool in every guest")
     pv.add_argument("name", type=_testbed_name, metavar="NAME")
