@@ -65,3 +65,16 @@ def test_abort_frees_only_the_reservation_it_names(store):
         c._call(rpc.OP_ABORT, rpc.ABORT_REQ.pack([(a.segment, a.slot, a.generation)])))
     assert rows[0][0] == rpc.OK and store.service.stats()["reserved"] == 0
     store.service.check_invariants()
+
+
+def test_reaping_a_client_seals_only_its_own_open_segments(store):
+    alive, dead = store.client(), store.client()
+    # alive is mid-put (a reservation in flight): its open segment cannot change hands,
+    # so dead's put opens a segment of its own
+    rpc.ALLOC_RESP.unpack(alive._call(rpc.OP_ALLOC, rpc.ALLOC_REQ.pack([(100,)])))
+    dead.put(name_key("d"), b"d" * 100)
+    assert store.service.stats()["segments"]["open"] == 2
+    store.service.reap(dead.slot, "test")
+    assert store.service.stats()["segments"]["open"] == 1, "the live writer keeps its open segment"
+    assert alive.get(name_key("d")) == b"d" * 100
+    store.service.check_invariants()
