@@ -30,7 +30,7 @@ coverage: setup
 	$(VENV)/bin/python -m coverage report --include='testbed/provision.py,testbed/lifecycle.py,testbed/runner.py,testbed/cli.py,testbed/guest_pool.py'
 
 # Mutation testing (mutmut) of the store's client, service and layout, topology validation
-# and provisioning; about 40 min on a busy 2-core machine (docs/testing.md). Groups: scripts/mutate.py GROUP ...
+# and provisioning; about 25 min on a busy 2-core machine (docs/testing.md). Groups: scripts/mutate.py GROUP ...
 mutate: setup
 	nice -n 10 $(VENV)/bin/python scripts/mutate.py $(GROUPS)
 
