@@ -66,7 +66,7 @@ def cmd_image_rm(args) -> int:
 
 def cmd_doctor(args) -> int:
     from . import doctor
-    return doctor.main(json_out=args.json)
+    return doctor.main(json_out=args.json, qemu=args.qemu, kernel=args.kernel, modules=args.modules)
 
 
 def cmd_topology_validate(args) -> int:
@@ -321,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("doctor", help="check that this machine can run testbeds")
     d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.add_argument("--qemu", type=Path, metavar="PATH",
+                   help="check this QEMU binary (default: $BELUGA_TESTBED_QEMU, else qemu-system-x86_64 on PATH)")
+    d.add_argument("--kernel", type=Path, metavar="PATH",
+                   help="check this kernel's configuration for the CXL options (read from a .config or "
+                        "config-<version> beside it, /boot/config-<version>, or --modules)")
+    d.add_argument("--modules", type=Path, metavar="DIR", help="the kernel's `make modules_install INSTALL_MOD_PATH=` tree")
     d.set_defaults(func=cmd_doctor)
 
     im = sub.add_parser("image", help="build, list and remove guest images")
