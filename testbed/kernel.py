@@ -42,6 +42,8 @@ INIT_SCRIPT = Path(__file__).with_name("kernel_init.sh")
 # modules.dep names.
 SHARE_MODULES = ("9pnet_virtio", "9p")
 FIELDS = ("kernel", "initrd", "modules", "qemu")
+# In the testbed's state folder, beside the hosts' folders: no name (names.py) starts with "_".
+KERNEL_DIR = "_kernel"
 
 
 @dataclass(frozen=True)
@@ -200,18 +202,18 @@ def plan(uk: UserKernel, img: image_mod.Image | None, state_dir: Path) -> Boot:
         v = modules_version(uk, version)
         version = version or v
         share = Share(uk.modules / "lib" / "modules" / v, f"/lib/modules/{v}", False, MODULES_TAG)
-    folder = state_dir / "kernel"
+    folder = state_dir / KERNEL_DIR
     kernel = folder / image_mod.KERNEL_FILE if is_bzimage(uk.kernel) else uk.kernel
     initrd = uk.initrd if uk.initrd is not None else folder / "initrd.img"
     return Boot(qemu, kernel, initrd, version, share)
 
 
 def prepare(uk: UserKernel, img: image_mod.Image, state_dir: Path) -> Boot:
-    """Write the files of `plan` into `<state>/<name>/kernel/`."""
+    """Write the files of `plan` into `<state>/<name>/_kernel/`."""
     boot = plan(uk, img, state_dir)
     if uk.kernel is None:
         return boot
-    folder = paths.make_child_dir(state_dir, "kernel")
+    folder = paths.make_child_dir(state_dir, KERNEL_DIR)
     kernel = boot.kernel
     if kernel != uk.kernel:
         try:

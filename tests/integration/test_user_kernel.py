@@ -46,8 +46,8 @@ def test_user_kernel_modules_and_qemu(isolated_dirs, tmp_path):
         # The wrapper ran QEMU with the kernel that `up` unpacked from the bzImage given,
         # the initrd it made, and the modules folder shared.
         argv = argv_log.read_text().splitlines()
-        assert argv[argv.index("-kernel") + 1] == str(state / "ukernel" / "kernel" / "vmlinux")
-        assert argv[argv.index("-initrd") + 1] == str(state / "ukernel" / "kernel" / "initrd.img")
+        assert argv[argv.index("-kernel") + 1] == str(state / "ukernel" / "_kernel" / "vmlinux")
+        assert argv[argv.index("-initrd") + 1] == str(state / "ukernel" / "_kernel" / "initrd.img")
         assert any(f"path={mods}/lib/modules/{ver}," in a for a in argv)
         # In the guest: this kernel, its modules from the share, the CXL drivers loaded from it.
         # (/lib is a link to usr/lib in the image: the mount point reads /usr/lib/modules/...)

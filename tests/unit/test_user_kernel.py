@@ -154,8 +154,8 @@ def test_dry_run_shows_the_unpacked_kernel_its_initrd_and_the_modules_share(tmp_
     argv = capsys.readouterr().out.splitlines()[1].split()
     state = tmp_path / "state" / "uk"
     assert argv[0] == str(q)
-    assert argv[argv.index("-kernel") + 1] == f"{state}/kernel/vmlinux"
-    assert argv[argv.index("-initrd") + 1] == f"{state}/kernel/initrd.img"
+    assert argv[argv.index("-kernel") + 1] == f"{state}/_kernel/vmlinux"
+    assert argv[argv.index("-initrd") + 1] == f"{state}/_kernel/initrd.img"
     assert f"local,id=beluga-modules,path={mods}/lib/modules/6.13.0,security_model=none,readonly=on" in argv
     # A bad path: one located line, no traceback, nothing started.
     assert cli.main(["up", "1host-1switch", "--name", "uk", "--dry-run", "--kernel", str(tmp_path / "nope")]) == 1
@@ -225,7 +225,7 @@ def test_status_shows_the_kernel_and_qemu(tmp_path, monkeypatch, capsys):
     d.mkdir(parents=True, mode=0o700)
     os.chmod(tmp_path / "state", 0o700)
     k = {"given": {"kernel": "/src/bzImage", "initrd": None, "modules": "/src/mods", "qemu": "/opt/q"},
-         "qemu": "/opt/q", "kernel": f"{d}/kernel/vmlinux", "initrd": f"{d}/kernel/initrd.img", "version": "6.13.0",
+         "qemu": "/opt/q", "kernel": f"{d}/_kernel/vmlinux", "initrd": f"{d}/_kernel/initrd.img", "version": "6.13.0",
          "modules": "/src/mods/lib/modules/6.13.0"}
     (d / "state.json").write_text(json.dumps({
         "name": "uk", "topology": "1host-1switch", "accel": "tcg", "image": "k", "created_at": "now",
@@ -233,6 +233,6 @@ def test_status_shows_the_kernel_and_qemu(tmp_path, monkeypatch, capsys):
     assert lifecycle.status("uk")["kernel"] == k
     assert cli.main(["status", "uk"]) == 0
     out = capsys.readouterr().out
-    assert f"kernel /src/bzImage (6.13.0; booted as {d}/kernel/vmlinux, initrd {d}/kernel/initrd.img)" in out
+    assert f"kernel /src/bzImage (6.13.0; booted as {d}/_kernel/vmlinux, initrd {d}/_kernel/initrd.img)" in out
     assert "modules /src/mods/lib/modules/6.13.0 -> /lib/modules/6.13.0 (read-only) on every host" in out
     assert "qemu /opt/q" in out
