@@ -236,3 +236,18 @@ def test_status_shows_the_kernel_and_qemu(tmp_path, monkeypatch, capsys):
     assert f"kernel /src/bzImage (6.13.0; booted as {d}/_kernel/vmlinux, initrd {d}/_kernel/initrd.img)" in out
     assert "modules /src/mods/lib/modules/6.13.0 -> /lib/modules/6.13.0 (read-only) on every host" in out
     assert "qemu /opt/q" in out
+
+
+def test_the_guests_own_version_check_fails_the_boot_with_its_line(tmp_path):
+    """kernel_init.sh says why on the console; `up` stops waiting and shows that line."""
+    h = lifecycle.HostState("host0", None, 10022, tmp_path, [])
+    h.files.serial_log.write_text("[    1.2] Run /init as init process\n"
+                                  "beluga: boot failed: the kernel is 6.13.0 but the modules given (--modules) "
+                                  "are for 6.12.1 (lib/modules/6.12.1)\n~ # ")
+    with pytest.raises(TestbedError) as e:
+        h.wait_said(lifecycle.SSHD_STARTED, timeout_s=60, failed=lifecycle.BOOT_FAILED)
+    assert str(e.value) == ("host0: the guest said 'beluga: boot failed: the kernel is 6.13.0 but the modules "
+                            "given (--modules) are for 6.12.1 (lib/modules/6.12.1)'")
+    script = kernel.INIT_SCRIPT.read_bytes()
+    assert b'echo "' + lifecycle.BOOT_FAILED + b': $*"' in script
+    assert b'fail "the kernel is $release but the modules given (--modules) are for $want' in script
