@@ -100,7 +100,8 @@ def test_top_not_mapping():
 
 def test_unknown_key_no_close_match():
     assert errors(BASE + "zzz: 1\n") == [
-        'my.yaml:26: zzz: unknown key (known: apiVersion, kind, name, hosts, host_bridges, devices, windows, pool, description)']
+        'my.yaml:26: zzz: unknown key (known: apiVersion, kind, name, hosts, host_bridges, devices, windows, pool, description, '
+        'kernel)']
 
 
 def test_missing_required_key():
