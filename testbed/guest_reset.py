@@ -1,0 +1,292 @@
+"""Runs INSIDE a guest (python3 of Debian trixie, stdlib only), sent over SSH by testbed/reset.py.
+
+    python3 -S -c "$(cat guest_reset.py)" '<json args>'    # prints one JSON line
+
+Puts a running guest back to its state right after `up`, without rebooting it:
+
+1. Processes. The base system is every process that started before the guest's boot
+   script finished (the last mark in /run/beluga/boot-times: busybox init, sshd's
+   listener, the console), kernel threads, and this script's own chain of parents (its
+   SSH session). Every other process was started later by someone over SSH (a test,
+   a scenario's `beluga serve` and clients, a program run by `run_program`, an open
+   `beluga-testbed ssh` shell): all are frozen (SIGSTOP, so none can start another),
+   then killed (SIGKILL), and the scan repeats until none is left.
+2. Poison. The devices' poison lists are read (trigger_poison_list: the kernel reports
+   them as cxl_poison trace events) and every poisoned 64-byte line is cleared through
+   the device's own mailbox (debugfs clear_poison); the lists are read again to check.
+3. Trace. Every trace event is disabled (none is enabled after boot) and the ring
+   buffers are emptied; tracing stays on.
+4. Files the guest keeps in memory: /run/beluga/programs and serve.ready, and what is
+   in /tmp and /dev/shm (tmpfs, empty after boot; never across a mount point, so a
+   shared folder mounted there is left alone).
+
+Prints what it did and, in "not_undone", everything it could not undo.
+Imports nothing of the project: this file's text is what travels.
+"""
+import json
+import os
+import re
+import signal
+import sys
+import time
+
+TRACE = "/sys/kernel/tracing"
+DEBUGFS = "/sys/kernel/debug"
+CXL_DEVICES = "/sys/bus/cxl/devices"
+BOOT_TIMES = "/run/beluga/boot-times"
+PF_KTHREAD = 0x00200000
+POISON_LINE = 64  # the clear_poison mailbox command clears one 64-byte line
+MAX_POISON_LINES = 65536  # 4 MiB of poison per reset; more is reported, not cleared
+RUN_FILES = ["/run/beluga/serve.ready"]
+RUN_DIRS = ["/run/beluga/programs"]
+TMPFS_DIRS = ["/tmp", "/dev/shm"]
+
+
+def clock_ticks():
+    return os.sysconf("SC_CLK_TCK")
+
+
+def boot_end_s(path=BOOT_TIMES):
+    """Uptime (s) of the boot script's last mark, or None without marks."""
+    try:
+        with open(path) as f:
+            marks = [float(line.split()[0]) for line in f if line.strip()]
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(marks) if marks else None
+
+
+def read_proc(pid):
+    """(ppid, flags, start ticks, comm, cmdline) of a process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+    rest = stat[stat.rindex(")") + 2:].split()
+    # rest[0] is field 3 (state): ppid is field 4, flags field 9, starttime field 22.
+    if rest[0] in ("Z", "X"):
+        return None
+    return {"pid": pid, "ppid": int(rest[1]), "flags": int(rest[6]), "start": int(rest[19]),
+            "comm": comm, "cmd": cmd or f"[{comm}]"}
+
+
+def processes():
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            p = read_proc(int(name))
+            if p is not None:
+                out[p["pid"]] = p
+    return out
+
+
+def ancestry(procs, pid):
+    chain = set()
+    while pid and pid not in chain:
+        chain.add(pid)
+        p = procs.get(pid)
+        pid = p["ppid"] if p else 0
+    return chain
+
+
+def to_stop(procs, me, boot_end_ticks):
+    """The processes that are not part of the base system (see the module's docstring)."""
+    keep = ancestry(procs, me)
+    return sorted(pid for pid, p in procs.items()
+                  if pid not in keep and pid > 1 and not p["flags"] & PF_KTHREAD and p["ppid"] != 2
+                  and p["start"] > boot_end_ticks)
+
+
+def stop_processes(deadline_s=5.0):
+    end = boot_end_s()
+    if end is None:
+        return [], [f"processes: no boot marks in {BOOT_TIMES}: which processes belong to the base "
+                    "system is unknown, none were stopped"]
+    ticks = int(end * clock_ticks())
+    killed = []
+    me = os.getpid()
+    deadline = time.monotonic() + deadline_s
+    while True:
+        procs = processes()
+        pids = to_stop(procs, me, ticks)
+        if not pids:
+            return killed, []
+        if time.monotonic() > deadline:
+            return killed, ["processes: still running after SIGKILL: "
+                            + ", ".join(f"{p} ({procs[p]['cmd'][:80]})" for p in pids if p in procs)]
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        for pid in pids:
+            if pid in procs and all(k["pid"] != pid for k in killed):
+                killed.append({"pid": pid, "cmd": procs[pid]["cmd"][:200]})
+        # Gone once /proc says so (a zombie counts as gone: its parent reaps it).
+        while any(read_proc(p) is not None for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+POISON_RE = re.compile(r"cxl_poison:.*?\bmemdev=(\S+).*?\bserial=(\d+).*?\bdpa=(?:0x)?([0-9a-f]+)\s+"
+                       r"dpa_length=(?:0x)?([0-9a-f]+)")
+
+
+def parse_poison(trace_text):
+    """{memdev: [(dpa, length)]} and {memdev: serial} from the cxl_poison trace lines of
+    a poison-list read (guest memN names are not stable; serials are)."""
+    out, serials = {}, {}
+    for line in trace_text.splitlines():
+        m = POISON_RE.search(line)
+        if m and "trace_type=List" in line:
+            mem = m.group(1)
+            serials[mem] = int(m.group(2))
+            ent = (int(m.group(3), 16), int(m.group(4), 16))
+            out.setdefault(mem, [])
+            if ent not in out[mem]:
+                out[mem].append(ent)
+    return out, serials
+
+
+def memdevs():
+    if not os.path.isdir(CXL_DEVICES):
+        return []
+    return sorted(d for d in os.listdir(CXL_DEVICES)
+                  if d.startswith("mem") and os.path.exists(f"{CXL_DEVICES}/{d}/trigger_poison_list"))
+
+
+def read_poison_lists():
+    write(f"{TRACE}/trace", "")
+    write(f"{TRACE}/events/cxl/cxl_poison/enable", "1")
+    for mem in memdevs():
+        # The kernel reads the list through the mailbox and emits the trace events
+        # before the write returns.
+        write(f"{CXL_DEVICES}/{mem}/trigger_poison_list", "1")
+    with open(f"{TRACE}/trace") as f:
+        return parse_poison(f.read())
+
+
+def clear_poison():
+    if not os.path.exists(f"{TRACE}/events/cxl/cxl_poison/enable"):
+        return [], ["poison: the kernel has no cxl_poison trace event: poison lists not read, nothing cleared"]
+    found, serials = read_poison_lists()
+    if not found:
+        return [], []
+    if not os.path.isdir(f"{DEBUGFS}/cxl"):
+        os.system(f"mount -t debugfs none {DEBUGFS} 2>/dev/null")
+    cleared, problems = [], []
+    for mem, ents in sorted(found.items()):
+        ctl = f"{DEBUGFS}/cxl/{mem}/clear_poison"
+        if not os.path.exists(ctl):
+            problems.append(f"poison: {mem} has no {ctl} (the device or kernel does not offer Clear Poison): "
+                            f"{len(ents)} poisoned range(s) left")
+            continue
+        lines = 0
+        for dpa, length in ents:
+            for a in range(dpa - dpa % POISON_LINE, dpa + length, POISON_LINE):
+                if lines >= MAX_POISON_LINES:
+                    break
+                try:
+                    write(ctl, hex(a))
+                    lines += 1
+                except OSError as e:
+                    problems.append(f"poison: {mem} dpa {a:#x}: clear_poison failed: {e.strerror or e}")
+                    break
+        cleared.append({"memdev": mem, "serial": serials.get(mem), "ranges": [[d, n] for d, n in ents],
+                        "lines": lines})
+    left, _ = read_poison_lists()
+    for mem, ents in sorted(left.items()):
+        problems.append(f"poison: {mem} still lists {len(ents)} poisoned range(s) after clearing: "
+                        + ", ".join(f"dpa {d:#x}+{n:#x}" for d, n in ents[:8]))
+    return cleared, problems
+
+
+def reset_trace():
+    if not os.path.isdir(f"{TRACE}/events"):
+        return ["trace: no tracefs at " + TRACE]
+    write(f"{TRACE}/events/enable", "0")
+    write(f"{TRACE}/trace", "")  # empties every CPU's ring buffer
+    write(f"{TRACE}/tracing_on", "1")
+    return []
+
+
+def remove_tree(top, keep_top=True):
+    """Remove what is under `top` without crossing into another file system."""
+    try:
+        dev = os.lstat(top).st_dev
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for root, dirs, files in os.walk(top, topdown=False):
+        if os.lstat(root).st_dev != dev:
+            continue
+        for f in files:
+            p = os.path.join(root, f)
+            try:
+                if os.lstat(p).st_dev == dev:
+                    os.unlink(p)
+                    removed += 1
+            except OSError:
+                pass
+        for d in dirs:
+            p = os.path.join(root, d)
+            try:
+                if os.path.islink(p):
+                    os.unlink(p)
+                elif os.path.ismount(p):
+                    continue
+                else:
+                    os.rmdir(p)
+                removed += 1
+            except OSError:
+                pass
+    if not keep_top:
+        try:
+            os.rmdir(top)
+        except OSError:
+            pass
+    return removed
+
+
+def clear_files():
+    removed = 0
+    for f in RUN_FILES:
+        try:
+            os.unlink(f)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    for d in RUN_DIRS:
+        removed += remove_tree(d, keep_top=False)
+    for d in TMPFS_DIRS:
+        removed += remove_tree(d)
+    return removed
+
+
+def main(args):
+    t0 = time.monotonic()
+    out = {"not_undone": []}
+    killed, problems = stop_processes(args.get("kill_deadline_s", 5.0))
+    out["killed"] = killed
+    out["not_undone"] += problems
+    if args.get("poison", True):
+        cleared, problems = clear_poison()
+        out["poison_cleared"] = cleared
+        out["not_undone"] += problems
+    out["not_undone"] += reset_trace()
+    out["files_removed"] = clear_files()
+    out["seconds"] = round(time.monotonic() - t0, 3)
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})))
