@@ -65,7 +65,7 @@ def _topology_stem(topology: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", stem.lower()).strip("-") or "testbed"
 
 
-def testbed_name(opts: Options, worker_id: str | None) -> str:
+def choose_name(opts: Options, worker_id: str | None) -> str:
     """The testbed name of this pytest process: --beluga-name (else pytest-<topology>),
     plus '-<worker id>' under xdist, so that workers never share a testbed. Checked by
     the name rule (testbed/names.py)."""
@@ -134,11 +134,21 @@ class Session:
 def testbed_session(request):
     """One running testbed for the whole session (per xdist worker), as it was left by the
     tests before: use `testbed` for a reset one."""
+    from .log import TestbedError
+    from .topology import TopologyError
     opts = Options.from_config(request.config)
-    s = Session(opts, testbed_name(opts, _worker_id(request.config)))
-    request.config.stash[_SESSION] = s
     try:
-        s.start()
+        s = Session(opts, choose_name(opts, _worker_id(request.config)))
+        request.config.stash[_SESSION] = s
+    except TestbedError as e:
+        pytest.fail(f"beluga-testbed: {e}", pytrace=False)
+    try:
+        try:
+            s.start()
+        except TestbedError as e:
+            pytest.fail(f"beluga-testbed: {e}", pytrace=False)
+        except TopologyError as e:
+            pytest.fail("beluga-testbed: invalid topology:\n" + "\n".join(f"  {x}" for x in e.errors), pytrace=False)
         yield s.tb
     finally:
         s.finish()
