@@ -182,6 +182,8 @@ class Testbed:
     """A running testbed. Make one with `Testbed.up(...)` or `Testbed.attach(name)`; as a
     context manager it goes down on exit unless `keep` (attach: always kept)."""
 
+    __test__ = False  # not a pytest test class, in the users' test files that import it
+
     def __init__(self, state: lifecycle.Testbed, *, keep: bool = True) -> None:
         self._state = state
         self.keep = keep
