@@ -137,21 +137,23 @@ def testbed_session(request):
     from .log import TestbedError
     from .topology import TopologyError
     opts = Options.from_config(request.config)
+    s = None
     try:
         s = Session(opts, choose_name(opts, _worker_id(request.config)))
         request.config.stash[_SESSION] = s
+        s.start()
+        why = None
     except TestbedError as e:
-        pytest.fail(f"beluga-testbed: {e}", pytrace=False)
+        why = str(e)
+    except TopologyError as e:
+        why = "invalid topology:\n" + "\n".join(f"  {x}" for x in e.errors)
     try:
-        try:
-            s.start()
-        except TestbedError as e:
-            pytest.fail(f"beluga-testbed: {e}", pytrace=False)
-        except TopologyError as e:
-            pytest.fail("beluga-testbed: invalid topology:\n" + "\n".join(f"  {x}" for x in e.errors), pytrace=False)
+        if why is not None:  # outside the except: no "during handling of the above" chain
+            pytest.fail(f"beluga-testbed: {why}", pytrace=False)
         yield s.tb
     finally:
-        s.finish()
+        if s is not None:
+            s.finish()
 
 
 @pytest.fixture

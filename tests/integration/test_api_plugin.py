@@ -1,0 +1,77 @@
+"""A user's test file with only `def test_x(testbed): ...`, run through the pytest plugin
+against a real 2hosts-1switch testbed: the tests exec on both hosts, share bytes through
+the pool (guest devdax mappings and the backing files on this machine), leave processes,
+files and poison behind, and the next test finds none of it (the plugin's reset). Then
+`beluga-testbed reset` on the testbed the run kept."""
+import textwrap
+
+from testbed import paths
+
+from .conftest import cli
+
+CACHE = paths.cache_dir()  # at import: before pytester points HOME elsewhere
+
+pytest_plugins = ["pytester"]
+
+NAME = "itest-plugin"
+
+USER_TESTS = textwrap.dedent('''
+    WRITE = """
+    import mmap, os, sys
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    m = mmap.mmap(fd, 2 << 20)
+    off = int(sys.argv[2])
+    m[off:off + len(sys.argv[3])] = sys.argv[3].encode()
+    """
+    READ = """
+    import mmap, os, sys
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    m = mmap.mmap(fd, 2 << 20)
+    off, n = int(sys.argv[2]), int(sys.argv[3])
+    print(m[off:off + n].decode(errors="replace"))
+    """
+    POISON_LIST = ("echo 1 > /sys/kernel/tracing/events/cxl/cxl_poison/enable; "
+                   "for t in /sys/bus/cxl/devices/mem*/trigger_poison_list; do echo 1 > $t; done; "
+                   "grep -c 'cxl_poison:.*trace_type=List' /sys/kernel/tracing/trace; true")
+
+
+    def test_hosts_share_the_pool_and_leave_a_mess(testbed):
+        host0, host1 = testbed.hosts
+        assert (host0.name, host1.name) == ("host0", "host1")
+        testbed.exec("host0", ["python3", "-c", WRITE, host0.dax, "4096", "written by host0"], check=True)
+        got = testbed.exec("host1", ["python3", "-c", READ, host1.dax, "4096", "16"], check=True)
+        assert got["host1"].stdout.strip() == "written by host0"
+        assert testbed.pool.read(4096, 16) == b"written by host0"
+        testbed.pool.write(8192 + 100, b"from the host")
+        got = testbed.exec(None, ["python3", "-c", READ, host0.dax, str(8192 + 100), "13"], check=True)
+        assert [r.stdout.strip() for r in got.values()] == ["from the host", "from the host"]
+        testbed.exec(None, ["sh", "-c", "setsid sleep 600 > /dev/null 2>&1 < /dev/null & echo x > /tmp/left"],
+                     check=True)
+        testbed.poison(65536, 128)
+        assert testbed.exec("host1", ["sh", "-c", POISON_LIST])["host1"].stdout.split() == ["1"]
+
+
+    def test_the_next_test_starts_from_a_clean_testbed(testbed):
+        assert testbed.pool.read(4096, 16) == bytes(16)
+        got = testbed.exec(None, ["python3", "-c", READ, testbed.hosts[1].dax, "4096", "16"], check=True)
+        assert got["host1"].stdout.strip("\\x00\\n") == ""
+        left = testbed.exec(None, ["sh", "-c", "pgrep -x sleep; ls -A /tmp; echo end"], check=True)
+        assert [r.stdout.split() for r in left.values()] == [["end"], ["end"]]
+        assert testbed.exec("host1", ["sh", "-c", POISON_LIST])["host1"].stdout.split() == ["0"]
+''')
+
+
+def test_a_user_suite_runs_through_the_plugin_and_reset_cleans_between_tests(pytester, request, monkeypatch):
+    monkeypatch.setenv("BELUGA_TESTBED_CACHE", str(CACHE))  # pytester moves HOME, where the images are
+    plugin = [] if request.config.pluginmanager.has_plugin("beluga_testbed") else \
+        ["-p", "testbed.pytest_plugin", "-W", "ignore::pytest.PytestAssertRewriteWarning"]
+    pytester.makepyfile(test_user=USER_TESTS)
+    try:
+        result = pytester.runpytest_inprocess(*plugin, "-p", "no:cacheprovider", "--beluga-topology",
+                                              "2hosts-1switch", "--beluga-name", NAME, "--beluga-keep", "-v")
+        result.assert_outcomes(passed=2)
+        assert NAME in cli("list").stdout.split()  # --beluga-keep left it up
+        r = cli("reset", NAME)
+        assert f"✓ {NAME} reset in" in r.stderr
+    finally:
+        cli("down", NAME, check=False)
