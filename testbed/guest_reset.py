@@ -6,11 +6,13 @@ Puts a running guest back to its state right after `up`, without rebooting it:
 
 1. Processes. The base system is every process that started before the guest's boot
    script finished (the last mark in /run/beluga/boot-times: busybox init, sshd's
-   listener, the console), kernel threads, and this script's own chain of parents (its
-   SSH session). Every other process was started later by someone over SSH (a test,
-   a scenario's `beluga serve` and clients, a program run by `run_program`, an open
-   `beluga-testbed ssh` shell): all are frozen (SIGSTOP, so none can start another),
-   then killed (SIGKILL), and the scan repeats until none is left.
+   listener, the console), kernel threads, this script's own chain of parents (its SSH
+   session), and the base sshd's per-connection processes (sshd-session: other clients'
+   open connections survive a reset). Every other process was started later by someone
+   over SSH (a test, a scenario's `beluga serve` and clients, a program run by
+   `run_program`, the shell of an open `beluga-testbed ssh`): all are frozen (SIGSTOP,
+   so none can start another), then killed (SIGKILL), and the scan repeats until none
+   is left.
 2. Poison. The devices' poison lists are read (trigger_poison_list: the kernel reports
    them as cxl_poison trace events) and every poisoned 64-byte line is cleared through
    the device's own mailbox (debugfs clear_poison); the lists are read again to check.
@@ -93,12 +95,25 @@ def ancestry(procs, pid):
     return chain
 
 
+SSHD = ("sshd", "sshd-session", "sshd-auth")
+
+
 def to_stop(procs, me, boot_end_ticks):
-    """The processes that are not part of the base system (see the module's docstring)."""
+    """The processes that are not part of the base system (see the module's docstring).
+    The per-connection processes of the base sshd (sshd-session) stay too, so that other
+    clients' open connections survive a reset (what runs under them does not)."""
     keep = ancestry(procs, me)
-    return sorted(pid for pid, p in procs.items()
-                  if pid not in keep and pid > 1 and not p["flags"] & PF_KTHREAD and p["ppid"] != 2
-                  and p["start"] > boot_end_ticks)
+    keep |= {pid for pid, p in procs.items()
+             if pid <= 2 or p["flags"] & PF_KTHREAD or p["ppid"] == 2 or p["start"] <= boot_end_ticks}
+    grew = True
+    while grew:
+        grew = False
+        for pid, p in procs.items():
+            parent = procs.get(p["ppid"])
+            if pid not in keep and p["comm"] in SSHD and parent and parent["comm"] in SSHD and p["ppid"] in keep:
+                keep.add(pid)
+                grew = True
+    return sorted(pid for pid in procs if pid not in keep)
 
 
 def stop_processes(deadline_s=5.0):
@@ -274,16 +289,26 @@ def clear_files():
 
 def main(args):
     t0 = time.monotonic()
-    out = {"not_undone": []}
+    out = {"not_undone": [], "phases": {}}
+
+    def lap(name, t=[t0]):
+        now = time.monotonic()
+        out["phases"][name] = round(now - t[0], 3)
+        t[0] = now
+
     killed, problems = stop_processes(args.get("kill_deadline_s", 5.0))
     out["killed"] = killed
     out["not_undone"] += problems
+    lap("processes")
     if args.get("poison", True):
         cleared, problems = clear_poison()
         out["poison_cleared"] = cleared
         out["not_undone"] += problems
+        lap("poison")
     out["not_undone"] += reset_trace()
+    lap("trace")
     out["files_removed"] = clear_files()
+    lap("files")
     out["seconds"] = round(time.monotonic() - t0, 3)
     return out
 

@@ -45,26 +45,31 @@ def test_where_holes_cannot_be_punched_only_the_data_is_overwritten(tmp_path):
     assert f.read_bytes() == bytes(4 << 20)
 
 
-def proc(pid, ppid, start, flags=0, cmd="x"):
-    return {"pid": pid, "ppid": ppid, "flags": flags, "start": start, "comm": cmd, "cmd": cmd}
+def proc(pid, ppid, start, flags=0, cmd="x", comm=None):
+    return {"pid": pid, "ppid": ppid, "flags": flags, "start": start, "comm": comm or cmd.split()[0], "cmd": cmd}
 
 
 def test_the_base_system_is_what_started_before_boot_ended_kernel_threads_and_the_resets_own_chain():
+    """Everything a test or scenario started goes; the base sshd's per-connection processes
+    stay (another client's open connection survives), what runs under them does not."""
     boot_end = 2400  # ticks
     procs = {p["pid"]: p for p in [
         proc(1, 0, 10, cmd="init"),
         proc(2, 0, 10, cmd="[kthreadd]"),
         proc(40, 2, 5000, flags=guest_reset.PF_KTHREAD, cmd="[kworker/0:2]"),   # a kernel thread started late
-        proc(150, 1, 1980, cmd="sshd: /usr/sbin/sshd [listener]"),
+        proc(150, 1, 1980, cmd="sshd: /usr/sbin/sshd [listener]", comm="sshd"),
         proc(160, 1, 1990, cmd="init"),                                        # the console's askfirst
-        proc(300, 150, 9000, cmd="sshd-session: root@notty"),                  # another client's session
-        proc(301, 300, 9001, cmd="beluga serve /dev/dax0.0"),
+        proc(300, 150, 9000, cmd="sshd-session: root [priv]", comm="sshd-session"),  # another client's
+        proc(303, 300, 9000, cmd="sshd-session: root@notty", comm="sshd-session"),   # connection
+        proc(301, 303, 9001, cmd="beluga serve /dev/dax0.0"),
+        proc(330, 1, 9200, cmd="/usr/sbin/sshd -p 2222", comm="sshd"),          # a test's own sshd...
+        proc(331, 330, 9300, cmd="sshd-session: root@notty", comm="sshd-session"),  # ... and its session
         proc(320, 1, 9100, cmd="sleep 1000"),                                   # left by a test, reparented
-        proc(400, 150, 9500, cmd="sshd-session: root@notty"),                  # this reset's session...
+        proc(400, 150, 9500, cmd="sshd-session: root@notty", comm="sshd-session"),  # this reset's...
         proc(401, 400, 9501, cmd="sh -c python3 ..."),
         proc(402, 401, 9502, cmd="python3 -I -S -c ..."),                      # ... and itself
     ]}
-    assert guest_reset.to_stop(procs, 402, boot_end) == [300, 301, 320]
+    assert guest_reset.to_stop(procs, 402, boot_end) == [301, 320, 330, 331]
 
 
 TRACE = """\
