@@ -1,6 +1,6 @@
 """Runs INSIDE a guest (python3 of Debian trixie, stdlib only), sent over SSH by testbed/reset.py.
 
-    python3 -S -c "$(cat guest_reset.py)" '<json args>'    # prints one JSON line
+    python3 -I -S -c "$(cat guest_reset.py)" [poison=0] [kill_deadline_s=5]   # prints one JSON line
 
 Puts a running guest back to its state right after `up`, without rebooting it:
 
@@ -23,12 +23,13 @@ Puts a running guest back to its state right after `up`, without rebooting it:
    shared folder mounted there is left alone).
 
 Prints what it did and, in "not_undone", everything it could not undo.
-Imports nothing of the project: this file's text is what travels.
+Imports nothing of the project: this file's text is what travels. Nor json, re or
+signal: under TCG, with four guests on two host cores, their imports (enum above all)
+cost the guest 0.4-0.8 s, more than the reset's own work; hence _signal, the word
+parsing and the small JSON writer below.
 """
-import json
+import _signal
 import os
-import re
-import signal
 import sys
 import time
 
@@ -59,21 +60,31 @@ def boot_end_s(path=BOOT_TIMES):
 
 
 def read_proc(pid):
-    """(ppid, flags, start ticks, comm, cmdline) of a process, or None if it is gone."""
+    """(ppid, flags, start ticks, comm) of a process, or None if it is gone (or a zombie).
+    os.open/os.read: a text-mode open() per process costs several times more under TCG."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        try:
+            stat = os.read(fd, 4096).decode(errors="replace")
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    comm = stat[stat.find("(") + 1:stat.rfind(")")]
+    rest = stat[stat.rfind(")") + 2:].split()
+    # rest[0] is field 3 (state): ppid is field 4, flags field 9, starttime field 22.
+    if len(rest) < 20 or rest[0] in ("Z", "X"):
+        return None
+    return {"pid": pid, "ppid": int(rest[1]), "flags": int(rest[6]), "start": int(rest[19]), "comm": comm}
+
+
+def cmdline(pid, comm):
+    try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
-        return None
-    comm = stat[stat.index("(") + 1:stat.rindex(")")]
-    rest = stat[stat.rindex(")") + 2:].split()
-    # rest[0] is field 3 (state): ppid is field 4, flags field 9, starttime field 22.
-    if rest[0] in ("Z", "X"):
-        return None
-    return {"pid": pid, "ppid": int(rest[1]), "flags": int(rest[6]), "start": int(rest[19]),
-            "comm": comm, "cmd": cmd or f"[{comm}]"}
+        cmd = ""
+    return (cmd or f"[{comm}]")[:200]
 
 
 def processes():
@@ -132,16 +143,16 @@ def stop_processes(deadline_s=5.0):
             return killed, []
         if time.monotonic() > deadline:
             return killed, ["processes: still running after SIGKILL: "
-                            + ", ".join(f"{p} ({procs[p]['cmd'][:80]})" for p in pids if p in procs)]
-        for sig in (signal.SIGSTOP, signal.SIGKILL):
+                            + ", ".join(f"{p} ({cmdline(p, procs[p]['comm'])[:80]})" for p in pids if p in procs)]
+        for pid in pids:
+            if all(k["pid"] != pid for k in killed):
+                killed.append({"pid": pid, "cmd": cmdline(pid, procs[pid]["comm"])})
+        for sig in (_signal.SIGSTOP, _signal.SIGKILL):
             for pid in pids:
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
-        for pid in pids:
-            if pid in procs and all(k["pid"] != pid for k in killed):
-                killed.append({"pid": pid, "cmd": procs[pid]["cmd"][:200]})
         # Gone once /proc says so (a zombie counts as gone: its parent reaps it).
         while any(read_proc(p) is not None for p in pids) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -152,23 +163,24 @@ def write(path, text):
         f.write(text)
 
 
-POISON_RE = re.compile(r"cxl_poison:.*?\bmemdev=(\S+).*?\bserial=(\d+).*?\bdpa=(?:0x)?([0-9a-f]+)\s+"
-                       r"dpa_length=(?:0x)?([0-9a-f]+)")
-
-
 def parse_poison(trace_text):
     """{memdev: [(dpa, length)]} and {memdev: serial} from the cxl_poison trace lines of
     a poison-list read (guest memN names are not stable; serials are)."""
     out, serials = {}, {}
     for line in trace_text.splitlines():
-        m = POISON_RE.search(line)
-        if m and "trace_type=List" in line:
-            mem = m.group(1)
-            serials[mem] = int(m.group(2))
-            ent = (int(m.group(3), 16), int(m.group(4), 16))
-            out.setdefault(mem, [])
-            if ent not in out[mem]:
-                out[mem].append(ent)
+        if " cxl_poison: " not in line:
+            continue
+        f = dict(w.split("=", 1) for w in line.split(" cxl_poison: ", 1)[1].split() if "=" in w)
+        if f.get("trace_type") != "List" or not {"memdev", "serial", "dpa", "dpa_length"} <= f.keys():
+            continue
+        try:
+            mem, serial, ent = f["memdev"], int(f["serial"]), (int(f["dpa"], 16), int(f["dpa_length"], 16))
+        except ValueError:
+            continue
+        serials[mem] = serial
+        out.setdefault(mem, [])
+        if ent not in out[mem]:
+            out[mem].append(ent)
     return out, serials
 
 
@@ -313,5 +325,41 @@ def main(args):
     return out
 
 
+def parse_args(words):
+    """`poison=0 kill_deadline_s=5` -> {"poison": False, "kill_deadline_s": 5.0}."""
+    out = {}
+    for w in words:
+        k, _, v = w.partition("=")
+        out[k] = (v not in ("0", "false", "no")) if k == "poison" else float(v)
+    return out
+
+
+def dumps(o):
+    """JSON of None, bool, int, float, str, list, tuple and dict with str keys."""
+    if o is None or o is True or o is False:
+        return {None: "null", True: "true", False: "false"}[o]
+    if isinstance(o, (int, float)):
+        return repr(o)
+    if isinstance(o, str):
+        out = []
+        for c in o:
+            n = ord(c)
+            if c in '"\\':
+                out.append("\\" + c)
+            elif 32 <= n < 127:
+                out.append(c)
+            elif n < 0x10000:
+                out.append("\\u%04x" % n)
+            else:
+                n -= 0x10000
+                out.append("\\u%04x\\u%04x" % (0xD800 + (n >> 10), 0xDC00 + (n & 0x3FF)))
+        return '"' + "".join(out) + '"'
+    if isinstance(o, (list, tuple)):
+        return "[" + ",".join(dumps(x) for x in o) + "]"
+    if isinstance(o, dict):
+        return "{" + ",".join(dumps(str(k)) + ":" + dumps(v) for k, v in o.items()) + "}"
+    raise TypeError(f"cannot write {type(o).__name__} as JSON")
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})))
+    print(dumps(main(parse_args(sys.argv[1:]))))

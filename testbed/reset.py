@@ -143,7 +143,8 @@ def _ssh_run(tb):
 
 
 def _guest(h, args: dict, run) -> tuple[dict | None, list[str]]:
-    cmd = f"python3 -I -S -c {shlex.quote(GUEST_SCRIPT.read_text())} {shlex.quote(json.dumps(args))}"
+    words = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in args.items())
+    cmd = f"python3 -I -S -c {shlex.quote(GUEST_SCRIPT.read_text())} {words}"
     r = run(h, cmd, GUEST_TIMEOUT_S)
     if not r.ok:
         return None, [f"{h.name}: the guest reset failed ({r.why}): its processes, poison and trace buffers "

@@ -173,3 +173,14 @@ def test_cli_reset_exits_1_and_lists_what_it_could_not_undo(monkeypatch, capsys)
     assert "✗ host1: QEMU is not running (killed?)" in err
     with pytest.raises(SystemExit):
         cli.main(["reset", "../x"])
+
+
+def test_the_guests_json_writer_reads_back_as_json_whatever_the_command_lines_hold():
+    out = {"killed": [{"pid": 7, "cmd": 'sh -c "echo \\\\ ok"\ttab\x01 é 🐋 \u2028'}], "ok": True, "none": None,
+           "seconds": 0.25, "phases": {}, "list": [1, -2, [3]]}
+    assert json.loads(guest_reset.dumps(out)) == out
+
+
+def test_the_guest_reads_its_arguments_as_words():
+    assert guest_reset.parse_args(["poison=0", "kill_deadline_s=2.5"]) == {"poison": False, "kill_deadline_s": 2.5}
+    assert guest_reset.parse_args(["poison=1"]) == {"poison": True}
