@@ -253,6 +253,10 @@ class Testbed:
                     c.close()
             c = ssh.connection(h.ssh_port, self.key)
         try:
+            c.open()  # no-op when open
+            # Opening a channel waits up to an hour by default: a guest whose link is down
+            # (a `nic` fault) would hold this call that long.
+            c.transport.channel_timeout = min(timeout_s, ssh.CONNECT_TIMEOUT_S)
             r = c.run(command, hide=True, warn=True, timeout=timeout_s, in_stream=False)
         except Exception as e:  # noqa: BLE001 - reported per host, as ssh.run does
             with contextlib.suppress(Exception):

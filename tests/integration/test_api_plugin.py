@@ -1,11 +1,12 @@
 """A user's test file with only `def test_x(testbed): ...`, run through the pytest plugin
 against a real 2hosts-1switch testbed: the tests exec on both hosts, share bytes through
-the pool (guest devdax mappings and the backing files on this machine), leave processes,
-files and poison behind, and the next test finds none of it (the plugin's reset). Then
-`beluga-testbed reset` on the testbed the run kept."""
+the pool (guest devdax mappings and the backing files on this machine), copy files in
+and out, take a link down and hang a host, leave processes, files and poison behind, and
+the next test finds none of it (the plugin's reset). Then `beluga-testbed reset` on the
+testbed the run kept, and again once a host was killed: it says it could not undo that."""
 import textwrap
 
-from testbed import paths
+from testbed import Testbed, paths
 
 from .conftest import cli
 
@@ -51,6 +52,35 @@ USER_TESTS = textwrap.dedent('''
         assert testbed.exec("host1", ["sh", "-c", POISON_LIST])["host1"].stdout.split() == ["1"]
 
 
+    def test_copies_link_and_hang_and_a_reset_that_says_what_it_resumed(testbed, tmp_path):
+        import os, threading, time
+        from testbed import qmp
+        src = tmp_path / "prog.sh"
+        src.write_text("#!/bin/sh\\necho payload\\n")
+        os.chmod(src, 0o750)
+        assert testbed.copy_in(None, src, "/root/") == ["host0:/root/prog.sh", "host1:/root/prog.sh"]
+        got = testbed.exec(None, ["/root/prog.sh"], check=True)
+        assert [r.stdout for r in got.values()] == ["payload\\n", "payload\\n"]
+        outs = testbed.copy_out(None, "/root/prog.sh", tmp_path / "back")
+        assert outs == [tmp_path / "back" / "host0" / "prog.sh", tmp_path / "back" / "host1" / "prog.sh"]
+        assert all(p.read_text() == src.read_text() and p.stat().st_mode & 0o777 == 0o750 for p in outs)
+
+        testbed.nic("host1", False)
+        assert testbed.exec("host1", ["true"], timeout_s=5)["host1"].exit_code is None
+        hang = threading.Thread(target=testbed.hang, args=("host0", 15))
+        hang.start()
+        sock = testbed._state.host("host0").files.qmp
+        deadline = time.monotonic() + 10
+        while qmp.execute(sock, "query-status")["running"]:
+            assert time.monotonic() < deadline, "host0 never stopped"
+            time.sleep(0.05)
+        report = testbed.reset()
+        assert report.complete, report.not_undone
+        assert [(h.host, h.continued) for h in report.hosts] == [("host0", True), ("host1", False)]
+        assert testbed.exec(None, ["true"], timeout_s=30).ok  # host0 runs, host1's link is up
+        hang.join()
+
+
     def test_the_next_test_starts_from_a_clean_testbed(testbed):
         assert testbed.pool.read(4096, 16) == bytes(16)
         got = testbed.exec(None, ["python3", "-c", READ, testbed.hosts[1].dax, "4096", "16"], check=True)
@@ -69,9 +99,14 @@ def test_a_user_suite_runs_through_the_plugin_and_reset_cleans_between_tests(pyt
     try:
         result = pytester.runpytest_inprocess(*plugin, "-p", "no:cacheprovider", "--beluga-topology",
                                               "2hosts-1switch", "--beluga-name", NAME, "--beluga-keep", "-v")
-        result.assert_outcomes(passed=2)
+        result.assert_outcomes(passed=3)
         assert NAME in cli("list").stdout.split()  # --beluga-keep left it up
         r = cli("reset", NAME)
         assert f"✓ {NAME} reset in" in r.stderr
+        Testbed.attach(NAME).kill("host1")
+        r = cli("reset", NAME, check=False)
+        assert r.returncode == 1
+        assert "✗ host1: QEMU is not running" in r.stderr, r.stderr
+        assert "host0: 0 process(es) killed" in r.stderr
     finally:
         cli("down", NAME, check=False)
