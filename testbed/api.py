@@ -462,6 +462,7 @@ class Testbed:
 
     def _adopt(self, other: Testbed) -> None:
         """Stand for `other` from now on (the pytest plugin's fresh testbed after a down/up)."""
+        self.close()
         self._state, self._down = other._state, other._down
 
     def down(self) -> bool:

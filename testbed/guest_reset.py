@@ -247,35 +247,34 @@ def reset_trace():
 
 
 def remove_tree(top, keep_top=True):
-    """Remove what is under `top` without crossing into another file system."""
+    """Remove what is under `top`, never following a symbolic link and never entering
+    another file system (a folder mounted there, e.g. a shared folder, is left alone)."""
     try:
         dev = os.lstat(top).st_dev
     except FileNotFoundError:
         return 0
     removed = 0
-    for root, dirs, files in os.walk(top, topdown=False):
-        if os.lstat(root).st_dev != dev:
-            continue
-        for f in files:
-            p = os.path.join(root, f)
+
+    def clear(d):
+        nonlocal removed
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            return
+        for e in entries:
             try:
-                if os.lstat(p).st_dev == dev:
-                    os.unlink(p)
-                    removed += 1
-            except OSError:
-                pass
-        for d in dirs:
-            p = os.path.join(root, d)
-            try:
-                if os.path.islink(p):
-                    os.unlink(p)
-                elif os.path.ismount(p):
-                    continue
+                if e.stat(follow_symlinks=False).st_dev != dev:
+                    continue  # a mount point
+                if e.is_dir(follow_symlinks=False):
+                    clear(e.path)
+                    os.rmdir(e.path)
                 else:
-                    os.rmdir(p)
+                    os.unlink(e.path)
                 removed += 1
             except OSError:
                 pass
+
+    clear(top)
     if not keep_top:
         try:
             os.rmdir(top)

@@ -200,3 +200,14 @@ def test_the_entry_point_is_declared():
     from pathlib import Path
     meta = tomllib.loads((Path(pytest_plugin.__file__).parents[1] / "pyproject.toml").read_text())
     assert meta["project"]["entry-points"]["pytest11"] == {"beluga_testbed": "testbed.pytest_plugin"}
+
+
+def test_loading_the_plugin_imports_nothing_heavy():
+    """It is loaded into every pytest run where beluga-testbed is installed."""
+    import subprocess
+    import sys
+    code = ("import sys, testbed.pytest_plugin; "
+            "print(sorted(m for m in ('testbed.api', 'testbed.lifecycle', 'paramiko', 'fabric', 'qemu.qmp') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

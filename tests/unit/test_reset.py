@@ -184,3 +184,16 @@ def test_the_guests_json_writer_reads_back_as_json_whatever_the_command_lines_ho
 def test_the_guest_reads_its_arguments_as_words():
     assert guest_reset.parse_args(["poison=0", "kill_deadline_s=2.5"]) == {"poison": False, "kill_deadline_s": 2.5}
     assert guest_reset.parse_args(["poison=1"]) == {"poison": True}
+
+
+def test_emptying_tmp_removes_links_not_what_they_point_to(tmp_path):
+    top, outside = tmp_path / "tmp", tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    (top / "a" / "b").mkdir(parents=True)
+    (top / "a" / "b" / "f").write_text("x")
+    (top / "link-dir").symlink_to(outside)
+    (top / "link-file").symlink_to(outside / "keep.txt")
+    assert guest_reset.remove_tree(str(top)) == 5
+    assert list(top.iterdir()) == []
+    assert (outside / "keep.txt").read_text() == "keep"
