@@ -1,17 +1,15 @@
-"""The testbed as a Python library: `from testbed import Testbed`.
+"""The testbed as a Python library: `from testbed import Testbed` (docs/api.md).
 
     from testbed import Testbed
 
-    with Testbed.up("2hosts-1switch", name="ci-1") as tb:
-        r = tb.exec("host0", ["cat", "/proc/cmdline"])
-        tb.pool.write(0, b"hello")                    # through the backing files
-        assert tb.exec_ok("host1", ["python3", "-c", READ_AT_0]).stdout == "hello"
-        tb.poison(4096, 64)
-        tb.reset()                                    # back to the state right after up
-    # down on leaving the block (unless keep=True)
+    with Testbed.up("2hosts-1switch", name="ci-1") as tb:     # down when the block ends
+        tb.pool.write(4096, b"hello")                         # through the backing files
+        r = tb.exec(None, ["cxl", "list", "-M"], check=True)  # every host; r["host1"].stdout
+        tb.poison(8192, 64)
+        report = tb.reset()                                   # back to the state right after up
 
 `Testbed.attach(name)` takes one that `beluga-testbed up` started. The command line is a
-thin layer over this module (docs/api.md).
+thin layer over this module and lifecycle.py, which it wraps.
 """
 from __future__ import annotations
 

@@ -101,7 +101,14 @@ class Session:
     def start(self):
         Testbed = _testbed_class()
         if self.name in Testbed.running():
-            self.tb = Testbed.attach(self.name)
+            tb = Testbed.attach(self.name)
+            from .log import TestbedError
+            from .topology import load
+            want = load(self.opts.topology).name
+            if tb.topology != want:
+                raise TestbedError(f"testbed '{self.name}' is up with topology '{tb.topology}', not '{want}'",
+                                   hint=f"'beluga-testbed down {self.name}', or another --beluga-name")
+            self.tb = tb
             self.dirty = True  # left by an earlier run: reset before the first test
         else:
             self.tb = Testbed.up(self.opts.topology, name=self.name, shares=list(self.opts.shares), keep=True)

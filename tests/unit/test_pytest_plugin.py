@@ -33,6 +33,7 @@ FAKE_CONFTEST = textwrap.dedent('''
 
         def __init__(self, name):
             self.name = name
+            self.topology = os.environ.get("FAKE_TOPOLOGY", "2hosts-1switch")
             self.hosts = ("host0", "host1")
             self.dead = set()
 
@@ -133,6 +134,16 @@ def test_a_testbed_already_up_is_attached_and_reset_before_the_first_test(inner,
     result.assert_outcomes(passed=1)
     assert calls == [["attach", "pytest-2hosts-1switch"], ["reset", "pytest-2hosts-1switch"],
                      ["down", "pytest-2hosts-1switch"]]
+
+
+def test_a_testbed_already_up_with_another_topology_is_not_used(inner, monkeypatch):
+    monkeypatch.setenv("FAKE_RUNNING", "ci")
+    monkeypatch.setenv("FAKE_TOPOLOGY", "4hosts-1switch")
+    result, calls = inner("def test_a(testbed):\n    pass\n", "--beluga-name", "ci")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*beluga-testbed: testbed 'ci' is up with topology '4hosts-1switch', "
+                                 "not '2hosts-1switch'*", "*hint: 'beluga-testbed down ci', or another --beluga-name*"])
+    assert calls == [["attach", "ci"]]
 
 
 def test_a_killed_host_gets_the_next_test_a_fresh_testbed(inner):
