@@ -208,8 +208,15 @@ def clear_poison():
     found, serials = read_poison_lists()
     if not found:
         return [], []
-    if not os.path.isdir(f"{DEBUGFS}/cxl"):
-        os.system(f"mount -t debugfs none {DEBUGFS} 2>/dev/null")
+    mounted = not os.path.isdir(f"{DEBUGFS}/cxl") and os.system(f"mount -t debugfs none {DEBUGFS} 2>/dev/null") == 0
+    try:
+        return _clear(found, serials)
+    finally:
+        if mounted:  # not mounted after boot: left as it was
+            os.system(f"umount {DEBUGFS} 2>/dev/null")
+
+
+def _clear(found, serials):
     cleared, problems = [], []
     for mem, ents in sorted(found.items()):
         ctl = f"{DEBUGFS}/cxl/{mem}/clear_poison"
