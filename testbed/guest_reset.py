@@ -7,8 +7,9 @@ Puts a running guest back to its state right after `up`, without rebooting it:
 1. Processes. The base system is every process that started before the guest's boot
    script finished (the last mark in /run/beluga/boot-times: busybox init, sshd's
    listener, the console), kernel threads, this script's own chain of parents (its SSH
-   session), and the base sshd's per-connection processes (sshd-session: other clients'
-   open connections survive a reset). Every other process was started later by someone
+   session), the base sshd's per-connection processes (sshd-session: other clients'
+   open connections survive a reset), and the pids listed in /run/beluga/base.pids (for
+   a daemon that is part of the base system but starts later). Every other process was started later by someone
    over SSH (a test, a scenario's `beluga serve` and clients, a program run by
    `run_program`, the shell of an open `beluga-testbed ssh`): all are frozen (SIGSTOP,
    so none can start another), then killed (SIGKILL), and the scan repeats until none
@@ -37,6 +38,9 @@ TRACE = "/sys/kernel/tracing"
 DEBUGFS = "/sys/kernel/debug"
 CXL_DEVICES = "/sys/bus/cxl/devices"
 BOOT_TIMES = "/run/beluga/boot-times"
+# A daemon that `up` (or anything else meant to be part of the base system) starts after
+# the boot script has ended writes its pid here, one per line: a reset keeps it.
+BASE_PIDS = "/run/beluga/base.pids"
 PF_KTHREAD = 0x00200000
 POISON_LINE = 64  # the clear_poison mailbox command clears one 64-byte line
 MAX_POISON_LINES = 65536  # 4 MiB of poison per reset; more is reported, not cleared
@@ -109,11 +113,11 @@ def ancestry(procs, pid):
 SSHD = ("sshd", "sshd-session", "sshd-auth")
 
 
-def to_stop(procs, me, boot_end_ticks):
+def to_stop(procs, me, boot_end_ticks, base_pids=()):
     """The processes that are not part of the base system (see the module's docstring).
     The per-connection processes of the base sshd (sshd-session) stay too, so that other
     clients' open connections survive a reset (what runs under them does not)."""
-    keep = ancestry(procs, me)
+    keep = ancestry(procs, me) | set(base_pids)
     keep |= {pid for pid, p in procs.items()
              if pid <= 2 or p["flags"] & PF_KTHREAD or p["ppid"] == 2 or p["start"] <= boot_end_ticks}
     grew = True
@@ -133,12 +137,18 @@ def stop_processes(deadline_s=5.0):
         return [], [f"processes: no boot marks in {BOOT_TIMES}: which processes belong to the base "
                     "system is unknown, none were stopped"]
     ticks = int(end * clock_ticks())
+    base = []
+    try:
+        with open(BASE_PIDS) as f:
+            base = [int(w) for w in f.read().split() if w.isdigit()]
+    except OSError:
+        pass
     killed = []
     me = os.getpid()
     deadline = time.monotonic() + deadline_s
     while True:
         procs = processes()
-        pids = to_stop(procs, me, ticks)
+        pids = to_stop(procs, me, ticks, base)
         if not pids:
             return killed, []
         if time.monotonic() > deadline:

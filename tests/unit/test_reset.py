@@ -70,6 +70,7 @@ def test_the_base_system_is_what_started_before_boot_ended_kernel_threads_and_th
         proc(402, 401, 9502, cmd="python3 -I -S -c ..."),                      # ... and itself
     ]}
     assert guest_reset.to_stop(procs, 402, boot_end) == [301, 320, 330, 331]
+    assert guest_reset.to_stop(procs, 402, boot_end, base_pids=[330]) == [301, 320]  # a late base daemon
 
 
 TRACE = """\
