@@ -79,6 +79,9 @@ def inner(pytester, tmp_path, monkeypatch, request):
     """Run a user's test file through the plugin with the fake; returns (result, calls)."""
     log = tmp_path / "calls.jsonl"
     monkeypatch.setenv("FAKE_TESTBED_LOG", str(log))
+    # The inner conftest puts the fake into the plugin module, which an in-process run
+    # shares with this one: put the real one back afterwards.
+    monkeypatch.setattr(pytest_plugin, "_testbed_class", pytest_plugin._testbed_class)
     pytester.makeconftest(FAKE_CONFTEST)
     # The plugin is registered already where beluga-testbed is installed (its entry point);
     # elsewhere (a worktree run through PYTHONPATH) the inner run loads it by module name.
@@ -181,6 +184,11 @@ def test_xdist_workers_each_get_their_own_testbed(inner):
     ups = sorted(c[2] for c in calls if c[0] == "up")
     assert ups == ["pytest-2hosts-1switch-gw0", "pytest-2hosts-1switch-gw1"]
     assert sorted(c[1] for c in calls if c[0] == "down") == ups
+
+
+def test_the_real_testbed_class_is_back_after_the_inner_runs_with_the_fake():
+    """Runs after them (tests run in file order): the inner runs share the plugin module."""
+    assert pytest_plugin._testbed_class().__module__ == "testbed.api"
 
 
 def test_names_follow_the_topology_and_the_worker():
