@@ -167,8 +167,13 @@ def testbed_session(request):
 def testbed(request, testbed_session):
     """The session's testbed, reset to its state right after `up` before this test (not
     before the first test after `up`: nothing ran on it yet)."""
+    from .log import TestbedError
     s: Session = request.config.stash[_SESSION]
-    return s.fresh()
+    try:
+        return s.fresh()
+    except TestbedError as e:
+        why = str(e)
+    pytest.fail(f"beluga-testbed: {why}", pytrace=False)
 
 
 def pytest_runtest_teardown(item) -> None:
