@@ -89,16 +89,17 @@ def cmd_topology_show(args) -> int:
 
 
 def cmd_up(args) -> int:
-    from . import lifecycle, ssh
+    from . import lifecycle, shares, ssh
+    share_list = shares.parse_all(args.share or [])  # every mistake here, before anything boots
     if args.dry_run:
         t, name, argvs = lifecycle.plan(args.topology, args.name, accel="tcg" if args.accel == "auto" else args.accel,
-                                        provision=not args.no_provision)
+                                        provision=not args.no_provision, shares=share_list)
         for host, argv in argvs.items():
             print(f"# {name}/{host}")
             print(shlex.join(argv))
         return 0
     tb = lifecycle.up(args.topology, name=args.name, accel=args.accel, retain=args.retain,
-                      provision=not args.no_provision)
+                      provision=not args.no_provision, shares=share_list)
     for h in tb.hosts:
         print(f"{h.name}\t{shlex.join(ssh.ssh_argv(h.ssh_port, tb.key))}")
     return 0
@@ -130,6 +131,9 @@ def cmd_status(args) -> int:
         for h in s["hosts"]:
             pool = h["pool"] + (f" ({h['dax']})" if h.get("dax") else "")
             print(f"  {h['name']:10} {h['state']:8} {h['pid'] or '-':>8} {h['ssh_port']:>6}  {pool}")
+        for sh in s.get("shares") or []:
+            print(f"  share {sh['host_dir']} -> {sh['guest_dir']} ({'rw' if sh['rw'] else 'read-only'}, "
+                  f"tag {sh['tag']}) on every host")
     return 0
 
 
@@ -155,8 +159,15 @@ def cmd_exec(args) -> int:
         raise TestbedError("no command given", hint="beluga-testbed exec NAME HOST|--all -- CMD ...")
     tb = lifecycle.find(args.name)
     hosts = lifecycle.resolve_hosts(tb, args.host, args.all)
-    results = lifecycle.exec_on(tb, hosts, shlex.join(command) if len(command) > 1 else command[0],
-                                timeout_s=args.timeout)
+    line = shlex.join(command) if len(command) > 1 else command[0]
+    if args.pool_env:
+        from . import programs, ssh
+        from .par import map_parallel
+        results = map_parallel(lambda h: ssh.run(h.name, h.ssh_port, tb.key,
+                                                 programs.exports(programs.pool_env(tb, h.name)) + line,
+                                                 timeout_s=args.timeout), hosts)
+    else:
+        results = lifecycle.exec_on(tb, hosts, line, timeout_s=args.timeout)
     failed = 0
     for r in results:
         if len(results) > 1:
@@ -198,6 +209,14 @@ def cmd_reset(args) -> int:
     return 0
 
 
+def cmd_cp(args) -> int:
+    from . import lifecycle, transfer
+    tb = lifecycle.find(args.name)
+    for where in transfer.copy(tb, args.src, args.dst, all_hosts=args.all, recursive=args.recursive):
+        print(where)
+    return 0
+
+
 def cmd_logs_export(args) -> int:
     from . import lifecycle
     print(lifecycle.export_logs(args.name, Path(args.dest) if args.dest else None))
@@ -234,18 +253,68 @@ def cmd_pool(args) -> int:
     return 0
 
 
+def cmd_scenario_validate(args) -> int:
+    """Every scenario file against its topology (or --topology), all errors of all files."""
+    from . import scenario
+    from .yamlcheck import ConfigError
+    errors: list[str] = []
+    for f in args.files:
+        try:
+            sc, t = scenario.load_checked(f, args.topology)
+        except ConfigError as e:  # the scenario's, or its topology's
+            errors += e.errors
+            continue
+        print(f"{f}: ok ({sc.name}: {len(sc.steps)} step(s), {len(sc.expect)} expectation(s), "
+              f"on {t.name} with {len(t.hosts)} host(s))")
+    if errors:
+        raise scenario.ScenarioError(errors)
+    return 0
+
+
+def cmd_scenario_list(args) -> int:
+    from . import scenario
+    for name, path in scenario.builtin().items():
+        sc = scenario.parse(path.read_text(), str(path))
+        print(f"{name:34} {sc.description}")
+    return 0
+
+
+def _copy_junit(report_dir: Path, dest: Path) -> None:
+    src = report_dir / "junit.xml"
+    if src.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(src.read_bytes())
+        info(f"JUnit XML: {dest}")
+
+
+def cmd_image_key(args) -> int:
+    """The current recipe's key: what a CI cache of the image is keyed by."""
+    print(image_mod.recipe_key())
+    return 0
+
+
 def cmd_run(args) -> int:
     from . import runner, scenario
     if args.list:
-        for name, path in scenario.builtin().items():
-            sc = scenario.parse(path.read_text(), str(path))
-            print(f"{name:34} {sc.description}")
-        return 0
+        return cmd_scenario_list(args)
     if not args.scenario:
         raise TestbedError("name a scenario (a file or a built-in name)", hint="'beluga-testbed run --list'")
+    if args.check:
+        sc, t = scenario.load_checked(args.scenario, args.topology)
+        info(f"✓ {sc.name}: valid on {t.name} ({len(sc.steps)} step(s), {len(sc.expect)} expectation(s)); "
+             "nothing was started")
+        return 0
     sc = scenario.load(args.scenario)
-    report, html = runner.run(sc, topology=args.topology, testbed=args.testbed, keep=args.keep,
-                              report_dir=Path(args.report_dir) if args.report_dir else None)
+    junit = Path(args.junit) if args.junit else None
+    try:
+        report, html = runner.run(sc, topology=args.topology, testbed=args.testbed, keep=args.keep,
+                                  report_dir=Path(args.report_dir) if args.report_dir else None)
+    except KeyboardInterrupt:
+        if junit is not None and args.report_dir:  # the interrupted run's report was written: pass it on
+            _copy_junit(Path(args.report_dir), junit)
+        raise
+    if junit is not None:
+        _copy_junit(html.parent, junit)
     failed = [e for e in report["expectations"] if not e["passed"]]
     verdict = "passed" if report["passed"] else "FAILED"
     info(f"{'✓' if report['passed'] else '✗'} scenario {sc.name} {verdict} in {report['duration_s']} s: "
@@ -273,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls = isub.add_parser("list", help="list built images")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_image_list)
+    ik = isub.add_parser("key", help="print the current recipe's key (a CI cache key for the built image)")
+    ik.set_defaults(func=cmd_image_key)
     rm = isub.add_parser("rm", help="remove built images")
     rm.add_argument("keys", nargs="*", metavar="KEY")
     rm.add_argument("--all", action="store_true")
@@ -296,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--retain", action="store_true", help="on failure, keep VMs and files for inspection")
     u.add_argument("--dry-run", action="store_true", help="print each host's QEMU command line and exit")
     u.add_argument("--no-provision", action="store_true", help="boot only; do not configure the pool")
+    u.add_argument("--share", action="append", metavar="HOST_DIR[:GUEST_DIR[:rw]]",
+                   help="mount a host folder in every guest (virtio-9p; default GUEST_DIR /mnt/<folder name>; "
+                        "read-only unless ':rw'); repeatable")
     u.set_defaults(func=cmd_up)
 
     dn = sub.add_parser("down", help="stop a testbed and remove all its files (idempotent)")
@@ -322,9 +396,21 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("host", nargs="?", metavar="HOST")
     ex.add_argument("--all", action="store_true", help="every host of the testbed")
     ex.add_argument("--timeout", type=float, default=120, help="seconds per host (default 120)")
+    ex.add_argument("--pool-env", action="store_true",
+                    help="set BELUGA_DAX, BELUGA_POOL_SIZE, BELUGA_HOST_INDEX, ... as a scenario's run step does")
     # The command after `--` is split off in main(): argparse's REMAINDER after an
     # optional positional swallows flags like --all.
     ex.set_defaults(func=cmd_exec)
+
+    cp = sub.add_parser("cp", help="copy files into or out of guests over SFTP (scp-style HOST:PATH)",
+                        description="One side is remote: HOST:PATH, or :PATH with --all (every host). "
+                                    "Out of several hosts, DST is a folder with one subfolder per host.")
+    cp.add_argument("name", type=_testbed_name, metavar="NAME")
+    cp.add_argument("src", metavar="SRC", help="a local path, or HOST:PATH (:PATH with --all)")
+    cp.add_argument("dst", metavar="DST", help="a local path, or HOST:PATH (:PATH with --all)")
+    cp.add_argument("--all", action="store_true", help="every host of the testbed (remote side written :PATH)")
+    cp.add_argument("-r", "--recursive", action="store_true", help="copy folders and what they hold")
+    cp.set_defaults(func=cmd_cp)
 
     pv = sub.add_parser("provision", help="(re)create and verify the shared pool in every guest")
     pv.add_argument("name", type=_testbed_name, metavar="NAME")
@@ -343,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use this running testbed instead of bringing one up (and down)")
     rn.add_argument("--keep", action="store_true", help="leave the testbed up afterwards")
     rn.add_argument("--report-dir", help="where report.json and report.html go (default ./reports/NAME-TIME)")
+    rn.add_argument("--junit", metavar="FILE", help="also write JUnit XML there (one test case per expectation; "
+                                                    "report-dir/junit.xml is always written)")
+    rn.add_argument("--check", action="store_true",
+                    help="validate the scenario against its topology and exit; boots nothing")
     rn.set_defaults(func=cmd_run)
 
     rs = sub.add_parser("reset", help="back to the state right after 'up', without rebooting (seconds)",
@@ -354,6 +444,16 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--keep-poison", action="store_true", help="do not read and clear the devices' poison lists")
     rs.add_argument("--json", action="store_true", help="the full report on stdout")
     rs.set_defaults(func=cmd_reset)
+
+    sc = sub.add_parser("scenario", help="validate and list scenarios")
+    scsub = sc.add_subparsers(dest="scenario_cmd", required=True, metavar="ACTION")
+    sv = scsub.add_parser("validate", help="check scenario files against their topology; every error with "
+                                           "file:line; boots nothing")
+    sv.add_argument("files", nargs="+", metavar="FILE", help="a YAML file or a built-in name")
+    sv.add_argument("--topology", help="check against this topology instead of each scenario's")
+    sv.set_defaults(func=cmd_scenario_validate)
+    sl = scsub.add_parser("list", help="the built-in scenarios")
+    sl.set_defaults(func=cmd_scenario_list)
 
     lg = sub.add_parser("logs", help="collect logs")
     lsub = lg.add_subparsers(dest="logs_cmd", required=True, metavar="ACTION")

@@ -33,6 +33,8 @@ from . import topology as topo
 from .log import TestbedError, info, step
 from .par import map_parallel
 from .qemucmd import HostFiles, host_argv
+from .shares import Share
+from . import shares as shares_mod
 
 SSH_READY_TIMEOUT_S = 180
 STATE_FILE = "state.json"
@@ -111,6 +113,10 @@ class Testbed:
     @property
     def topology(self) -> topo.Topology:
         return topo.parse(self.data["topology_yaml"], self.data["topology_source"])
+
+    @property
+    def shares(self) -> list[Share]:
+        return [Share.from_state(s) for s in self.data.get("shares") or []]
 
     @property
     def pool_files(self) -> dict[str, Path]:
@@ -199,7 +205,7 @@ def _pool_file(name: str, device_id: str) -> Path:
 
 
 def _host_argv(t: topo.Topology, name: str, h: topo.Host, *, kernel: Path, initrd: Path, cmdline: str,
-               ssh_port: int, accel: str, provision: bool) -> list[str]:
+               ssh_port: int, accel: str, provision: bool, shares: list[Share] = ()) -> list[str]:
     """One host's QEMU argv inside testbed `name` (its state folder, pool files and key)."""
     from .provision import GUEST_SCRIPT, POOL_ARGS_FILE
     d = testbed_dir(name)
@@ -207,11 +213,11 @@ def _host_argv(t: topo.Topology, name: str, h: topo.Host, *, kernel: Path, initr
                      ssh_port=ssh_port, pool_files={dev.id: _pool_file(name, dev.id) for dev in t.devices},
                      authorized_keys=d / "id_ed25519.pub", accel=accel,
                      pool_args=d / POOL_ARGS_FILE if provision else None,
-                     guest_script=GUEST_SCRIPT if provision else None)
+                     guest_script=GUEST_SCRIPT if provision else None, shares=shares)
 
 
-def plan(topology_ref: str, name: str | None, accel: str = "tcg",
-         provision: bool = True) -> tuple[topo.Topology, str, dict[str, list[str]]]:
+def plan(topology_ref: str, name: str | None, accel: str = "tcg", provision: bool = True,
+         shares: list[Share] = ()) -> tuple[topo.Topology, str, dict[str, list[str]]]:
     """The argv of every host, without starting anything (for --dry-run)."""
     t = topo.load(topology_ref)
     name = _testbed_name(name, t)
@@ -220,7 +226,7 @@ def plan(topology_ref: str, name: str | None, accel: str = "tcg",
     initrd = img.initrd if img else Path("<image>/initrd.img")
     cmdline = img.kernel_cmdline if img else image_mod.load_recipe().kernel_cmdline
     out = {h.name: _host_argv(t, name, h, kernel=kernel, initrd=initrd, cmdline=cmdline, ssh_port=10022 + i,
-                              accel=accel, provision=provision)
+                              accel=accel, provision=provision, shares=shares)
            for i, h in enumerate(t.hosts)}
     return t, name, out
 
@@ -237,7 +243,9 @@ def _testbed_name(name: str | None, t: topo.Topology) -> str:
 
 
 def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retain: bool = False,
-       provision: bool = True) -> Testbed:
+       provision: bool = True, shares: list[Share] = ()) -> Testbed:
+    """`shares` (shares.parse_all) are exported by every host's QEMU and mounted in every
+    guest once it is up."""
     t = topo.load(topology_ref)
     name = _testbed_name(name, t)
     img = image_mod.require_image()
@@ -276,13 +284,14 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
                                     str(files.overlay)], check=True, stdin=subprocess.DEVNULL, umask=paths.UMASK)
                     os.chmod(files.overlay, paths.FILE_MODE)
                     argv = _host_argv(t, name, h, kernel=img.kernel, initrd=img.initrd, cmdline=img.kernel_cmdline,
-                                      ssh_port=port, accel=chosen, provision=provision)
+                                      ssh_port=port, accel=chosen, provision=provision, shares=shares)
                     hosts.append({"name": h.name, "pid": None, "ssh_port": port, "dir": str(files.dir), "argv": argv})
                 tb = Testbed(name, d, {
                     "name": name, "topology": t.name, "topology_source": t.source,
                     "topology_yaml": topo.resolve(topology_ref).read_text(), "accel": chosen, "image": img.key,
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pool_dir": str(paths.pool_dir() / name),
                     "pool_files": {k: str(v) for k, v in pool_files.items()}, "hosts": hosts, "pool": None,
+                    "shares": [s.to_state() for s in shares],
                 })
                 tb.save()
             with step(f"launch {len(hosts)} host(s) under {chosen}"):
@@ -295,6 +304,10 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
             if provision:
                 from . import provision as prov
                 prov.provision(tb, at_boot=True)
+            if shares:
+                with step(f"mount {len(shares)} shared folder(s) on {names}: "
+                          + ", ".join(f"{s.host_dir} at {s.guest_dir} ({'rw' if s.rw else 'ro'})" for s in shares)):
+                    shares_mod.mount(tb, list(shares))
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 info("✗ interrupted")
@@ -555,7 +568,7 @@ def status(name: str) -> dict:
             "dax": hp.get("dax") if hp else None,
         })
     return {"name": tb.name, "topology": tb.data["topology"], "accel": tb.data["accel"], "image": tb.data["image"],
-            "created_at": tb.data["created_at"], "hosts": hosts}
+            "created_at": tb.data["created_at"], "hosts": hosts, "shares": [s.to_state() for s in tb.shares]}
 
 
 def resolve_hosts(tb: Testbed, host: str | None, all_: bool) -> list[HostState]:
