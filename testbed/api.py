@@ -14,9 +14,7 @@ thin layer over this module and lifecycle.py, which it wraps.
 from __future__ import annotations
 
 import contextlib
-import posixpath
 import shlex
-import stat
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -204,11 +202,8 @@ class Testbed:
             names.check(name, "testbed name")
         kwargs: dict = {}
         if shares:
-            try:
-                from . import shares as shares_mod
-            except ImportError:
-                raise TestbedError("shared folders are not supported by this version of beluga-testbed") from None
-            kwargs["shares"] = shares_mod.parse_all(list(shares))
+            from . import shares as shares_mod
+            kwargs["shares"] = shares_mod.parse_all(list(shares))  # every mistake before anything boots
         state = lifecycle.up(topology, name=name, accel=accel, provision=provision, **kwargs)
         return cls(state, keep=keep)
 
@@ -318,19 +313,29 @@ class Testbed:
 
     # ------------------------------------------------------------ using it
     def exec(self, hosts: str | Host | Sequence[str | Host] | None, argv: Sequence[str], *,
-             timeout_s: float = ssh.COMMAND_TIMEOUT_S, check: bool = False) -> ExecResults:
+             timeout_s: float = ssh.COMMAND_TIMEOUT_S, check: bool = False, env: Mapping[str, str] | None = None,
+             pool_env: bool = False) -> ExecResults:
         """Run `argv` (each word quoted for the guest's shell) on one host, several, or every
-        host (None), in parallel; one result per host. `check`: raise if it fails anywhere."""
+        host (None), in parallel; one result per host. `check`: raise if it fails anywhere.
+        `pool_env`: the BELUGA_* pool variables a program run gets (BELUGA_DAX, ...), as
+        `exec --pool-env`; `env`: more variables (over those), each value quoted."""
+        from . import programs
         if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(a, str) for a in argv):
             raise TestbedError(f"argv must be a non-empty list of strings, got {argv!r}",
                                hint="e.g. ['ls', '-l', '/dev'], or ['sh', '-c', 'a | b'] for a shell line")
+        if problems := programs.env_problems(dict(env or {})):
+            raise TestbedError("env: " + "; ".join(problems))
         targets = self._hosts_states(hosts)
         line = shlex.join(argv)
+
+        def command(h) -> str:
+            full = {**(programs.pool_env(self._state, h.name) if pool_env else {}), **(env or {})}
+            return programs.exports(full) + line if full else line
 
         def one(h) -> ExecResult:
             if not h.alive():
                 return ExecResult(h.name, None, "", "", error=f"{h.name} is not running (QEMU stopped)")
-            r = self._run(h, line, timeout_s)
+            r = self._run(h, command(h), timeout_s)
             if r.error is not None or r.exit_code < 0:
                 return ExecResult(h.name, None, r.stdout, r.stderr, error=r.error or r.why)
             return ExecResult(h.name, r.exit_code, r.stdout, r.stderr)
@@ -346,58 +351,38 @@ class Testbed:
     def copy_in(self, hosts: str | Host | Sequence[str | Host] | None, src: str | Path, dst: str, *,
                 recursive: bool = False) -> list[str]:
         """Copy local file (or folder, with `recursive`) `src` to `dst` on each host (None:
-        every host); a `dst` that is a folder or ends in '/' receives it under its name.
-        Keeps the file mode. Returns HOST:PATH of every copy."""
-        src = Path(src)
-        if not src.exists():
-            raise TestbedError(f"{src}: no such file or folder")
-        if src.is_dir() and not recursive:
-            raise TestbedError(f"{src}: is a folder", hint="pass recursive=True to copy a folder")
-        return self._each(self._hosts_states(hosts), lambda h, sftp: _put(sftp, h, src, dst))
+        every host) over SFTP, as `beluga-testbed cp` (testbed/transfer.py); a `dst` that is
+        a folder or ends in '/' receives it under its name. Keeps the file mode. Returns
+        HOST:PATH of every copy; every host's error at once."""
+        from . import transfer
+        return transfer.copy_in(self._state, self._hosts_states(hosts), Path(src), dst, recursive=recursive)
 
     def copy_out(self, hosts: str | Host | Sequence[str | Host] | None, src: str, dst: str | Path, *,
                  recursive: bool = False) -> list[Path]:
-        """Copy `src` from each host to local `dst`; from several hosts (or None: every
-        host) into `dst/<host>/`. Returns the local paths written."""
-        dst = Path(dst)
-        targets = self._hosts_states(hosts)
-        several = not isinstance(hosts, (str, Host)) or len(targets) > 1
-        if several:
-            dst.mkdir(parents=True, exist_ok=True)
+        """Copy `src` from each host to local `dst`; from several hosts (None: every host,
+        when there are several) into `dst/<host>/`. Returns the local paths written."""
+        from . import transfer
+        return [Path(p) for p in transfer.copy_out(self._state, self._hosts_states(hosts), src, Path(dst),
+                                                   recursive=recursive)]
 
-        def one(h, sftp) -> Path:
-            a = _rstat(sftp, src)
-            if a is None:
-                raise TestbedError(f"{h.name}:{src}: no such file or folder")
-            if stat.S_ISDIR(a.st_mode) and not recursive:
-                raise TestbedError(f"{h.name}:{src}: is a folder", hint="pass recursive=True to copy a folder")
-            base = posixpath.basename(src.rstrip("/")) or "root"
-            if several:
-                (dst / h.name).mkdir(exist_ok=True)
-                target = dst / h.name / base
-            else:
-                target = dst / base if dst.is_dir() else dst
-            _get(sftp, src, target)
-            return target
-
-        return self._each(targets, one)
-
-    def _each(self, targets: list, fn) -> list:
-        def one(h):
-            if not h.alive():
-                raise TestbedError(f"{h.name}: not running (QEMU stopped)")
-            try:
-                with ssh.connection(h.ssh_port, self.key) as c:
-                    sftp = c.sftp()
-                    try:
-                        return fn(h, sftp)
-                    finally:
-                        sftp.close()
-            except TestbedError:
-                raise
-            except Exception as e:  # noqa: BLE001 - located, per host
-                raise TestbedError(f"{h.name}: copy failed: {type(e).__name__}: {e}") from None
-        return map_parallel(one, targets)
+    def run_program(self, hosts: str | Host | Sequence[str | Host] | None, argv: Sequence[str] | None = None, *,
+                    shell: str | None = None, env: Mapping[str, str] | None = None,
+                    host_env: Mapping[str, Mapping[str, str]] | None = None, timeout_s: float = 600,
+                    background: bool = False, out_dir: str | Path | None = None):
+        """A user's program on hosts, as a scenario's `run` step (testbed/programs.py): argv
+        (or one `shell` line), the pool in its environment (BELUGA_DAX, BELUGA_POOL_SIZE,
+        BELUGA_HOST_INDEX, ...) overridden by `env` and `host_env[host]`, stdout and stderr
+        whole in `out_dir/<host>.stdout|.stderr` (default: a new temporary folder), a
+        timeout that kills its process group. Returns a ProgramHandle: `join()` gives one
+        ProgramResult per host (a foreground run is joined already). reset() kills a
+        background one."""
+        import tempfile
+        from . import programs
+        names_ = [h.name for h in self._hosts_states(hosts)]
+        out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix=f"beluga-{self.name}-"))
+        return programs.run_program(self._state, names_, list(argv) if argv is not None else None, shell,
+                                    dict(env or {}), timeout_s, background, out,
+                                    host_env={k: dict(v) for k, v in (host_env or {}).items()} or None)
 
     # ------------------------------------------------------------ faults
     def poison(self, offset: int, length: int = 64, *, hosts: Sequence[str | Host] | None = None) -> list[Location]:
@@ -510,46 +495,3 @@ class Testbed:
         if not isinstance(length, int) or length < 1:
             raise TestbedError(f"length must be a positive number of bytes, got {length!r}")
         return self.pool.chunks(offset, length)
-
-
-def _rstat(sftp, path: str):
-    try:
-        return sftp.stat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        if getattr(e, "errno", None) == 2:
-            return None
-        raise
-
-
-def _put(sftp, h, src: Path, dst: str) -> str:
-    a = _rstat(sftp, dst)
-    target = posixpath.join(dst, src.name) if dst.endswith("/") or (a is not None and stat.S_ISDIR(a.st_mode)) \
-        else dst
-    _put_tree(sftp, src, target)
-    return f"{h.name}:{target}"
-
-
-def _put_tree(sftp, src: Path, dst: str) -> None:
-    st = src.stat()
-    if stat.S_ISDIR(st.st_mode):
-        if _rstat(sftp, dst) is None:
-            sftp.mkdir(dst)
-        for child in sorted(src.iterdir()):
-            _put_tree(sftp, child, posixpath.join(dst, child.name))
-    else:
-        sftp.put(str(src), dst)
-    sftp.chmod(dst, stat.S_IMODE(st.st_mode))
-
-
-def _get(sftp, src: str, dst: Path) -> None:
-    import os
-    st = sftp.stat(src)
-    if stat.S_ISDIR(st.st_mode):
-        dst.mkdir(exist_ok=True)
-        for a in sorted(sftp.listdir_attr(src), key=lambda a: a.filename):
-            _get(sftp, posixpath.join(src, a.filename), dst / a.filename)
-    else:
-        sftp.get(src, str(dst))
-    os.chmod(dst, stat.S_IMODE(st.st_mode))

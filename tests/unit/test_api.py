@@ -160,3 +160,71 @@ def test_a_testbed_taken_down_refuses_further_use(tb, monkeypatch):
     tb.down()
     with pytest.raises(TestbedError, match="was taken down"):
         tb.exec(None, ["true"])
+
+
+def test_exec_with_the_pool_environment_and_more_variables_each_value_quoted(tb, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(tb, "_run", lambda h, command, t: seen.setdefault(h.name, command) and ssh.Result(h.name, 0, "", ""))
+    tb.exec(None, ["sh", "-c", "echo $BELUGA_DAX"], pool_env=True, env={"MODE": "a b; reboot"})
+    assert seen["host1"].startswith("export BELUGA_POOL_SIZE=536870912; ")
+    assert "export BELUGA_HOST=host1; export BELUGA_HOST_INDEX=1; " in seen["host1"]
+    assert "export BELUGA_DAX=/dev/dax0.0; " in seen["host1"]
+    assert seen["host1"].endswith("export MODE='a b; reboot'; sh -c 'echo $BELUGA_DAX'")
+    with pytest.raises(TestbedError, match="env: '1X': not a variable name"):
+        tb.exec(None, ["true"], env={"1X": "v"})
+
+
+def test_copies_go_through_cp_to_the_hosts_asked_for(tb, tmp_path, monkeypatch):
+    import contextlib
+    import os
+    from types import SimpleNamespace
+
+    from testbed import transfer
+
+    class FolderSFTP:
+        """The SFTP boundary, over a folder per guest (its root file system)."""
+
+        def __init__(self, root):
+            self.root = root
+
+        def _p(self, path):
+            return self.root / path.lstrip("/")
+
+        def stat(self, path):
+            return os.stat(self._p(path))
+
+        def put(self, local, remote):
+            self._p(remote).write_bytes(Path(local).read_bytes())
+
+        def get(self, remote, local):
+            Path(local).write_bytes(self._p(remote).read_bytes())
+
+        def chmod(self, path, mode):
+            os.chmod(self._p(path), mode)
+
+        def mkdir(self, path):
+            os.mkdir(self._p(path))
+
+        def listdir_attr(self, path):
+            return [SimpleNamespace(filename=n) for n in os.listdir(self._p(path))]
+
+    roots = {}
+    for h in ("host0", "host1"):
+        roots[h] = tmp_path / "guests" / h
+        (roots[h] / "root").mkdir(parents=True)
+
+    @contextlib.contextmanager
+    def open_sftp(h, key):
+        yield FolderSFTP(roots[h.name])
+
+    monkeypatch.setattr(transfer, "open_sftp", open_sftp)
+    src = tmp_path / "prog.sh"
+    src.write_text("#!/bin/sh\n")
+    src.chmod(0o750)
+    assert tb.copy_in(None, src, "/root/") == ["host0:/root/prog.sh", "host1:/root/prog.sh"]
+    assert (roots["host1"] / "root" / "prog.sh").stat().st_mode & 0o777 == 0o750
+    out = tb.copy_out(None, "/root/prog.sh", tmp_path / "back")
+    assert out == [tmp_path / "back" / "host0" / "prog.sh", tmp_path / "back" / "host1" / "prog.sh"]
+    assert tb.copy_out("host1", "/root/prog.sh", tmp_path / "one.sh") == [tmp_path / "one.sh"]
+    with pytest.raises(TestbedError, match="no host 'host7'"):
+        tb.copy_in("host7", src, "/root/")
