@@ -1,6 +1,7 @@
 """A user's test file with only `def test_x(testbed): ...`, run through the pytest plugin
 against a real 2hosts-1switch testbed: the tests exec on both hosts, share bytes through
-the pool (guest devdax mappings and the backing files on this machine), copy files in
+the pool (guest devdax mappings and the backing files on this machine), read a folder
+shared by --beluga-share, run a program with the pool's environment, copy files in
 and out, take a link down and hang a host, leave processes, files and poison behind, and
 the next test finds none of it (the plugin's reset). Then `beluga-testbed reset` on the
 testbed the run kept, and again once a host was killed: it says it could not undo that."""
@@ -50,6 +51,13 @@ USER_TESTS = textwrap.dedent('''
                      check=True)
         testbed.poison(65536, 128)
         assert testbed.exec("host1", ["sh", "-c", POISON_LIST])["host1"].stdout.split() == ["1"]
+        # The folder shared by --beluga-share, the pool's environment, a user's program.
+        got = testbed.exec(None, ["cat", "/mnt/share/hello.txt"], check=True)
+        assert [r.stdout for r in got.values()] == ["from the share\\n"] * 2
+        got = testbed.exec("host1", ["sh", "-c", "echo $BELUGA_DAX $BELUGA_HOST_INDEX"], pool_env=True, check=True)
+        assert got["host1"].stdout.split() == [host1.dax, "1"]
+        done = testbed.run_program(None, ["sh", "-c", "echo $BELUGA_HOST of $BELUGA_HOST_COUNT"]).join()
+        assert [(r.exit_code, r.stdout_tail) for r in done.values()] == [(0, "host0 of 2\\n"), (0, "host1 of 2\\n")]
 
 
     def test_copies_link_and_hang_and_a_reset_that_says_what_it_resumed(testbed, tmp_path):
@@ -96,9 +104,13 @@ def test_a_user_suite_runs_through_the_plugin_and_reset_cleans_between_tests(pyt
     plugin = [] if request.config.pluginmanager.has_plugin("beluga_testbed") else \
         ["-p", "testbed.pytest_plugin", "-W", "ignore::pytest.PytestAssertRewriteWarning"]
     pytester.makepyfile(test_user=USER_TESTS)
+    share = pytester.path / "share"
+    share.mkdir()
+    (share / "hello.txt").write_text("from the share\n")
     try:
         result = pytester.runpytest_inprocess(*plugin, "-p", "no:cacheprovider", "--beluga-topology",
-                                              "2hosts-1switch", "--beluga-name", NAME, "--beluga-keep", "-v")
+                                              "2hosts-1switch", "--beluga-name", NAME, "--beluga-keep",
+                                              "--beluga-share", f"{share}:/mnt/share", "-v")
         result.assert_outcomes(passed=3)
         assert NAME in cli("list").stdout.split()  # --beluga-keep left it up
         r = cli("reset", NAME)
