@@ -193,10 +193,14 @@ class Testbed:
     # ------------------------------------------------------------ making one
     @classmethod
     def up(cls, topology: str, *, name: str | None = None, shares: Sequence[str] = (), keep: bool = False,
-           accel: str = "auto", provision: bool = True) -> Testbed:
+           accel: str = "auto", provision: bool = True, kernel: str | Path | None = None,
+           initrd: str | Path | None = None, modules: str | Path | None = None,
+           qemu: str | Path | None = None) -> Testbed:
         """Boot `topology` (a built-in name or a YAML file) and make the pool; returns once
         every host is ready. `name` defaults to the topology's name. `shares` are
         `HOST_DIR[:GUEST_DIR[:rw]]` folders mounted in every guest (as `up --share`).
+        `kernel`, `initrd`, `modules` and `qemu`: a user's kernel (with its modules tree)
+        and QEMU binary, as `up --kernel/--initrd/--modules/--qemu` (docs/kernels.md).
         `keep`: leave it running when the `with` block ends."""
         if name is not None:
             names.check(name, "testbed name")
@@ -204,6 +208,9 @@ class Testbed:
         if shares:
             from . import shares as shares_mod
             kwargs["shares"] = shares_mod.parse_all(list(shares))  # every mistake before anything boots
+        for k, v in (("kernel", kernel), ("initrd", initrd), ("modules", modules), ("qemu", qemu)):
+            if v is not None:
+                kwargs[k] = Path(v)
         state = lifecycle.up(topology, name=name, accel=accel, provision=provision, **kwargs)
         return cls(state, keep=keep)
 

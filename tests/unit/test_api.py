@@ -228,3 +228,21 @@ def test_copies_go_through_cp_to_the_hosts_asked_for(tb, tmp_path, monkeypatch):
     assert tb.copy_out("host1", "/root/prog.sh", tmp_path / "one.sh") == [tmp_path / "one.sh"]
     with pytest.raises(TestbedError, match="no host 'host7'"):
         tb.copy_in("host7", src, "/root/")
+
+
+def test_up_passes_shares_and_a_users_kernel_and_qemu_to_up_checked_before_it(monkeypatch, tmp_path):
+    got = {}
+    monkeypatch.setattr(api.lifecycle, "up", lambda ref, **kw: got.update(ref=ref, **kw) or FakeState(tmp_path))
+    tb = Testbed.up("2hosts-1switch", name="ci-1", shares=[f"{tmp_path}:/mnt/data:rw"], kernel="bzImage",
+                    modules=str(tmp_path), qemu="/opt/qemu/bin/qemu-system-x86_64")
+    assert got["ref"] == "2hosts-1switch" and got["name"] == "ci-1"
+    assert [(s.host_dir, s.guest_dir, s.rw) for s in got["shares"]] == [(tmp_path, "/mnt/data", True)]
+    assert (got["kernel"], got["modules"], got["qemu"]) == (Path("bzImage"), tmp_path,
+                                                            Path("/opt/qemu/bin/qemu-system-x86_64"))
+    assert "initrd" not in got and not tb.keep
+    got.clear()
+    with pytest.raises(TestbedError):
+        Testbed.up("2hosts-1switch", shares=["relative/no/such:/etc"])  # a share over /etc is refused
+    assert got == {}
+    with pytest.raises(TestbedError, match="invalid name"):
+        Testbed.up("2hosts-1switch", name="Bad Name")
