@@ -85,7 +85,12 @@ def inner(pytester, tmp_path, monkeypatch, request):
     pytester.makeconftest(FAKE_CONFTEST)
     # The plugin is registered already where beluga-testbed is installed (its entry point);
     # elsewhere (a worktree run through PYTHONPATH) the inner run loads it by module name.
-    plugin_args = [] if request.config.pluginmanager.has_plugin("beluga_testbed") else ["-p", "testbed.pytest_plugin", "-W", "ignore::pytest.PytestAssertRewriteWarning"]
+    # Inner runs share this process, which imported testbed before them: pytest warns that
+    # it cannot rewrite the asserts of the plugin's package (a user's run loads the plugin
+    # first and never sees this). With the package installed the entry point loads it.
+    plugin_args = ["-W", "ignore::pytest.PytestAssertRewriteWarning"]
+    if not request.config.pluginmanager.has_plugin("beluga_testbed"):
+        plugin_args = ["-p", "testbed.pytest_plugin", *plugin_args]
 
     def run(test_source: str, *args: str, subprocess: bool = False):
         pytester.makepyfile(test_user=textwrap.dedent(test_source))
