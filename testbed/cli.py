@@ -12,7 +12,6 @@ from pathlib import Path
 from . import image as image_mod
 from . import names
 from .log import TestbedError, info
-from .topology import TopologyError
 
 
 def _sigterm_to_interrupt(signum, frame):
@@ -446,9 +445,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except TestbedError as e:
         print(f"✗ {e}", file=sys.stderr)
-        return 1
-    except TopologyError as e:
-        print("✗ invalid topology:\n" + "\n".join(f"  {x}" for x in e.errors), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("✗ interrupted", file=sys.stderr)
