@@ -182,14 +182,11 @@ class Topology:
 
 # ---------------------------------------------------------------- YAML with lines
 
-def _Doc(file: str, text: str) -> Doc:  # noqa: N802 - scenario.py's name for it until it uses yamlcheck
+def _doc(file: str, text: str) -> Doc:
     try:
         return yamlcheck.load(text, file, "topology")
     except ConfigError as e:
         raise TopologyError(e.errors) from None
-
-
-_Checker = Checker  # scenario.py's name for it until it uses yamlcheck
 
 
 # ---------------------------------------------------------------- loading
@@ -225,7 +222,7 @@ def load(name_or_path: str, machine: Machine | None = None) -> Topology:
 
 
 def parse(text: str, file: str = "<topology>", machine: Machine | None = None) -> Topology:
-    return _check(_Doc(file, text), machine or this_machine())
+    return _check(_doc(file, text), machine or this_machine())
 
 
 def _check(doc: Doc, machine: Machine) -> Topology:
