@@ -442,7 +442,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command = rest
     try:
-        return args.func(args) or 0
+        rc = args.func(args) or 0
+        sys.stdout.flush()  # here, where a reader that left is caught, not at exit
+        return rc
+    except BrokenPipeError:
+        # `beluga-testbed run --list | head`: the reader left before the end, as with any
+        # Unix tool; exit as one killed by SIGPIPE would, and with nothing more to say
+        # (Python would print a traceback, then once more while flushing at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except TestbedError as e:
         print(f"✗ {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,37 @@
+"""What a new user meets first on the command line: mistakes answered in one located
+line with a hint, a non-zero exit and no traceback; nothing here boots a VM."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    """Empty state and pool folders of this test's own: no testbed is running."""
+    state, pools = tmp_path / "state", tmp_path / "pools"
+    monkeypatch.setenv("BELUGA_TESTBED_STATE", str(state))
+    monkeypatch.setenv("BELUGA_TESTBED_POOLS", str(pools))
+    return state, pools
+
+
+def cli(*argv: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "testbed.cli", *argv], cwd=REPO, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, **kw)
+
+
+@pytest.mark.parametrize("argv", [["run", "--list"], ["scenario", "list"], ["topology", "show"]])
+def test_a_reader_that_leaves_early_is_no_traceback(dirs, argv):
+    """`beluga-testbed run --list | head -1`: the pipe's reader is gone before the list is written."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = cli(*argv, stdout=w, stderr=subprocess.PIPE)
+    finally:
+        os.close(w)
+    assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr
+    assert p.returncode == 141  # as a tool killed by SIGPIPE
