@@ -188,6 +188,7 @@ def cmd_exec(args) -> int:
 
 def cmd_cp(args) -> int:
     from . import lifecycle, transfer
+    transfer.sides(args.src, args.dst, all_hosts=args.all)
     tb = lifecycle.find(args.name)
     for where in transfer.copy(tb, args.src, args.dst, all_hosts=args.all, recursive=args.recursive):
         print(where)

@@ -35,3 +35,17 @@ def test_a_reader_that_leaves_early_is_no_traceback(dirs, argv):
         os.close(w)
     assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr
     assert p.returncode == 141  # as a tool killed by SIGPIPE
+
+
+@pytest.mark.parametrize("src,dst,said", [
+    ("./f", "./g", "both sides are local: one of SRC and DST must be HOST:PATH"),
+    ("host0:/a", "host1:/b", "both sides are remote"),
+    ("./f", "host0:", "host0: no path after ':'"),
+    ("./f", ":/tmp/", ":/tmp/: which host?"),
+])
+def test_cp_names_a_mistake_in_its_paths_before_looking_for_the_testbed(dirs, src, dst, said):
+    """Not 'no testbed named tb' first, then, once one is up, the real mistake."""
+    p = cli("cp", "tb", src, dst, capture_output=True)
+    assert p.returncode == 1
+    assert said in p.stderr and "hint:" in p.stderr, p.stderr
+    assert "no testbed named" not in p.stderr and "Traceback" not in p.stderr
