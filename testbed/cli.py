@@ -363,13 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
     ls2 = sub.add_parser("list", help="names of the testbeds that are up")
     ls2.set_defaults(func=cmd_list)
 
-    s2 = sub.add_parser("ssh", help="a shell (or a command) on one host")
+    s2 = sub.add_parser("ssh", help="a shell (or a command) on one host", usage="%(prog)s [-h] NAME HOST [-- CMD ...]")
     s2.add_argument("name", type=_testbed_name, metavar="NAME")
     s2.add_argument("host", metavar="HOST")
     # Anything after `--` is the command to run (split off in main()).
     s2.set_defaults(func=cmd_ssh)
 
-    ex = sub.add_parser("exec", help="run a command on one host or all, in parallel")
+    ex = sub.add_parser("exec", help="run a command on one host or all, in parallel",
+                        usage="%(prog)s [-h] [--all] [--timeout S] [--pool-env] NAME [HOST] -- CMD ...")
     ex.add_argument("name", type=_testbed_name, metavar="NAME")
     ex.add_argument("host", nargs="?", metavar="HOST")
     ex.add_argument("--all", action="store_true", help="every host of the testbed")
@@ -440,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, rest = argv[:i], argv[i + 1:]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if rest and args.cmd not in ("ssh", "exec"):  # it was dropped without a word
+        parser.error(f"'-- {shlex.join(rest)}': a command after '--' is for 'ssh' and 'exec' only")
     args.command = rest
     try:
         rc = args.func(args) or 0

@@ -49,3 +49,17 @@ def test_cp_names_a_mistake_in_its_paths_before_looking_for_the_testbed(dirs, sr
     assert p.returncode == 1
     assert said in p.stderr and "hint:" in p.stderr, p.stderr
     assert "no testbed named" not in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("cmd,usage", [("ssh", "NAME HOST [-- CMD ...]"), ("exec", "NAME [HOST] -- CMD ...")])
+def test_the_help_of_ssh_and_exec_shows_where_the_command_goes(cmd, usage):
+    p = cli(cmd, "--help", capture_output=True)
+    assert p.returncode == 0 and usage in p.stdout, p.stdout
+
+
+def test_a_command_after_double_dash_is_refused_where_nothing_runs_it(dirs):
+    """`up 2hosts-1switch -- --retain` used to boot without --retain and say nothing."""
+    p = cli("up", "2hosts-1switch", "--dry-run", "--", "--retain", capture_output=True)
+    assert p.returncode == 2
+    assert "'-- --retain': a command after '--' is for 'ssh' and 'exec' only" in p.stderr, p.stderr
+    assert p.stdout == ""
