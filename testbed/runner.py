@@ -30,7 +30,7 @@ from . import scenario as S
 from .log import TestbedError, info
 from .par import map_parallel
 from .scenario import (Bool, Choice, Env, Expectation, Fault, Hosts, Int, Name, Regex, Scenario, Seconds, Step,
-                       StrList, Str, arg, check_block, expectation, step, steps_before)
+                       StrList, Str, arg, check_block, check_set, expectation, step, steps_before)
 
 TEMPLATES = Path(__file__).with_name("templates")
 TRACE_FILE = "/sys/kernel/tracing/trace"
@@ -86,6 +86,10 @@ def start_program(tb, hosts: list[str], argv, shell, env: dict, timeout_s: float
 
 
 # ================================================================ step kinds
+
+def _set_target(self, sc, t, c) -> None:
+    check_set(sc, self, c)
+
 
 @step("put", "put blocks, split over the hosts; the host records each put the service acknowledged as it "
              "happens, so a crash mid-stream still leaves a known committed set")
@@ -157,6 +161,7 @@ class Get(Step):
     blocks: int | None = arg(Int(1, 1 << 20), "how many (default: as many as were put)", None)
     start: int | None = arg(Int(0), "first index (default: the put's)", None)
     size_bytes: int | None = arg(Int(1), "bytes per block (default: the put's)", None)
+    check = _set_target
 
     def run(self, r: Run, rec: StepRecord) -> None:
         start, n, size = r.requested.get(self.set, (0, self.blocks or 0, r.sc.block_size(self.size_bytes)))
@@ -299,10 +304,7 @@ class AllReadable(Expectation):
     set: str = arg(Name(), "the set")
     on: Any = arg(Hosts(), "where to read", "survivors")
     include_uncommitted: bool = arg(Bool(), "also blocks whose put was never acknowledged", False)
-
-    def check(self, sc, t, c) -> None:
-        if not any(s.kind == "put" and s.set == self.set for s in sc.steps):
-            c.err(self.path + ("set",), f"no step puts set '{self.set}'")
+    check = _set_target
 
     def check_run(self, r: Run) -> tuple[bool, str]:
         if self.set not in r.requested:
@@ -435,10 +437,7 @@ class NoReservedSpace(Expectation):
 class Evicted(Expectation):
     set: str = arg(Name(), "the set")
     at_least: int = arg(Int(1), "how many blocks at least", 1)
-
-    def check(self, sc, t, c) -> None:
-        if not any(s.kind == "put" and s.set == self.set for s in sc.steps):
-            c.err(self.path + ("set",), f"no step puts set '{self.set}'")
+    check = _set_target
 
     def check_run(self, r: Run) -> tuple[bool, str]:
         if self.set not in r.requested:

@@ -606,17 +606,25 @@ def steps_before(sc: Scenario, node: Node) -> tuple[Step, ...]:
     return tuple(s for s in sc.steps if s.path[1] < node.path[1])
 
 
-def check_block(sc: Scenario, node: Node, c: _Checker) -> None:
-    """Block `node.set/node.index` must exist when `node` runs: an earlier step puts the
-    set (else the error is on `set`) and its index is in that put's range (else on `index`)."""
+def check_set(sc: Scenario, node: Node, c: _Checker) -> list[Step]:
+    """Set `node.set` must be put by a step before `node` (by any step, for an
+    expectation), else the error is on `set`, with did-you-mean. Returns those puts."""
     puts = [s for s in steps_before(sc, node) if s.kind == "put" and s.set == node.set]
     if not puts:
         sets = sorted({s.set for s in steps_before(sc, node) if s.kind == "put"})
         close = difflib.get_close_matches(node.set, sets, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        c.err(node.path + ("set",), f"no step before this one puts set '{node.set}' "
-                                    f"({hint}sets put so far: {', '.join(sets) or 'none'})")
-    elif not any(p.start <= node.index < p.start + p.blocks for p in puts):
+        step = node.path[:1] == ("steps",)
+        c.err(node.path + ("set",), f"no step {'before this one ' if step else ''}puts set '{node.set}' "
+                                    f"({hint}sets put{' so far' if step else ''}: {', '.join(sets) or 'none'})")
+    return puts
+
+
+def check_block(sc: Scenario, node: Node, c: _Checker) -> None:
+    """Block `node.set/node.index` must exist when `node` runs: an earlier step puts the
+    set (else the error is on `set`) and its index is in that put's range (else on `index`)."""
+    puts = check_set(sc, node, c)
+    if puts and not any(p.start <= node.index < p.start + p.blocks for p in puts):
         ranges = ", ".join(f"{p.start}-{p.start + p.blocks - 1}" for p in puts)
         c.err(node.path + ("index",), f"block {node.index} of set '{node.set}' is never put (indices put: {ranges})")
 

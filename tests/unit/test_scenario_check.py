@@ -182,3 +182,19 @@ def test_shares_are_checked_with_the_scenario(tmp_path):
     sc, _ = S.load_checked(str(f))
     (share,) = sc.share_list()
     assert (share.host_dir, share.guest_dir, share.rw) == (tmp_path / "prog", "/mnt/prog", False)
+
+
+def test_a_get_of_a_set_never_put_is_located_with_did_you_mean():
+    """It used to pass validation and then read nothing: a typo silently made the step a no-op."""
+    assert errors("  - get: {on: readers, set: aa}\n"
+                  "  - get: {on: readers, set: b}\n"
+                  "  - put: {on: writers, set: b, blocks: 1}\n") == [
+        "s.yaml:10: steps[1].get.set: no step before this one puts set 'aa' (did you mean 'a'? sets put so far: a)",
+        "s.yaml:11: steps[2].get.set: no step before this one puts set 'b' (sets put so far: a)"]
+
+
+def test_an_expectation_on_a_set_never_put_says_which_sets_are():
+    body = "expect:\n  - all_readable: {set: aa}\n  - evicted: {set: c}\n"
+    assert errors(body) == [
+        "s.yaml:11: expect[0].all_readable.set: no step puts set 'aa' (did you mean 'a'? sets put: a)",
+        "s.yaml:12: expect[1].evicted.set: no step puts set 'c' (sets put: a)"]
