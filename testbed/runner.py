@@ -443,7 +443,10 @@ class Evicted(Expectation):
         if self.set not in r.requested:
             return False, f"no put of set '{self.set}' ran"
         start, n, size = r.requested[self.set]
-        host = r.live(r.readers)[0]
+        readers = r.live(r.readers)
+        if not readers:
+            return False, f"no live reader to read set '{self.set}' from (killed: {', '.join(sorted(r.killed))})"
+        host = readers[0]
         g = r.get(host, self.set, start, n, size, len(r.steps))
         ok = len(g["misses"]) >= self.at_least and not g["torn"]
         return ok, (f"{len(g['misses'])} of {n} blocks of '{self.set}' evicted (need >= {self.at_least}), "
