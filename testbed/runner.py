@@ -25,7 +25,6 @@ from typing import Any
 import jinja2
 
 from . import deploy, lifecycle, provision, ssh
-from . import topology as topo_mod
 from . import scenario as S
 from .log import TestbedError, info
 from .par import map_parallel
@@ -895,7 +894,7 @@ def run(sc: Scenario, *, topology: str | None = None, testbed: str | None = None
 
     # Every mistake the scenario file can hold, against the topology, before a VM boots.
     if own:
-        S.check(sc, topo_mod.load(topo))
+        S.check(sc, S.topology_of(sc, topology))
     else:
         S.check(sc, lifecycle.find(name).topology)
     r = None

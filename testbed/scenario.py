@@ -629,10 +629,21 @@ def check_block(sc: Scenario, node: Node, c: _Checker) -> None:
         c.err(node.path + ("index",), f"block {node.index} of set '{node.set}' is never put (indices put: {ranges})")
 
 
-def load_checked(ref: str, topology_ref: str | None = None) -> tuple[Scenario, Topology]:
+def topology_of(sc: Scenario, topology_ref: str | None = None) -> Topology:
+    """The topology `sc` runs on: `topology_ref` (`--topology`) or the scenario's own
+    `topology:`, where a name that is no topology is the scenario's error, on that line."""
     from . import topology as topo
+    if topology_ref is None:
+        try:
+            topo.resolve(sc.topology)
+        except topo.TopologyError as e:
+            raise ScenarioError([f"{sc._where(('topology',))}: {m}" for m in e.errors]) from None
+    return topo.load(topology_ref or sc.topology)
+
+
+def load_checked(ref: str, topology_ref: str | None = None) -> tuple[Scenario, Topology]:
     sc = load(ref)
-    t = topo.load(topology_ref or sc.topology)
+    t = topology_of(sc, topology_ref)
     check(sc, t)
     return sc, t
 

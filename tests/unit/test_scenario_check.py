@@ -198,3 +198,19 @@ def test_an_expectation_on_a_set_never_put_says_which_sets_are():
     assert errors(body) == [
         "s.yaml:11: expect[0].all_readable.set: no step puts set 'aa' (did you mean 'a'? sets put: a)",
         "s.yaml:12: expect[1].evicted.set: no step puts set 'c' (sets put: a)"]
+
+
+@pytest.mark.parametrize("argv", [["scenario", "validate"], ["run", "--check"], ["run"]])
+def test_a_typo_in_the_scenarios_topology_is_located_in_the_scenario(tmp_path, monkeypatch, capsys, argv):
+    """It said only '2host-1switch: no built-in topology of that name', not in which file or line."""
+    def no_boot(*a, **kw):
+        raise AssertionError("a VM was started")
+    monkeypatch.setattr(lifecycle, "up", no_boot)
+    f = tmp_path / "typo.yaml"
+    f.write_text(HEAD.replace("topology: 2hosts-1switch", "topology: 2host-1switch"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*argv, str(f)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("✗ invalid scenario:\n")
+    assert f"{f}:4: topology: 2host-1switch: no built-in topology of that name (did you mean '2hosts-1switch'?" in err
+    assert not (tmp_path / "reports").exists()
