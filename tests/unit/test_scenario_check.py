@@ -1,7 +1,6 @@
 """A scenario is checked against its topology before any VM boots: hosts and roles exist,
 block sizes fit the pool, every fault's and expectation's target exists, programs are
 well formed. Every error at once, `file:line: path: message`, did-you-mean where it helps."""
-import time
 
 import pytest
 
@@ -128,7 +127,6 @@ def test_cli_refuses_a_typo_fast_and_boots_nothing(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(lifecycle, "up", no_boot)
     f = tmp_path / "typo.yaml"
     f.write_text(HEAD + "  - get: {on: readrs, set: a}\n")
-    t0 = time.monotonic()
     assert cli.main(["run", str(f), "--report-dir", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("✗ invalid scenario:\n")
@@ -136,7 +134,6 @@ def test_cli_refuses_a_typo_fast_and_boots_nothing(tmp_path, monkeypatch, capsys
     assert cli.main(["scenario", "validate", str(f)]) == 1
     assert "did you mean 'readers'?" in capsys.readouterr().err
     assert cli.main(["run", str(f), "--check"]) == 1
-    assert time.monotonic() - t0 < 30  # generous: the point is that nothing boots
     assert not (tmp_path / "r").exists()
     f.write_text(HEAD)
     assert cli.main(["scenario", "validate", str(f)]) == 0
