@@ -57,7 +57,7 @@ def cmd_image_list(args) -> int:
 
 def cmd_image_rm(args) -> int:
     if not args.keys and not args.all:
-        raise TestbedError("name the image keys to remove, or --all")
+        raise TestbedError("name the image keys to remove, or --all", hint="'beluga-testbed image list' shows the keys")
     for k in image_mod.remove_images(args.keys, all_=args.all):
         print(k)
     return 0
@@ -106,9 +106,11 @@ def cmd_up(args) -> int:
 
 def cmd_down(args) -> int:
     from . import lifecycle
-    targets = lifecycle.names() if args.all else [args.name]
     if not args.all and not args.name:
-        raise TestbedError("name a testbed, or --all")
+        running = lifecycle.names()
+        raise TestbedError("name a testbed, or --all",
+                           hint=f"running: {', '.join(running)}" if running else "none is running")
+    targets = lifecycle.names() if args.all else [args.name]
     for n in targets:
         found = lifecycle.down(n)
         info(f"✓ {n} is down" if found else f"✓ {n} was not running (nothing to do)")

@@ -63,3 +63,10 @@ def test_a_command_after_double_dash_is_refused_where_nothing_runs_it(dirs):
     assert p.returncode == 2
     assert "'-- --retain': a command after '--' is for 'ssh' and 'exec' only" in p.stderr, p.stderr
     assert p.stdout == ""
+
+
+@pytest.mark.parametrize("argv,hint", [(["down"], "hint: none is running"),
+                                       (["image", "rm"], "hint: 'beluga-testbed image list' shows the keys")])
+def test_a_missing_name_comes_with_where_to_find_one(dirs, argv, hint):
+    p = cli(*argv, capture_output=True)
+    assert p.returncode == 1 and hint in p.stderr, p.stderr
