@@ -286,6 +286,8 @@ def cmd_run(args) -> int:
         return 0
     sc = scenario.load(args.scenario)
     junit = Path(args.junit) if args.junit else None
+    if junit is not None and junit.is_dir():  # found now, not after the run
+        raise TestbedError(f"--junit {junit}: is a folder", hint=f"name the file to write, e.g. {junit / 'junit.xml'}")
     try:
         report, html = runner.run(sc, topology=args.topology, testbed=args.testbed, keep=args.keep,
                                   report_dir=Path(args.report_dir) if args.report_dir else None)

@@ -897,6 +897,12 @@ def run(sc: Scenario, *, topology: str | None = None, testbed: str | None = None
         S.check(sc, S.topology_of(sc, topology))
     else:
         S.check(sc, lifecycle.find(name).topology)
+    try:  # now, not after the run: the report is what the run is for
+        report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "not a folder" if report_dir.exists() and not report_dir.is_dir() else (e.strerror or str(e)).lower()
+        raise TestbedError(f"report folder {report_dir}: {why}",
+                           hint="--report-dir names a folder to write (made if missing)") from None
     r = None
     interrupted: BaseException | None = None
     try:

@@ -211,3 +211,23 @@ def test_a_typo_in_the_scenarios_topology_is_located_in_the_scenario(tmp_path, m
     assert err.startswith("✗ invalid scenario:\n")
     assert f"{f}:4: topology: 2host-1switch: no built-in topology of that name (did you mean '2hosts-1switch'?" in err
     assert not (tmp_path / "reports").exists()
+
+
+@pytest.mark.parametrize("flag", ["--report-dir", "--junit"])
+def test_a_report_that_cannot_be_written_is_refused_before_anything_boots(tmp_path, monkeypatch, capsys, flag):
+    """A file given as --report-dir failed only after the whole run, with a traceback and no report."""
+    def no_boot(*a, **kw):
+        raise AssertionError("a VM was started")
+    monkeypatch.setattr(lifecycle, "up", no_boot)
+    monkeypatch.setattr(lifecycle, "down", lambda name: False)
+    f = tmp_path / "s.yaml"
+    f.write_text(HEAD)
+    where = tmp_path / "taken"
+    if flag == "--report-dir":
+        where.write_text("")  # a file where the folder would go
+    else:
+        where.mkdir()  # a folder where the file would go
+    assert cli.main(["run", str(f), flag, str(where)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("✗ ") and str(where) in err and "hint:" in err, err
+    assert "a VM was started" not in err
