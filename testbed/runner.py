@@ -9,7 +9,6 @@ registered in testbed/scenario.py's registry; the fault kinds live in testbed/fa
 from __future__ import annotations
 
 import contextlib
-import difflib
 import io
 import json
 import re
@@ -30,6 +29,7 @@ from .log import TestbedError, info
 from .par import map_parallel
 from .scenario import (Bool, Choice, Env, Expectation, Fault, Hosts, Int, Name, Regex, Scenario, Seconds, Step,
                        StrList, Str, arg, check_block, check_set, expectation, step, steps_before)
+from .yamlcheck import did_you_mean
 
 TEMPLATES = Path(__file__).with_name("templates")
 TRACE_FILE = "/sys/kernel/tracing/trace"
@@ -292,8 +292,7 @@ def _block_target(self, sc, t, c) -> None:
 def _run_target(self, sc, t, c) -> None:
     runs = [s.name_ for s in sc.steps if s.kind == "run"]
     if self.run not in runs:
-        close = difflib.get_close_matches(self.run, runs, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        hint = did_you_mean(self.run, runs)
         c.err(self.path + ("run",), f"no program named '{self.run}' ({hint}programs: {', '.join(runs) or 'none'})")
 
 

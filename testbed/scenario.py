@@ -27,7 +27,7 @@ from . import names, yamlcheck
 from .log import TestbedError
 from .topology import API_VERSION, Topology
 from .yamlcheck import Checker as _Checker
-from .yamlcheck import ConfigError
+from .yamlcheck import ConfigError, did_you_mean
 
 SCENARIOS_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 ROLE_WORDS = ("service", "writers", "readers", "survivors", "all")
@@ -140,8 +140,7 @@ class Choice(FieldType):
 
     def parse(self, c, v, path):
         if v not in self.options:
-            close = difflib.get_close_matches(str(v), self.options, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
+            hint = did_you_mean(str(v), self.options)
             return c.err(path, f"unknown value {v!r} ({hint}known: {', '.join(self.options)})")
         return v
 
@@ -342,8 +341,7 @@ def resolve(ref: str) -> Path:
     found = builtin()
     if ref in found:
         return found[ref]
-    close = difflib.get_close_matches(ref, found, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
+    hint = did_you_mean(ref, found)
     raise ScenarioError([f"{ref}: no such scenario file or built-in scenario ({hint}'beluga-testbed run --list')"])
 
 
@@ -403,8 +401,7 @@ def _entry(c: _Checker, value: Any, path: tuple, table: dict, what: str, extra: 
         return None
     kind = kinds[0]
     if kind not in table:
-        close = difflib.get_close_matches(str(kind), table, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        hint = did_you_mean(str(kind), table)
         c.err(path + (kind,), f"unknown {what} ({hint}known: {', '.join(table)})")
         return None
     return kind, value[kind]
@@ -420,8 +417,7 @@ def _fault(c: _Checker, raw: Any, path: tuple) -> Fault | None:
     if len(given) != 1:
         unknown = [k for k in raw if k not in FAULTS]
         if not given and unknown:
-            close = difflib.get_close_matches(str(unknown[0]), FAULTS, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
+            hint = did_you_mean(str(unknown[0]), FAULTS)
             c.err(path + (unknown[0],), f"unknown fault ({hint}known: {', '.join(FAULTS)})")
         else:
             c.err(path, f"expected exactly one fault ({', '.join(FAULTS)}), got {', '.join(given) or 'none'}")
@@ -540,8 +536,7 @@ def hosts_problem(on: Any, t: Topology) -> str | None:
     for x in on if isinstance(on, tuple) else (on,):
         if x in ROLE_WORDS or x in known:
             continue
-        close = difflib.get_close_matches(x, [*ROLE_WORDS, *known], n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        hint = did_you_mean(x, [*ROLE_WORDS, *known])
         return (f"unknown host or role '{x}' ({hint}roles: {', '.join(ROLE_WORDS)}; "
                 f"hosts of {t.name}: {', '.join(known)})")
     return None
@@ -558,8 +553,7 @@ def check(sc: Scenario, t: Topology) -> None:
                         ("readers", sc.readers if sc.readers != "others" else ())):
         for x in value:
             if x not in known:
-                close = difflib.get_close_matches(x, known, n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
+                hint = did_you_mean(x, known)
                 c.err(("roles", role), f"no host '{x}' in topology {t.name} ({hint}hosts: {', '.join(known)})")
     if sc.shares:
         from . import shares as shares_mod
@@ -612,8 +606,7 @@ def check_set(sc: Scenario, node: Node, c: _Checker) -> list[Step]:
     puts = [s for s in steps_before(sc, node) if s.kind == "put" and s.set == node.set]
     if not puts:
         sets = sorted({s.set for s in steps_before(sc, node) if s.kind == "put"})
-        close = difflib.get_close_matches(node.set, sets, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        hint = did_you_mean(node.set, sets)
         step = node.path[:1] == ("steps",)
         c.err(node.path + ("set",), f"no step {'before this one ' if step else ''}puts set '{node.set}' "
                                     f"({hint}sets put{' so far' if step else ''}: {', '.join(sets) or 'none'})")

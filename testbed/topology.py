@@ -6,14 +6,13 @@ testbed/yamlcheck.py (no aliases, no duplicate keys, bounded size and depth).
 """
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import names, paths, yamlcheck
-from .yamlcheck import Checker, ConfigError, Doc, fmt_path, typename
+from .yamlcheck import Checker, ConfigError, Doc, did_you_mean, fmt_path, typename
 
 API_VERSION = "beluga.testbed/v1alpha1"
 BUILTIN_DIR = Path(__file__).resolve().parent / "topologies"
@@ -204,8 +203,7 @@ def resolve(name_or_path: str) -> Path:
     builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
     if builtin.is_file():
         return builtin
-    close = difflib.get_close_matches(name_or_path, builtin_names(), n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
+    hint = did_you_mean(name_or_path, builtin_names())
     raise TopologyError([f"{name_or_path}: no built-in topology of that name ({hint}built in: "
                          f"{', '.join(builtin_names())}); give a path to use a file"])
 
@@ -378,8 +376,7 @@ def _bridges(c: Checker, value: list, dev_ids: set[str]) -> tuple[list[HostBridg
         if not c.name(dev, path):
             return
         if dev not in dev_ids:
-            close = difflib.get_close_matches(dev, dev_ids, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
+            hint = did_you_mean(dev, dev_ids)
             c.err(path, f"unknown device '{dev}' ({hint}known: {', '.join(sorted(dev_ids))})")
         elif dev in attached:
             c.err(path, f"device '{dev}' is already attached at {fmt_path(attached[dev])}")
