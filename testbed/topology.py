@@ -168,16 +168,6 @@ class Topology:
                     return hb.id
         raise KeyError(device_id)
 
-    def port_of(self, device_id: str) -> str:
-        for hb in self.host_bridges:
-            for rp in hb.root_ports:
-                if rp.device == device_id:
-                    return rp.id
-                for p in rp.switch.ports if rp.switch else ():
-                    if p.device == device_id:
-                        return p.id
-        raise KeyError(device_id)
-
 
 # ---------------------------------------------------------------- YAML with lines
 
