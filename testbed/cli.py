@@ -28,6 +28,17 @@ def _testbed_name(value: str) -> str:
     return value
 
 
+def _seconds(value: str) -> float:
+    """argparse type of a timeout: a positive number of seconds (-1 or 'nan' is no timeout)."""
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 < s < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected more than 0 seconds, got {value}")
+    return s
+
+
 def cmd_image_build(args) -> int:
     img, built = image_mod.build(force=args.force)
     if built:
@@ -378,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("name", type=_testbed_name, metavar="NAME")
     ex.add_argument("host", nargs="?", metavar="HOST")
     ex.add_argument("--all", action="store_true", help="every host of the testbed")
-    ex.add_argument("--timeout", type=float, default=120, help="seconds per host (default 120)")
+    ex.add_argument("--timeout", type=_seconds, default=120, help="seconds per host (default 120)")
     ex.add_argument("--pool-env", action="store_true",
                     help="set BELUGA_DAX, BELUGA_POOL_SIZE, BELUGA_HOST_INDEX, ... as a scenario's run step does")
     # The command after `--` is split off in main(): argparse's REMAINDER after an

@@ -70,3 +70,10 @@ def test_a_command_after_double_dash_is_refused_where_nothing_runs_it(dirs):
 def test_a_missing_name_comes_with_where_to_find_one(dirs, argv, hint):
     p = cli(*argv, capture_output=True)
     assert p.returncode == 1 and hint in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "ten"])
+def test_exec_refuses_a_timeout_that_is_none(dirs, value):
+    p = cli("exec", "tb", "--all", "--timeout", value, "--", "true", capture_output=True)
+    assert p.returncode == 2
+    assert "beluga-testbed exec: error: argument --timeout:" in p.stderr, p.stderr
