@@ -783,6 +783,18 @@ def step_log(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What XML 1.0 cannot hold at all, not even as &#..;: a program's colored or binary
+# stderr in an expectation's evidence made junit.xml "not well-formed (invalid token)".
+_NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_safe(s: str | None) -> str | None:
+    """`s` with every character XML cannot hold written as a visible escape (\\x1b)."""
+    if s is None:
+        return None
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 256 else f"\\u{ord(m[0]):04x}", s)
+
+
 def write_junit(report: dict, sc: Scenario | None, dest: Path) -> Path:
     """JUnit XML: one test case per expectation (a failure carries the evidence), plus one
     for the steps when a step failed or the run ended early; the step log as system-out.
@@ -827,6 +839,10 @@ def write_junit(report: dict, sc: Scenario | None, dest: Path) -> Path:
     root.append(suite)
     for k in ("tests", "failures", "errors"):
         root.set(k, suite.get(k))
+    for el in root.iter():
+        el.text = _xml_safe(el.text)
+        for k, v in el.attrib.items():
+            el.set(k, _xml_safe(v))
     ET.indent(root)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n")
