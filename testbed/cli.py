@@ -210,7 +210,10 @@ def cmd_cp(args) -> int:
 
 def cmd_logs_export(args) -> int:
     from . import lifecycle
-    print(lifecycle.export_logs(args.name, Path(args.dest) if args.dest else None))
+    dest = Path(args.dest) if args.dest else None
+    if dest is not None and dest.exists() and not dest.is_dir():
+        raise TestbedError(f"--dest {dest}: not a folder", hint="name a folder to write (made if missing)")
+    print(lifecycle.export_logs(args.name, dest))
     return 0
 
 

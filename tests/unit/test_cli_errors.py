@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -77,3 +78,13 @@ def test_exec_refuses_a_timeout_that_is_none(dirs, value):
     p = cli("exec", "tb", "--all", "--timeout", value, "--", "true", capture_output=True)
     assert p.returncode == 2
     assert "beluga-testbed exec: error: argument --timeout:" in p.stderr, p.stderr
+
+
+def test_logs_export_to_a_file_is_refused_in_a_line(dirs, tmp_path, monkeypatch, capsys):
+    """It ended in a FileExistsError traceback once the testbed was found."""
+    from testbed import cli as cli_mod, lifecycle
+    monkeypatch.setattr(lifecycle, "find", lambda name: SimpleNamespace(name=name, hosts=[], data={}))
+    (tmp_path / "taken").write_text("")
+    assert cli_mod.main(["logs", "export", "tb", "--dest", str(tmp_path / "taken")]) == 1
+    err = capsys.readouterr().err
+    assert f"--dest {tmp_path / 'taken'}: not a folder" in err and "hint:" in err, err
