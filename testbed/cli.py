@@ -294,7 +294,12 @@ def cmd_run(args) -> int:
     if not args.scenario:
         raise TestbedError("name a scenario (a file or a built-in name)", hint="'beluga-testbed run --list'")
     if args.check:
-        sc, t = scenario.load_checked(args.scenario, args.topology)
+        if args.testbed:  # what the run would check: the running testbed's topology
+            from . import lifecycle
+            sc, t = scenario.load(args.scenario), lifecycle.find(args.testbed).topology
+            scenario.check(sc, t)
+        else:
+            sc, t = scenario.load_checked(args.scenario, args.topology)
         info(f"✓ {sc.name}: valid on {t.name} ({len(sc.steps)} step(s), {len(sc.expect)} expectation(s)); "
              "nothing was started")
         return 0
@@ -429,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--junit", metavar="FILE", help="also write JUnit XML there (one test case per expectation; "
                                                     "report-dir/junit.xml is always written)")
     rn.add_argument("--check", action="store_true",
-                    help="validate the scenario against its topology and exit; boots nothing")
+                    help="validate the scenario against its topology (or the --testbed's) and exit; boots nothing")
     rn.set_defaults(func=cmd_run)
 
     sc = sub.add_parser("scenario", help="validate and list scenarios")

@@ -231,3 +231,15 @@ def test_a_report_that_cannot_be_written_is_refused_before_anything_boots(tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("✗ ") and str(where) in err and "hint:" in err, err
     assert "a VM was started" not in err
+
+
+def test_check_with_testbed_checks_against_the_running_testbeds_topology(tmp_path, monkeypatch, capsys):
+    """`run --check --testbed T` said valid for the scenario's own topology, and the run on T then failed."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(lifecycle, "find", lambda name: SimpleNamespace(name=name, topology=load_topology("1host-1switch")))
+    f = tmp_path / "s.yaml"
+    f.write_text(HEAD)
+    assert cli.main(["run", str(f), "--check"]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", str(f), "--check", "--testbed", "small"]) == 1
+    assert "roles.writers: no host 'host1' in topology 1host-1switch" in capsys.readouterr().err
