@@ -249,8 +249,10 @@ def cmd_pool(args) -> int:
 
 def cmd_scenario_validate(args) -> int:
     """Every scenario file against its topology (or --topology), all errors of all files."""
-    from . import scenario
+    from . import scenario, topology
     from .yamlcheck import ConfigError
+    if args.topology:
+        topology.load(args.topology)  # its mistakes once, as the topology's, not once per file
     errors: list[str] = []
     for f in args.files:
         try:

@@ -243,3 +243,9 @@ def test_check_with_testbed_checks_against_the_running_testbeds_topology(tmp_pat
     capsys.readouterr()
     assert cli.main(["run", str(f), "--check", "--testbed", "small"]) == 1
     assert "roles.writers: no host 'host1' in topology 1host-1switch" in capsys.readouterr().err
+
+
+def test_a_bad_topology_option_is_said_once_not_once_per_scenario(capsys):
+    assert cli.main(["scenario", "validate", "faults/poison", "faults/host-hang", "--topology", "2host-1switch"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("✗ invalid topology:\n") and err.count("no built-in topology of that name") == 1, err
