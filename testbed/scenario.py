@@ -60,12 +60,18 @@ def _bad(c: _Checker, path: tuple, want: str, v: Any) -> None:
     c.err(path, f"expected {want}, got {got}")
 
 
+# A NUL cannot pass through SSH and exec to a guest program: the word ends there.
+NUL_WHY = "contains a NUL byte (a command line or environment cannot hold one)"
+
+
 class Str(FieldType):
     doc = "text"
 
     def parse(self, c, v, path):
         if not isinstance(v, str):
             return _bad(c, path, "a string", v)
+        if "\0" in v:
+            return c.err(path, NUL_WHY)
         return v
 
 
@@ -151,6 +157,8 @@ class StrList(FieldType):
     def parse(self, c, v, path):
         if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
             return _bad(c, path, "a non-empty list of strings", v)
+        if bad := [i for i, x in enumerate(v) if "\0" in x]:
+            return c.err(path + (bad[0],), NUL_WHY)
         return tuple(v)
 
 
@@ -166,6 +174,8 @@ class Env(FieldType):
                 c.err(path + (k,), "not an environment variable name (letters, digits, '_')")
             elif not isinstance(x, (str, int, float)) or isinstance(x, bool):
                 _bad(c, path + (k,), "a string or a number", x)
+            elif "\0" in str(x):
+                c.err(path + (k,), NUL_WHY)
             else:
                 out[str(k)] = str(x)
         return tuple(sorted(out.items()))

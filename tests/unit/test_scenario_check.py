@@ -97,6 +97,17 @@ def test_programs_are_well_formed():
         "s.yaml:12: steps[3].run.env.Y: expected a string or a number, got a list"]
 
 
+def test_a_nul_in_a_programs_words_or_environment_is_refused_before_boot():
+    """YAML's "\\0" reached the guest's command line, where it cut the word short."""
+    errs = parse_errors(
+        '  - run: {name: a, on: all, argv: [./w, "x\\0y"]}\n'
+        '  - run: {name: b, on: all, shell: "echo \\0", env: {K: "v\\0"}}\n')
+    assert errs == [
+        "s.yaml:10: steps[1].run.argv[1]: contains a NUL byte (a command line or environment cannot hold one)",
+        "s.yaml:11: steps[2].run.shell: contains a NUL byte (a command line or environment cannot hold one)",
+        "s.yaml:11: steps[2].run.env.K: contains a NUL byte (a command line or environment cannot hold one)"]
+
+
 def test_joins_and_program_expectations_name_programs_that_run():
     errs = parse_errors("expect:\n  - output_matches: {run: writer, regex: '(unclosed'}\n")
     assert errs == ["s.yaml:11: expect[0].output_matches.regex: not a valid regular expression: "
