@@ -169,6 +169,8 @@ def cmd_exec(args) -> int:
     command = args.command
     if not command:
         raise TestbedError("no command given", hint="beluga-testbed exec NAME HOST|--all -- CMD ...")
+    if args.host and args.all:  # it ran on every host, whatever HOST said
+        raise TestbedError(f"both a host ({args.host}) and --all", hint="name one host, or --all for every host")
     tb = lifecycle.find(args.name)
     hosts = lifecycle.resolve_hosts(tb, args.host, args.all)
     line = shlex.join(command) if len(command) > 1 else command[0]

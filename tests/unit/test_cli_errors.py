@@ -88,3 +88,9 @@ def test_logs_export_to_a_file_is_refused_in_a_line(dirs, tmp_path, monkeypatch,
     assert cli_mod.main(["logs", "export", "tb", "--dest", str(tmp_path / "taken")]) == 1
     err = capsys.readouterr().err
     assert f"--dest {tmp_path / 'taken'}: not a folder" in err and "hint:" in err, err
+
+
+def test_exec_with_a_host_and_all_is_refused_not_run_everywhere(dirs):
+    p = cli("exec", "tb", "host1", "--all", "--", "reboot", capture_output=True)
+    assert p.returncode == 1
+    assert "both a host (host1) and --all" in p.stderr and "hint:" in p.stderr, p.stderr
