@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import names, paths, yamlcheck
-from .yamlcheck import Checker, ConfigError, Doc, did_you_mean, fmt_path, typename
+from .yamlcheck import Checker, ConfigError, Doc, fmt_path, typename
 
 API_VERSION = "beluga.testbed/v1alpha1"
 BUILTIN_DIR = Path(__file__).resolve().parent / "topologies"
@@ -171,7 +171,7 @@ class Topology:
 
 # ---------------------------------------------------------------- YAML with lines
 
-def _doc(file: str, text: str) -> Doc:
+def _Doc(file: str, text: str) -> Doc:  # noqa: N802 - the Doc of `text`, its loader's errors as a TopologyError
     try:
         return yamlcheck.load(text, file, "topology")
     except ConfigError as e:
@@ -193,7 +193,7 @@ def resolve(name_or_path: str) -> Path:
     builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
     if builtin.is_file():
         return builtin
-    hint = did_you_mean(name_or_path, builtin_names())
+    hint = yamlcheck.did_you_mean(name_or_path, builtin_names())
     raise TopologyError([f"{name_or_path}: no built-in topology of that name ({hint}built in: "
                          f"{', '.join(builtin_names())}); give a path to use a file"])
 
@@ -210,7 +210,7 @@ def load(name_or_path: str, machine: Machine | None = None) -> Topology:
 
 
 def parse(text: str, file: str = "<topology>", machine: Machine | None = None) -> Topology:
-    return _check(_doc(file, text), machine or this_machine())
+    return _check(_Doc(file, text), machine or this_machine())
 
 
 def _check(doc: Doc, machine: Machine) -> Topology:
@@ -366,7 +366,7 @@ def _bridges(c: Checker, value: list, dev_ids: set[str]) -> tuple[list[HostBridg
         if not c.name(dev, path):
             return
         if dev not in dev_ids:
-            hint = did_you_mean(dev, dev_ids)
+            hint = yamlcheck.did_you_mean(dev, dev_ids)
             c.err(path, f"unknown device '{dev}' ({hint}known: {', '.join(sorted(dev_ids))})")
         elif dev in attached:
             c.err(path, f"device '{dev}' is already attached at {fmt_path(attached[dev])}")
