@@ -887,7 +887,7 @@ def _cell(v: Any) -> str:
 def run(sc: Scenario, *, topology: str | None = None, testbed: str | None = None, keep: bool = False,
         report_dir: Path | None = None) -> tuple[dict, Path]:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    topo = topology or sc.topology
+    topo = topology or S.own_topology(sc)
     name = testbed or f"scn-{sc.name}"
     report_dir = report_dir or Path("reports") / f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     own = testbed is None

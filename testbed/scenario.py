@@ -632,16 +632,25 @@ def check_block(sc: Scenario, node: Node, c: _Checker) -> None:
         c.err(node.path + ("index",), f"block {node.index} of set '{node.set}' is never put (indices put: {ranges})")
 
 
+def own_topology(sc: Scenario) -> str:
+    """The scenario's `topology:` as `up` takes it: a built-in name as written, a file
+    relative to the scenario's own folder (as its `shares:` are), wherever the run starts."""
+    t = sc.topology
+    if (t.endswith((".yaml", ".yml")) or "/" in t) and not Path(t).is_absolute():
+        return str(Path(sc.source).resolve().parent / t)
+    return t
+
+
 def topology_of(sc: Scenario, topology_ref: str | None = None) -> Topology:
     """The topology `sc` runs on: `topology_ref` (`--topology`) or the scenario's own
     `topology:`, where a name that is no topology is the scenario's error, on that line."""
     from . import topology as topo
     if topology_ref is None:
         try:
-            topo.resolve(sc.topology)
+            topo.resolve(own_topology(sc))
         except topo.TopologyError as e:
             raise ScenarioError([f"{sc._where(('topology',))}: {m}" for m in e.errors]) from None
-    return topo.load(topology_ref or sc.topology)
+    return topo.load(topology_ref or own_topology(sc))
 
 
 def load_checked(ref: str, topology_ref: str | None = None) -> tuple[Scenario, Topology]:

@@ -260,3 +260,27 @@ def test_a_bad_topology_option_is_said_once_not_once_per_scenario(capsys):
     assert cli.main(["scenario", "validate", "faults/poison", "faults/host-hang", "--topology", "2host-1switch"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("✗ invalid topology:\n") and err.count("no built-in topology of that name") == 1, err
+
+
+def test_a_topology_file_beside_the_scenario_is_found_from_anywhere(tmp_path, monkeypatch, capsys):
+    """`topology: my-topo.yaml` was looked up in the current folder, unlike the scenario's
+    `shares:`: the same scenario passed from its own folder and failed from the repository's root."""
+    from pathlib import Path
+    ours = tmp_path / "ci"
+    ours.mkdir()
+    builtin = Path(S.__file__).parent / "topologies" / "2hosts-1switch.yaml"
+    (ours / "my-topo.yaml").write_text(builtin.read_text().replace("name: 2hosts-1switch", "name: my-topo"))
+    f = ours / "s.yaml"
+    f.write_text(HEAD.replace("topology: 2hosts-1switch", "topology: my-topo.yaml"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["scenario", "validate", "ci/s.yaml"]) == 0
+    assert "on my-topo with 2 host(s)" in capsys.readouterr().out
+    booted = []
+
+    def up(topo, **kw):
+        booted.append(topo)
+        raise KeyboardInterrupt  # stop there: what matters is what it would boot
+    monkeypatch.setattr(lifecycle, "up", up)
+    monkeypatch.setattr(lifecycle, "down", lambda name: False)
+    assert cli.main(["run", "ci/s.yaml", "--report-dir", str(tmp_path / "r")]) == 130
+    assert booted == [str(ours / "my-topo.yaml")]
