@@ -203,7 +203,8 @@ def cmd_exec(args) -> int:
 
 def cmd_cp(args) -> int:
     from . import lifecycle, transfer
-    transfer.sides(args.src, args.dst, all_hosts=args.all)
+    if transfer.sides(args.src, args.dst, all_hosts=args.all)[0] is None:  # into the guests
+        transfer.check_source(Path(args.src), recursive=args.recursive)
     tb = lifecycle.find(args.name)
     for where in transfer.copy(tb, args.src, args.dst, all_hosts=args.all, recursive=args.recursive):
         print(where)

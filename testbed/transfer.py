@@ -94,12 +94,17 @@ def _get(sftp, src: str, dst: Path) -> None:
     os.chmod(dst, stat.S_IMODE(st.st_mode))
 
 
-def copy_in(tb, hosts: list, src: Path, dst: str, *, recursive: bool) -> list[str]:
-    """Copy local `src` to `dst` on each host; returns HOST:PATH of what was written."""
+def check_source(src: Path, *, recursive: bool) -> None:
+    """What `copy_in` can know of a local source before any host is reached."""
     if not src.exists():
         raise TestbedError(f"{src}: no such file or folder")
     if src.is_dir() and not recursive:
         raise TestbedError(f"{src}: is a folder", hint="add -r to copy a folder and everything in it")
+
+
+def copy_in(tb, hosts: list, src: Path, dst: str, *, recursive: bool) -> list[str]:
+    """Copy local `src` to `dst` on each host; returns HOST:PATH of what was written."""
+    check_source(src, recursive=recursive)
 
     def one(h) -> str:
         where = f"{h.name}:{dst}"

@@ -52,6 +52,13 @@ def test_cp_names_a_mistake_in_its_paths_before_looking_for_the_testbed(dirs, sr
     assert "no testbed named" not in p.stderr and "Traceback" not in p.stderr
 
 
+def test_cp_names_a_missing_or_folder_source_before_looking_for_the_testbed(dirs, tmp_path):
+    p = cli("cp", "tb", str(tmp_path / "nope"), "host0:/tmp/", capture_output=True)
+    assert p.returncode == 1 and f"{tmp_path / 'nope'}: no such file or folder" in p.stderr, p.stderr
+    p = cli("cp", "tb", str(tmp_path), "host0:/tmp/", capture_output=True)
+    assert p.returncode == 1 and f"{tmp_path}: is a folder" in p.stderr and "add -r" in p.stderr, p.stderr
+
+
 @pytest.mark.parametrize("cmd,usage", [("ssh", "NAME HOST [-- CMD ...]"), ("exec", "NAME [HOST] -- CMD ...")])
 def test_the_help_of_ssh_and_exec_shows_where_the_command_goes(cmd, usage):
     p = cli(cmd, "--help", capture_output=True)
