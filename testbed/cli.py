@@ -76,7 +76,7 @@ def cmd_image_rm(args) -> int:
 
 def cmd_doctor(args) -> int:
     from . import doctor
-    return doctor.main(json_out=args.json)
+    return doctor.main(json_out=args.json, qemu=args.qemu, kernel=args.kernel, modules=args.modules)
 
 
 def cmd_topology_validate(args) -> int:
@@ -103,13 +103,15 @@ def cmd_up(args) -> int:
     share_list = shares.parse_all(args.share or [])  # every mistake here, before anything boots
     if args.dry_run:
         t, name, argvs = lifecycle.plan(args.topology, args.name, accel="tcg" if args.accel == "auto" else args.accel,
-                                        provision=not args.no_provision, shares=share_list)
+                                        provision=not args.no_provision, shares=share_list, kernel=args.kernel,
+                                        initrd=args.initrd, modules=args.modules, qemu=args.qemu)
         for host, argv in argvs.items():
             print(f"# {name}/{host}")
             print(shlex.join(argv))
         return 0
     tb = lifecycle.up(args.topology, name=args.name, accel=args.accel, retain=args.retain,
-                      provision=not args.no_provision, shares=share_list)
+                      provision=not args.no_provision, shares=share_list, kernel=args.kernel,
+                      initrd=args.initrd, modules=args.modules, qemu=args.qemu)
     for h in tb.hosts:
         print(f"{h.name}\t{shlex.join(ssh.ssh_argv(h.ssh_port, tb.key))}")
     return 0
@@ -146,6 +148,15 @@ def cmd_status(args) -> int:
         for sh in s.get("shares") or []:
             print(f"  share {sh['host_dir']} -> {sh['guest_dir']} ({'rw' if sh['rw'] else 'read-only'}, "
                   f"tag {sh['tag']}) on every host")
+        k = s.get("kernel")
+        if k:
+            given = k.get("given") or {}
+            if given.get("kernel"):
+                print(f"  kernel {given['kernel']} ({k.get('version') or 'version unknown'}; booted as {k['kernel']}, "
+                      f"initrd {k['initrd']})")
+            if k.get("modules"):
+                print(f"  modules {k['modules']} -> /lib/modules/{k.get('version')} (read-only) on every host")
+            print(f"  qemu {k['qemu']}")
     return 0
 
 
@@ -338,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("doctor", help="check that this machine can run testbeds")
     d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.add_argument("--qemu", type=Path, metavar="PATH",
+                   help="check this QEMU binary (default: $BELUGA_TESTBED_QEMU, else qemu-system-x86_64 on PATH)")
+    d.add_argument("--kernel", type=Path, metavar="PATH",
+                   help="check this kernel's configuration for the CXL options (read from a .config or "
+                        "config-<version> beside it, /boot/config-<version>, or --modules)")
+    d.add_argument("--modules", type=Path, metavar="DIR", help="the kernel's `make modules_install INSTALL_MOD_PATH=` tree")
     d.set_defaults(func=cmd_doctor)
 
     im = sub.add_parser("image", help="build, list and remove guest images")
@@ -376,6 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--share", action="append", metavar="HOST_DIR[:GUEST_DIR[:rw]]",
                    help="mount a host folder in every guest (virtio-9p; default GUEST_DIR /mnt/<folder name>; "
                         "read-only unless ':rw'); repeatable")
+    u.add_argument("--kernel", type=Path, metavar="PATH",
+                   help="boot this kernel (bzImage or vmlinux) instead of the image's (also the topology's kernel.kernel)")
+    u.add_argument("--initrd", type=Path, metavar="PATH",
+                   help="with --kernel: this initrd instead of the image's tiny one with the kernel's modules")
+    u.add_argument("--modules", type=Path, metavar="DIR",
+                   help="with --kernel: its `make modules_install INSTALL_MOD_PATH=DIR` tree, mounted read-only "
+                        "at /lib/modules/<version> in every guest")
+    u.add_argument("--qemu", type=Path, metavar="PATH",
+                   help="this QEMU binary (default: the topology's kernel.qemu, $BELUGA_TESTBED_QEMU, qemu-system-x86_64)")
     u.set_defaults(func=cmd_up)
 
     dn = sub.add_parser("down", help="stop a testbed and remove all its files (idempotent)")

@@ -330,6 +330,8 @@ class AllReadable(Expectation):
 
 @expectation("no_torn_reads", "no read in the whole run returned a block with wrong bytes")
 class NoTornReads(Expectation):
+    WHOLE_RUN = True
+
     def check_run(self, r: Run) -> tuple[bool, str]:
         torn = [(g["host"], g["set"], g["torn"]) for g in r.gets if g["torn"]]
         total = sum(len(g["hits"]) + len(g["misses"]) + len(g["torn"]) for g in r.gets)
@@ -736,8 +738,12 @@ class Run:
 
     # ------------------------------------------------------------ expectations
     def check(self) -> list[dict]:
-        out = []
-        for e in self.sc.expect:
+        """Every expectation's result, in the scenario's order; those that judge the whole
+        run (no_torn_reads) are checked last, so the reads other checks make count."""
+        order = sorted(range(len(self.sc.expect)), key=lambda i: self.sc.expect[i].WHOLE_RUN)
+        results: dict[int, dict] = {}
+        for i in order:
+            e = self.sc.expect[i]
             tb = None
             try:
                 passed, evidence = e.check_run(self)
@@ -746,10 +752,10 @@ class Run:
             except Exception as err:  # noqa: BLE001 - a crash in a check is a failed check, with its traceback
                 passed, evidence = False, f"could not be checked: {type(err).__name__}: {err}"
                 tb = "".join(traceback.format_exception(err))
-            out.append({"kind": e.kind, "args": e.args(), "line": e.line, "passed": passed, "evidence": evidence,
-                        "traceback": tb})
+            results[i] = {"kind": e.kind, "args": e.args(), "line": e.line, "passed": passed, "evidence": evidence,
+                          "traceback": tb}
             info(f"{'✓' if passed else '✗'} expect {e.kind} {e.args()}: {evidence}")
-        return out
+        return [results[i] for i in range(len(self.sc.expect))]
 
 
 def guest_saw_command(event: str) -> str:

@@ -270,6 +270,10 @@ class Fault(Node):
 
 @dataclass(frozen=True, kw_only=True)
 class Expectation(Node):
+    # Checked after every other expectation of the scenario, whatever its place in
+    # `expect:`: it judges reads of the whole run, and the others' reads belong to it.
+    WHOLE_RUN = False
+
     def check_run(self, r) -> tuple[bool, str]:  # (holds, evidence)
         raise NotImplementedError
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import names, paths, yamlcheck
+from .kernel import FIELDS as kernel_fields, UserKernel, problems as kernel_problems
 from .yamlcheck import Checker, ConfigError, Doc, fmt_path, typename
 
 API_VERSION = "beluga.testbed/v1alpha1"
@@ -142,6 +143,7 @@ class Topology:
     devices: tuple[Device, ...]
     windows: tuple[Window, ...]
     pool: Pool
+    kernel: UserKernel | None = None  # the optional `kernel:` mapping: a user's kernel and QEMU
 
     def device(self, id: str) -> Device:
         return next(d for d in self.devices if d.id == id)
@@ -209,16 +211,19 @@ def load(name_or_path: str, machine: Machine | None = None) -> Topology:
     return _check(doc, machine or this_machine())
 
 
-def parse(text: str, file: str = "<topology>", machine: Machine | None = None) -> Topology:
-    return _check(_Doc(file, text), machine or this_machine())
+def parse(text: str, file: str = "<topology>", machine: Machine | None = None, *,
+          check_paths: bool = True) -> Topology:
+    """`check_paths=False`: the `kernel:` paths are taken as they are (a running testbed's
+    topology, read back from its state: the files may be gone since; it runs without them)."""
+    return _check(_Doc(file, text), machine or this_machine(), check_paths)
 
 
-def _check(doc: Doc, machine: Machine) -> Topology:
+def _check(doc: Doc, machine: Machine, check_paths: bool = True) -> Topology:
     file = doc.file
     c = Checker(doc, "topology")
     top = c.mapping(doc.data, (), {"apiVersion": str, "kind": str, "name": str, "hosts": object,
                                    "host_bridges": list, "devices": list, "windows": list, "pool": dict},
-                    {"description": str})
+                    {"description": str, "kernel": dict})
     if top is None:
         raise TopologyError(c.errors)
     if top.get("apiVersion") not in (None, API_VERSION):
@@ -258,12 +263,27 @@ def _check(doc: Doc, machine: Machine) -> Topology:
             c.err(("host_bridges", i, "bus_nr"), f"bus number {b.bus_nr} already used by host_bridges[{bus_nrs[b.bus_nr]}]")
         bus_nrs[b.bus_nr] = i
     _bus_ranges(c, bridges)
+    kernel = _kernel(c, top["kernel"], check_paths) if "kernel" in top else None
 
     if c.errors:
         raise TopologyError(c.errors)
     return Topology(name=top["name"], description=top.get("description", ""), source=file,
                     hosts=tuple(hosts), host_bridges=tuple(bridges), devices=tuple(devices),
-                    windows=tuple(windows), pool=pool)  # type: ignore[arg-type]
+                    windows=tuple(windows), pool=pool, kernel=kernel)  # type: ignore[arg-type]
+
+
+def _kernel(c: Checker, value: Any, check_paths: bool) -> UserKernel | None:
+    """`kernel: {kernel: PATH, initrd: PATH, modules: DIR, qemu: PATH}`, every field optional;
+    a relative path is relative to the topology file's folder."""
+    data = c.mapping(value, ("kernel",), {}, {f: str for f in kernel_fields})
+    if not data:
+        return None
+    base = Path(c.doc.file).parent
+    uk = UserKernel(**{f: base / Path(v).expanduser() for f, v in data.items()})
+    if check_paths:
+        for f, why in kernel_problems(uk, whole=False).items():
+            c.err(("kernel", f), why)
+    return uk
 
 
 def _hosts(c: Checker, value: Any, path: tuple, machine: Machine) -> list[Host]:

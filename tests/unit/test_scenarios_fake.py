@@ -161,3 +161,27 @@ def test_junit_holds_a_programs_colored_or_binary_output(tmp_path):
     failure = suite.find("testcase").find("failure")
     assert failure.get("message") == "program 'prog' (want exit 0): host1: exit 1 (\\x1b[31mError\\x1b[0m)"
     assert "step 1 [failed] run prog: exit 1 (\\x1b[31mboom\\x00)" in suite.findall("testcase")[1].find("failure").text
+
+
+def test_no_torn_reads_counts_the_reads_of_expectations_written_after_it(bed, tmp_path):
+    """A scenario without a get step (tests/integration/data/impossible.yaml) lists
+    no_torn_reads before all_readable: the reads all_readable makes are the run's reads,
+    whatever the order of `expect:`. Checked in the written order, no_torn_reads found no
+    read and failed a run whose reads were all whole."""
+    sc = scenario.parse("""\
+apiVersion: beluga.testbed/v1alpha1
+kind: Scenario
+name: order
+topology: 4hosts-1switch
+roles: {service: host0, writers: [host1]}
+steps:
+  - put: {on: writers, set: b, blocks: 4}
+expect:
+  - no_torn_reads: {}
+  - all_readable: {set: b}
+""", "order.yaml")
+    report, _ = runner.run(sc, report_dir=tmp_path / "r")
+    assert [e["kind"] for e in report["expectations"]] == ["no_torn_reads", "all_readable"]  # the file's order
+    assert report["expectations"][0]["passed"], report["expectations"][0]["evidence"]
+    assert report["expectations"][0]["evidence"].startswith("16 block reads in 4 gets, none torn")  # 4 blocks on each of 4 live hosts
+    assert report["passed"]
