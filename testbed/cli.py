@@ -76,6 +76,9 @@ def cmd_image_rm(args) -> int:
 
 def cmd_doctor(args) -> int:
     from . import doctor
+    if args.modules is not None and args.kernel is None:  # checked with the kernel's configuration, or not at all
+        raise TestbedError("--modules without --kernel checks nothing",
+                           hint="beluga-testbed doctor --kernel PATH --modules DIR")
     return doctor.main(json_out=args.json, qemu=args.qemu, kernel=args.kernel, modules=args.modules)
 
 

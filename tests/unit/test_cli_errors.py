@@ -101,3 +101,10 @@ def test_exec_with_a_host_and_all_is_refused_not_run_everywhere(dirs):
     p = cli("exec", "tb", "host1", "--all", "--", "reboot", capture_output=True)
     assert p.returncode == 1
     assert "both a host (host1) and --all" in p.stderr and "hint:" in p.stderr, p.stderr
+
+
+def test_doctor_modules_without_a_kernel_is_refused_not_ignored(dirs, tmp_path):
+    """It ran every other check and said '✓ ready' without looking at the modules."""
+    p = cli("doctor", "--modules", str(tmp_path), capture_output=True)
+    assert p.returncode == 1 and "--modules without --kernel checks nothing" in p.stderr, p.stderr
+    assert "ready" not in p.stderr + p.stdout
