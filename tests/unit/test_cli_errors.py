@@ -73,13 +73,6 @@ def test_a_command_after_double_dash_is_refused_where_nothing_runs_it(dirs):
     assert p.stdout == ""
 
 
-@pytest.mark.parametrize("argv,hint", [(["down"], "hint: none is running"),
-                                       (["image", "rm"], "hint: 'beluga-testbed image list' shows the keys")])
-def test_a_missing_name_comes_with_where_to_find_one(dirs, argv, hint):
-    p = cli(*argv, capture_output=True)
-    assert p.returncode == 1 and hint in p.stderr, p.stderr
-
-
 @pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "ten"])
 def test_exec_refuses_a_timeout_that_is_none(dirs, value):
     p = cli("exec", "tb", "--all", "--timeout", value, "--", "true", capture_output=True)
