@@ -215,6 +215,28 @@ def cmd_exec(args) -> int:
     return 0
 
 
+def cmd_reset(args) -> int:
+    from .api import Testbed
+    report = Testbed.attach(args.name).reset(poison=not args.keep_poison)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    for h in report.hosts:
+        done = [f"{len(h.killed)} process(es) killed"]
+        if h.continued:
+            done.append("resumed (it was stopped)")
+        if h.poison_cleared:
+            done.append(f"poison cleared: {', '.join(h.poison_cleared)}")
+        info(f"  {h.host}: " + "; ".join(done))
+    info(f"  pool: {report.pool_bytes_zeroed >> 20} MiB zeroed")
+    if not report.complete:
+        info(f"✗ {report.name} reset in {report.seconds:.1f} s, but these could not be undone:")
+        for line in report.not_undone:
+            info(f"  ✗ {line}")
+        return 1
+    info(f"✓ {report.name} reset in {report.seconds:.1f} s")
+    return 0
+
+
 def cmd_cp(args) -> int:
     from . import lifecycle, transfer
     if transfer.sides(args.src, args.dst, all_hosts=args.all)[0] is None:  # into the guests
@@ -470,6 +492,16 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--check", action="store_true",
                     help="validate the scenario against its topology (or the --testbed's) and exit; boots nothing")
     rn.set_defaults(func=cmd_run)
+
+    rs = sub.add_parser("reset", help="back to the state right after 'up', without rebooting (seconds)",
+                        description="Resumes hung hosts and sets NIC links up, kills every process started "
+                                    "after boot, clears injected poison through the devices' mailboxes, "
+                                    "empties trace buffers, /tmp and /dev/shm, and zeroes the pool. Exits 1 "
+                                    "and lists what it could not undo (e.g. a killed host).")
+    rs.add_argument("name", type=_testbed_name, metavar="NAME")
+    rs.add_argument("--keep-poison", action="store_true", help="do not read and clear the devices' poison lists")
+    rs.add_argument("--json", action="store_true", help="the full report on stdout")
+    rs.set_defaults(func=cmd_reset)
 
     sc = sub.add_parser("scenario", help="validate and list scenarios")
     scsub = sc.add_subparsers(dest="scenario_cmd", required=True, metavar="ACTION")

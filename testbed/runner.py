@@ -24,6 +24,7 @@ from typing import Any
 import jinja2
 
 from . import deploy, lifecycle, provision, ssh
+from . import reset as reset_mod
 from . import scenario as S
 from .log import TestbedError, info
 from .par import map_parallel
@@ -934,6 +935,16 @@ def run(sc: Scenario, *, topology: str | None = None, testbed: str | None = None
             else:
                 tb = lifecycle.find(name)
                 _check_shares(tb, shares, sc)
+        if not own:
+            # A running testbed is brought back to the state right after `up` (what an
+            # earlier run or test left: processes, poison, trace, pool bytes), in seconds
+            # instead of a new boot. What cannot be undone fails the run before it starts.
+            with phase(f"reset {name}"):
+                rep = reset_mod.reset(tb)
+                report["reset"] = rep.to_dict()
+                if not rep.complete:
+                    raise TestbedError(f"testbed '{name}' could not be reset: {'; '.join(rep.not_undone)}",
+                                       hint=f"beluga-testbed down {name}, then run the scenario without --testbed")
         r = Run(sc, tb, report_dir, t0=t0)
         report["roles"] = {"service": sc.service, "writers": list(sc.writers), "readers": r.readers}
         info(f"• deploy the store: service on {sc.service}, writers {', '.join(sc.writers)}, "

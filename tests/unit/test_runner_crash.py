@@ -159,9 +159,29 @@ def test_cli_exit_status(bed, tmp_path, capsys):
     assert saved(tmp_path)["passed"] is False
 
 
-def test_a_running_testbed_is_used_and_left_up(bed, tmp_path):
+def _fake_reset(calls, not_undone=()):
+    from testbed import reset as reset_mod
+
+    def fake(tb, **kw):
+        calls.append(("reset", tb.name))
+        return reset_mod.ResetReport(tb.name, 0.1, (), 0, tuple(not_undone))
+    return fake
+
+
+def test_a_running_testbed_is_reset_used_and_left_up(bed, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner.reset_mod, "reset", _fake_reset(bed.calls))
     sc = scenario.parse(SCENARIO.replace("STEP", "stat: {on: service}"), str(tmp_path / "crash.yaml"))
     report, _ = runner.run(sc, testbed="mine", report_dir=tmp_path / "report")
     assert report["passed"] and report["testbed"] == "mine"
-    assert bed.calls == []  # neither up nor down
-    assert report["phases"][0]["name"] == "testbed mine (already up)"
+    assert [c[0] for c in bed.calls] == ["reset"]  # reset instead of up; no down
+    assert report["reset"]["complete"] is True
+    assert [p["name"] for p in report["phases"][:2]] == ["testbed mine (already up)", "reset mine"]
+
+
+def test_a_running_testbed_that_cannot_be_reset_fails_the_run_before_any_step(bed, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner.reset_mod, "reset", _fake_reset(bed.calls, ["host1: QEMU is not running"]))
+    sc = scenario.parse(SCENARIO.replace("STEP", "stat: {on: service}"), str(tmp_path / "crash.yaml"))
+    report, _ = runner.run(sc, testbed="mine", report_dir=tmp_path / "report")
+    assert not report["passed"]
+    assert report["error"].startswith("testbed 'mine' could not be reset: host1: QEMU is not running")
+    assert report["steps"] == [] or all(s["outcome"] == "not run" for s in report["steps"])
