@@ -12,7 +12,6 @@ from pathlib import Path
 from . import image as image_mod
 from . import names
 from .log import TestbedError, info
-from .topology import TopologyError
 
 
 def _sigterm_to_interrupt(signum, frame):
@@ -27,6 +26,17 @@ def _testbed_name(value: str) -> str:
     if (why := names.problem(value)) is not None:
         raise argparse.ArgumentTypeError(why)
     return value
+
+
+def _seconds(value: str) -> float:
+    """argparse type of a timeout: a positive number of seconds (-1 or 'nan' is no timeout)."""
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 < s < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected more than 0 seconds, got {value}")
+    return s
 
 
 def cmd_image_build(args) -> int:
@@ -58,7 +68,7 @@ def cmd_image_list(args) -> int:
 
 def cmd_image_rm(args) -> int:
     if not args.keys and not args.all:
-        raise TestbedError("name the image keys to remove, or --all")
+        raise TestbedError("name the image keys to remove, or --all", hint="'beluga-testbed image list' shows the keys")
     for k in image_mod.remove_images(args.keys, all_=args.all):
         print(k)
     return 0
@@ -66,6 +76,9 @@ def cmd_image_rm(args) -> int:
 
 def cmd_doctor(args) -> int:
     from . import doctor
+    if args.modules is not None and args.kernel is None:  # checked with the kernel's configuration, or not at all
+        raise TestbedError("--modules without --kernel checks nothing",
+                           hint="beluga-testbed doctor --kernel PATH --modules DIR")
     return doctor.main(json_out=args.json, qemu=args.qemu, kernel=args.kernel, modules=args.modules)
 
 
@@ -109,9 +122,11 @@ def cmd_up(args) -> int:
 
 def cmd_down(args) -> int:
     from . import lifecycle
-    targets = lifecycle.names() if args.all else [args.name]
     if not args.all and not args.name:
-        raise TestbedError("name a testbed, or --all")
+        running = lifecycle.names()
+        raise TestbedError("name a testbed, or --all",
+                           hint=f"running: {', '.join(running)}" if running else "none is running")
+    targets = lifecycle.names() if args.all else [args.name]
     for n in targets:
         found = lifecycle.down(n)
         info(f"✓ {n} is down" if found else f"✓ {n} was not running (nothing to do)")
@@ -168,6 +183,8 @@ def cmd_exec(args) -> int:
     command = args.command
     if not command:
         raise TestbedError("no command given", hint="beluga-testbed exec NAME HOST|--all -- CMD ...")
+    if args.host and args.all:  # it ran on every host, whatever HOST said
+        raise TestbedError(f"both a host ({args.host}) and --all", hint="name one host, or --all for every host")
     tb = lifecycle.find(args.name)
     hosts = lifecycle.resolve_hosts(tb, args.host, args.all)
     line = shlex.join(command) if len(command) > 1 else command[0]
@@ -222,6 +239,8 @@ def cmd_reset(args) -> int:
 
 def cmd_cp(args) -> int:
     from . import lifecycle, transfer
+    if transfer.sides(args.src, args.dst, all_hosts=args.all)[0] is None:  # into the guests
+        transfer.check_source(Path(args.src), recursive=args.recursive)
     tb = lifecycle.find(args.name)
     for where in transfer.copy(tb, args.src, args.dst, all_hosts=args.all, recursive=args.recursive):
         print(where)
@@ -230,7 +249,10 @@ def cmd_cp(args) -> int:
 
 def cmd_logs_export(args) -> int:
     from . import lifecycle
-    print(lifecycle.export_logs(args.name, Path(args.dest) if args.dest else None))
+    dest = Path(args.dest) if args.dest else None
+    if dest is not None and dest.exists() and not dest.is_dir():
+        raise TestbedError(f"--dest {dest}: not a folder", hint="name a folder to write (made if missing)")
+    print(lifecycle.export_logs(args.name, dest))
     return 0
 
 
@@ -266,8 +288,10 @@ def cmd_pool(args) -> int:
 
 def cmd_scenario_validate(args) -> int:
     """Every scenario file against its topology (or --topology), all errors of all files."""
-    from . import scenario
+    from . import scenario, topology
     from .yamlcheck import ConfigError
+    if args.topology:
+        topology.load(args.topology)  # its mistakes once, as the topology's, not once per file
     errors: list[str] = []
     for f in args.files:
         try:
@@ -311,12 +335,19 @@ def cmd_run(args) -> int:
     if not args.scenario:
         raise TestbedError("name a scenario (a file or a built-in name)", hint="'beluga-testbed run --list'")
     if args.check:
-        sc, t = scenario.load_checked(args.scenario, args.topology)
+        if args.testbed:  # what the run would check: the running testbed's topology
+            from . import lifecycle
+            sc, t = scenario.load(args.scenario), lifecycle.find(args.testbed).topology
+            scenario.check(sc, t)
+        else:
+            sc, t = scenario.load_checked(args.scenario, args.topology)
         info(f"✓ {sc.name}: valid on {t.name} ({len(sc.steps)} step(s), {len(sc.expect)} expectation(s)); "
              "nothing was started")
         return 0
     sc = scenario.load(args.scenario)
     junit = Path(args.junit) if args.junit else None
+    if junit is not None and junit.is_dir():  # found now, not after the run
+        raise TestbedError(f"--junit {junit}: is a folder", hint=f"name the file to write, e.g. {junit / 'junit.xml'}")
     try:
         report, html = runner.run(sc, topology=args.topology, testbed=args.testbed, keep=args.keep,
                                   report_dir=Path(args.report_dir) if args.report_dir else None)
@@ -411,17 +442,18 @@ def build_parser() -> argparse.ArgumentParser:
     ls2 = sub.add_parser("list", help="names of the testbeds that are up")
     ls2.set_defaults(func=cmd_list)
 
-    s2 = sub.add_parser("ssh", help="a shell (or a command) on one host")
+    s2 = sub.add_parser("ssh", help="a shell (or a command) on one host", usage="%(prog)s [-h] NAME HOST [-- CMD ...]")
     s2.add_argument("name", type=_testbed_name, metavar="NAME")
     s2.add_argument("host", metavar="HOST")
     # Anything after `--` is the command to run (split off in main()).
     s2.set_defaults(func=cmd_ssh)
 
-    ex = sub.add_parser("exec", help="run a command on one host or all, in parallel")
+    ex = sub.add_parser("exec", help="run a command on one host or all, in parallel",
+                        usage="%(prog)s [-h] [--all] [--timeout S] [--pool-env] NAME [HOST] -- CMD ...")
     ex.add_argument("name", type=_testbed_name, metavar="NAME")
     ex.add_argument("host", nargs="?", metavar="HOST")
     ex.add_argument("--all", action="store_true", help="every host of the testbed")
-    ex.add_argument("--timeout", type=float, default=120, help="seconds per host (default 120)")
+    ex.add_argument("--timeout", type=_seconds, default=120, help="seconds per host (default 120)")
     ex.add_argument("--pool-env", action="store_true",
                     help="set BELUGA_DAX, BELUGA_POOL_SIZE, BELUGA_HOST_INDEX, ... as a scenario's run step does")
     # The command after `--` is split off in main(): argparse's REMAINDER after an
@@ -458,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--junit", metavar="FILE", help="also write JUnit XML there (one test case per expectation; "
                                                     "report-dir/junit.xml is always written)")
     rn.add_argument("--check", action="store_true",
-                    help="validate the scenario against its topology and exit; boots nothing")
+                    help="validate the scenario against its topology (or the --testbed's) and exit; boots nothing")
     rn.set_defaults(func=cmd_run)
 
     rs = sub.add_parser("reset", help="back to the state right after 'up', without rebooting (seconds)",
@@ -498,15 +530,23 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, rest = argv[:i], argv[i + 1:]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if rest and args.cmd not in ("ssh", "exec"):  # it was dropped without a word
+        parser.error(f"'-- {shlex.join(rest)}': a command after '--' is for 'ssh' and 'exec' only")
     args.command = rest
     try:
-        return args.func(args) or 0
+        rc = args.func(args) or 0
+        sys.stdout.flush()  # here, where a reader that left is caught, not at exit
+        return rc
+    except BrokenPipeError:
+        # `beluga-testbed run --list | head`: the reader left before the end, as with any
+        # Unix tool; exit as one killed by SIGPIPE would, and with nothing more to say
+        # (Python would print a traceback, then once more while flushing at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except TestbedError as e:
         print(f"✗ {e}", file=sys.stderr)
-        return 1
-    except TopologyError as e:
-        print("✗ invalid topology:\n" + "\n".join(f"  {x}" for x in e.errors), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("✗ interrupted", file=sys.stderr)

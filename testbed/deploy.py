@@ -9,7 +9,6 @@ import io
 import json
 import shlex
 import tarfile
-import time
 from pathlib import Path
 
 from . import ssh
@@ -72,12 +71,3 @@ def start_service(tb, h, dax: str, options: list[str], *, timeout_s: float = 120
 def kill_service(tb, h) -> bool:
     r = ssh.run(h.name, h.ssh_port, tb.key, "pkill -9 -f 'beluga.cli serve' && echo killed", timeout_s=30)
     return "killed" in r.stdout
-
-
-def wait_gone(tb, h, pattern: str, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        r = ssh.run(h.name, h.ssh_port, tb.key, f"pgrep -f {shlex.quote(pattern)}", timeout_s=30)
-        if r.exit_code == 1:
-            return
-        time.sleep(0.2)

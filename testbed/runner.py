@@ -9,7 +9,6 @@ registered in testbed/scenario.py's registry; the fault kinds live in testbed/fa
 from __future__ import annotations
 
 import contextlib
-import difflib
 import io
 import json
 import re
@@ -26,12 +25,12 @@ import jinja2
 
 from . import deploy, lifecycle, provision, ssh
 from . import reset as reset_mod
-from . import topology as topo_mod
 from . import scenario as S
 from .log import TestbedError, info
 from .par import map_parallel
 from .scenario import (Bool, Choice, Env, Expectation, Fault, Hosts, Int, Name, Regex, Scenario, Seconds, Step,
-                       StrList, Str, arg, check_block, expectation, step, steps_before)
+                       StrList, Str, arg, check_block, check_set, expectation, step, steps_before)
+from .yamlcheck import did_you_mean
 
 TEMPLATES = Path(__file__).with_name("templates")
 TRACE_FILE = "/sys/kernel/tracing/trace"
@@ -87,6 +86,10 @@ def start_program(tb, hosts: list[str], argv, shell, env: dict, timeout_s: float
 
 
 # ================================================================ step kinds
+
+def _set_target(self, sc, t, c) -> None:
+    check_set(sc, self, c)
+
 
 @step("put", "put blocks, split over the hosts; the host records each put the service acknowledged as it "
              "happens, so a crash mid-stream still leaves a known committed set")
@@ -158,6 +161,7 @@ class Get(Step):
     blocks: int | None = arg(Int(1, 1 << 20), "how many (default: as many as were put)", None)
     start: int | None = arg(Int(0), "first index (default: the put's)", None)
     size_bytes: int | None = arg(Int(1), "bytes per block (default: the put's)", None)
+    check = _set_target
 
     def run(self, r: Run, rec: StepRecord) -> None:
         start, n, size = r.requested.get(self.set, (0, self.blocks or 0, r.sc.block_size(self.size_bytes)))
@@ -289,8 +293,7 @@ def _block_target(self, sc, t, c) -> None:
 def _run_target(self, sc, t, c) -> None:
     runs = [s.name_ for s in sc.steps if s.kind == "run"]
     if self.run not in runs:
-        close = difflib.get_close_matches(self.run, runs, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        hint = did_you_mean(self.run, runs)
         c.err(self.path + ("run",), f"no program named '{self.run}' ({hint}programs: {', '.join(runs) or 'none'})")
 
 
@@ -300,10 +303,7 @@ class AllReadable(Expectation):
     set: str = arg(Name(), "the set")
     on: Any = arg(Hosts(), "where to read", "survivors")
     include_uncommitted: bool = arg(Bool(), "also blocks whose put was never acknowledged", False)
-
-    def check(self, sc, t, c) -> None:
-        if not any(s.kind == "put" and s.set == self.set for s in sc.steps):
-            c.err(self.path + ("set",), f"no step puts set '{self.set}'")
+    check = _set_target
 
     def check_run(self, r: Run) -> tuple[bool, str]:
         if self.set not in r.requested:
@@ -438,16 +438,16 @@ class NoReservedSpace(Expectation):
 class Evicted(Expectation):
     set: str = arg(Name(), "the set")
     at_least: int = arg(Int(1), "how many blocks at least", 1)
-
-    def check(self, sc, t, c) -> None:
-        if not any(s.kind == "put" and s.set == self.set for s in sc.steps):
-            c.err(self.path + ("set",), f"no step puts set '{self.set}'")
+    check = _set_target
 
     def check_run(self, r: Run) -> tuple[bool, str]:
         if self.set not in r.requested:
             return False, f"no put of set '{self.set}' ran"
         start, n, size = r.requested[self.set]
-        host = r.live(r.readers)[0]
+        readers = r.live(r.readers)
+        if not readers:
+            return False, f"no live reader to read set '{self.set}' from (killed: {', '.join(sorted(r.killed))})"
+        host = readers[0]
         g = r.get(host, self.set, start, n, size, len(r.steps))
         ok = len(g["misses"]) >= self.at_least and not g["torn"]
         return ok, (f"{len(g['misses'])} of {n} blocks of '{self.set}' evicted (need >= {self.at_least}), "
@@ -790,6 +790,18 @@ def step_log(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What XML 1.0 cannot hold at all, not even as &#..;: a program's colored or binary
+# stderr in an expectation's evidence made junit.xml "not well-formed (invalid token)".
+_NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_safe(s: str | None) -> str | None:
+    """`s` with every character XML cannot hold written as a visible escape (\\x1b)."""
+    if s is None:
+        return None
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 256 else f"\\u{ord(m[0]):04x}", s)
+
+
 def write_junit(report: dict, sc: Scenario | None, dest: Path) -> Path:
     """JUnit XML: one test case per expectation (a failure carries the evidence), plus one
     for the steps when a step failed or the run ended early; the step log as system-out.
@@ -834,6 +846,10 @@ def write_junit(report: dict, sc: Scenario | None, dest: Path) -> Path:
     root.append(suite)
     for k in ("tests", "failures", "errors"):
         root.set(k, suite.get(k))
+    for el in root.iter():
+        el.text = _xml_safe(el.text)
+        for k, v in el.attrib.items():
+            el.set(k, _xml_safe(v))
     ET.indent(root)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n")
@@ -878,7 +894,7 @@ def _cell(v: Any) -> str:
 def run(sc: Scenario, *, topology: str | None = None, testbed: str | None = None, keep: bool = False,
         report_dir: Path | None = None) -> tuple[dict, Path]:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    topo = topology or sc.topology
+    topo = topology or S.own_topology(sc)
     name = testbed or f"scn-{sc.name}"
     report_dir = report_dir or Path("reports") / f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     own = testbed is None
@@ -900,9 +916,15 @@ def run(sc: Scenario, *, topology: str | None = None, testbed: str | None = None
 
     # Every mistake the scenario file can hold, against the topology, before a VM boots.
     if own:
-        S.check(sc, topo_mod.load(topo))
+        S.check(sc, S.topology_of(sc, topology))
     else:
         S.check(sc, lifecycle.find(name).topology)
+    try:  # now, not after the run: the report is what the run is for
+        report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "not a folder" if report_dir.exists() and not report_dir.is_dir() else (e.strerror or str(e)).lower()
+        raise TestbedError(f"report folder {report_dir}: {why}",
+                           hint="--report-dir names a folder to write (made if missing)") from None
     r = None
     interrupted: BaseException | None = None
     try:

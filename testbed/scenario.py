@@ -27,7 +27,7 @@ from . import names, yamlcheck
 from .log import TestbedError
 from .topology import API_VERSION, Topology
 from .yamlcheck import Checker as _Checker
-from .yamlcheck import ConfigError
+from .yamlcheck import ConfigError, did_you_mean
 
 SCENARIOS_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 ROLE_WORDS = ("service", "writers", "readers", "survivors", "all")
@@ -60,12 +60,18 @@ def _bad(c: _Checker, path: tuple, want: str, v: Any) -> None:
     c.err(path, f"expected {want}, got {got}")
 
 
+# A NUL cannot pass through SSH and exec to a guest program: the word ends there.
+NUL_WHY = "contains a NUL byte (a command line or environment cannot hold one)"
+
+
 class Str(FieldType):
     doc = "text"
 
     def parse(self, c, v, path):
         if not isinstance(v, str):
             return _bad(c, path, "a string", v)
+        if "\0" in v:
+            return c.err(path, NUL_WHY)
         return v
 
 
@@ -140,8 +146,7 @@ class Choice(FieldType):
 
     def parse(self, c, v, path):
         if v not in self.options:
-            close = difflib.get_close_matches(str(v), self.options, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
+            hint = did_you_mean(str(v), self.options)
             return c.err(path, f"unknown value {v!r} ({hint}known: {', '.join(self.options)})")
         return v
 
@@ -152,6 +157,8 @@ class StrList(FieldType):
     def parse(self, c, v, path):
         if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
             return _bad(c, path, "a non-empty list of strings", v)
+        if bad := [i for i, x in enumerate(v) if "\0" in x]:
+            return c.err(path + (bad[0],), NUL_WHY)
         return tuple(v)
 
 
@@ -167,6 +174,8 @@ class Env(FieldType):
                 c.err(path + (k,), "not an environment variable name (letters, digits, '_')")
             elif not isinstance(x, (str, int, float)) or isinstance(x, bool):
                 _bad(c, path + (k,), "a string or a number", x)
+            elif "\0" in str(x):
+                c.err(path + (k,), NUL_WHY)
             else:
                 out[str(k)] = str(x)
         return tuple(sorted(out.items()))
@@ -346,8 +355,7 @@ def resolve(ref: str) -> Path:
     found = builtin()
     if ref in found:
         return found[ref]
-    close = difflib.get_close_matches(ref, found, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
+    hint = did_you_mean(ref, found)
     raise ScenarioError([f"{ref}: no such scenario file or built-in scenario ({hint}'beluga-testbed run --list')"])
 
 
@@ -407,8 +415,7 @@ def _entry(c: _Checker, value: Any, path: tuple, table: dict, what: str, extra: 
         return None
     kind = kinds[0]
     if kind not in table:
-        close = difflib.get_close_matches(str(kind), table, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        hint = did_you_mean(str(kind), table)
         c.err(path + (kind,), f"unknown {what} ({hint}known: {', '.join(table)})")
         return None
     return kind, value[kind]
@@ -424,8 +431,7 @@ def _fault(c: _Checker, raw: Any, path: tuple) -> Fault | None:
     if len(given) != 1:
         unknown = [k for k in raw if k not in FAULTS]
         if not given and unknown:
-            close = difflib.get_close_matches(str(unknown[0]), FAULTS, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
+            hint = did_you_mean(str(unknown[0]), FAULTS)
             c.err(path + (unknown[0],), f"unknown fault ({hint}known: {', '.join(FAULTS)})")
         else:
             c.err(path, f"expected exactly one fault ({', '.join(FAULTS)}), got {', '.join(given) or 'none'}")
@@ -544,8 +550,7 @@ def hosts_problem(on: Any, t: Topology) -> str | None:
     for x in on if isinstance(on, tuple) else (on,):
         if x in ROLE_WORDS or x in known:
             continue
-        close = difflib.get_close_matches(x, [*ROLE_WORDS, *known], n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        hint = did_you_mean(x, [*ROLE_WORDS, *known])
         return (f"unknown host or role '{x}' ({hint}roles: {', '.join(ROLE_WORDS)}; "
                 f"hosts of {t.name}: {', '.join(known)})")
     return None
@@ -562,8 +567,7 @@ def check(sc: Scenario, t: Topology) -> None:
                         ("readers", sc.readers if sc.readers != "others" else ())):
         for x in value:
             if x not in known:
-                close = difflib.get_close_matches(x, known, n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
+                hint = did_you_mean(x, known)
                 c.err(("roles", role), f"no host '{x}' in topology {t.name} ({hint}hosts: {', '.join(known)})")
     if sc.shares:
         from . import shares as shares_mod
@@ -610,25 +614,52 @@ def steps_before(sc: Scenario, node: Node) -> tuple[Step, ...]:
     return tuple(s for s in sc.steps if s.path[1] < node.path[1])
 
 
-def check_block(sc: Scenario, node: Node, c: _Checker) -> None:
-    """Block `node.set/node.index` must exist when `node` runs: an earlier step puts the
-    set (else the error is on `set`) and its index is in that put's range (else on `index`)."""
+def check_set(sc: Scenario, node: Node, c: _Checker) -> list[Step]:
+    """Set `node.set` must be put by a step before `node` (by any step, for an
+    expectation), else the error is on `set`, with did-you-mean. Returns those puts."""
     puts = [s for s in steps_before(sc, node) if s.kind == "put" and s.set == node.set]
     if not puts:
         sets = sorted({s.set for s in steps_before(sc, node) if s.kind == "put"})
-        close = difflib.get_close_matches(node.set, sets, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        c.err(node.path + ("set",), f"no step before this one puts set '{node.set}' "
-                                    f"({hint}sets put so far: {', '.join(sets) or 'none'})")
-    elif not any(p.start <= node.index < p.start + p.blocks for p in puts):
+        hint = did_you_mean(node.set, sets)
+        step = node.path[:1] == ("steps",)
+        c.err(node.path + ("set",), f"no step {'before this one ' if step else ''}puts set '{node.set}' "
+                                    f"({hint}sets put{' so far' if step else ''}: {', '.join(sets) or 'none'})")
+    return puts
+
+
+def check_block(sc: Scenario, node: Node, c: _Checker) -> None:
+    """Block `node.set/node.index` must exist when `node` runs: an earlier step puts the
+    set (else the error is on `set`) and its index is in that put's range (else on `index`)."""
+    puts = check_set(sc, node, c)
+    if puts and not any(p.start <= node.index < p.start + p.blocks for p in puts):
         ranges = ", ".join(f"{p.start}-{p.start + p.blocks - 1}" for p in puts)
         c.err(node.path + ("index",), f"block {node.index} of set '{node.set}' is never put (indices put: {ranges})")
 
 
-def load_checked(ref: str, topology_ref: str | None = None) -> tuple[Scenario, Topology]:
+def own_topology(sc: Scenario) -> str:
+    """The scenario's `topology:` as `up` takes it: a built-in name as written, a file
+    relative to the scenario's own folder (as its `shares:` are), wherever the run starts."""
+    t = sc.topology
+    if (t.endswith((".yaml", ".yml")) or "/" in t) and not Path(t).is_absolute():
+        return str(Path(sc.source).resolve().parent / t)
+    return t
+
+
+def topology_of(sc: Scenario, topology_ref: str | None = None) -> Topology:
+    """The topology `sc` runs on: `topology_ref` (`--topology`) or the scenario's own
+    `topology:`, where a name that is no topology is the scenario's error, on that line."""
     from . import topology as topo
+    if topology_ref is None:
+        try:
+            topo.resolve(own_topology(sc))
+        except topo.TopologyError as e:
+            raise ScenarioError([f"{sc._where(('topology',))}: {m}" for m in e.errors]) from None
+    return topo.load(topology_ref or own_topology(sc))
+
+
+def load_checked(ref: str, topology_ref: str | None = None) -> tuple[Scenario, Topology]:
     sc = load(ref)
-    t = topo.load(topology_ref or sc.topology)
+    t = topology_of(sc, topology_ref)
     check(sc, t)
     return sc, t
 

@@ -6,7 +6,6 @@ testbed/yamlcheck.py (no aliases, no duplicate keys, bounded size and depth).
 """
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,27 +170,14 @@ class Topology:
                     return hb.id
         raise KeyError(device_id)
 
-    def port_of(self, device_id: str) -> str:
-        for hb in self.host_bridges:
-            for rp in hb.root_ports:
-                if rp.device == device_id:
-                    return rp.id
-                for p in rp.switch.ports if rp.switch else ():
-                    if p.device == device_id:
-                        return p.id
-        raise KeyError(device_id)
-
 
 # ---------------------------------------------------------------- YAML with lines
 
-def _Doc(file: str, text: str) -> Doc:  # noqa: N802 - scenario.py's name for it until it uses yamlcheck
+def _Doc(file: str, text: str) -> Doc:  # noqa: N802 - the Doc of `text`, its loader's errors as a TopologyError
     try:
         return yamlcheck.load(text, file, "topology")
     except ConfigError as e:
         raise TopologyError(e.errors) from None
-
-
-_Checker = Checker  # scenario.py's name for it until it uses yamlcheck
 
 
 # ---------------------------------------------------------------- loading
@@ -209,8 +195,7 @@ def resolve(name_or_path: str) -> Path:
     builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
     if builtin.is_file():
         return builtin
-    close = difflib.get_close_matches(name_or_path, builtin_names(), n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
+    hint = yamlcheck.did_you_mean(name_or_path, builtin_names())
     raise TopologyError([f"{name_or_path}: no built-in topology of that name ({hint}built in: "
                          f"{', '.join(builtin_names())}); give a path to use a file"])
 
@@ -401,8 +386,7 @@ def _bridges(c: Checker, value: list, dev_ids: set[str]) -> tuple[list[HostBridg
         if not c.name(dev, path):
             return
         if dev not in dev_ids:
-            close = difflib.get_close_matches(dev, dev_ids, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
+            hint = yamlcheck.did_you_mean(dev, dev_ids)
             c.err(path, f"unknown device '{dev}' ({hint}known: {', '.join(sorted(dev_ids))})")
         elif dev in attached:
             c.err(path, f"device '{dev}' is already attached at {fmt_path(attached[dev])}")

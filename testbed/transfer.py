@@ -94,12 +94,17 @@ def _get(sftp, src: str, dst: Path) -> None:
     os.chmod(dst, stat.S_IMODE(st.st_mode))
 
 
-def copy_in(tb, hosts: list, src: Path, dst: str, *, recursive: bool) -> list[str]:
-    """Copy local `src` to `dst` on each host; returns HOST:PATH of what was written."""
+def check_source(src: Path, *, recursive: bool) -> None:
+    """What `copy_in` can know of a local source before any host is reached."""
     if not src.exists():
         raise TestbedError(f"{src}: no such file or folder")
     if src.is_dir() and not recursive:
         raise TestbedError(f"{src}: is a folder", hint="add -r to copy a folder and everything in it")
+
+
+def copy_in(tb, hosts: list, src: Path, dst: str, *, recursive: bool) -> list[str]:
+    """Copy local `src` to `dst` on each host; returns HOST:PATH of what was written."""
+    check_source(src, recursive=recursive)
 
     def one(h) -> str:
         where = f"{h.name}:{dst}"
@@ -192,8 +197,9 @@ def _each(hosts: list, fn) -> list[str]:
     return [r for r, _ in results]
 
 
-def copy(tb, src: str, dst: str, *, all_hosts: bool, recursive: bool) -> list[str]:
-    """The `cp` command: which side is remote, which hosts, then copy_in or copy_out."""
+def sides(src: str, dst: str, *, all_hosts: bool) -> tuple[Remote | None, Remote | None]:
+    """SRC and DST split (see `split`), or why they are no `cp`: checked before the
+    testbed is looked up, so a mistake is named even when none is running."""
     rs, rd = split(src), split(dst)
     if (rs is None) == (rd is None):
         both = "both sides are remote" if rs else "both sides are local"
@@ -209,6 +215,14 @@ def copy(tb, src: str, dst: str, *, all_hosts: bool, recursive: bool) -> list[st
     if not all_hosts and not remote.host:
         raise TestbedError(f":{remote.path}: which host?",
                            hint=f"host0:{remote.path} for one host, or --all for every host")
+    return rs, rd
+
+
+def copy(tb, src: str, dst: str, *, all_hosts: bool, recursive: bool) -> list[str]:
+    """The `cp` command: which side is remote, which hosts, then copy_in or copy_out."""
+    rs, rd = sides(src, dst, all_hosts=all_hosts)
+    remote = rs or rd
+    assert remote is not None
     hosts = tb.hosts if all_hosts else [tb.host(remote.host)]
     if rs is not None:
         return copy_out(tb, hosts, rs.path, Path(dst), recursive=recursive)

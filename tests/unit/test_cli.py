@@ -61,7 +61,7 @@ def test_status_of_a_testbed_that_is_not_there(capsys):
 
 def test_down_needs_a_name_and_is_idempotent(capsys):
     code, _, err = run(capsys, "down")
-    assert (code, err) == (1, "✗ name a testbed, or --all\n")
+    assert (code, err) == (1, "✗ name a testbed, or --all\n  hint: none is running\n")
     code, _, err = run(capsys, "down", "nope")
     assert (code, err) == (0, "✓ nope was not running (nothing to do)\n")
     code, out, err = run(capsys, "down", "--all")
@@ -172,7 +172,7 @@ def test_run_needs_a_scenario(capsys):
 
 def test_image_rm_needs_keys(capsys):
     code, _, err = run(capsys, "image", "rm")
-    assert (code, err) == (1, "✗ name the image keys to remove, or --all\n")
+    assert (code, err) == (1, "✗ name the image keys to remove, or --all\n  hint: 'beluga-testbed image list' shows the keys\n")
 
 
 def test_an_interrupt_exits_130(capsys, monkeypatch):

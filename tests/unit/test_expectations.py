@@ -150,6 +150,8 @@ def test_evicted(run):
     assert e.check_run(r) == (True, "2 of 8 blocks of 'a' evicted (need >= 2), 6 still readable, 0 torn")
     r.fake.torn.add("a/3")
     assert e.check_run(r)[0] is False
+    r.killed.update(r.readers)  # it was "could not be checked: IndexError: list index out of range"
+    assert e.check_run(r) == (False, "no live reader to read set 'a' from (killed: host2, host3)")
 
 
 # ---------------------------------------------------------------- programs

@@ -1,7 +1,6 @@
 """A scenario is checked against its topology before any VM boots: hosts and roles exist,
 block sizes fit the pool, every fault's and expectation's target exists, programs are
 well formed. Every error at once, `file:line: path: message`, did-you-mean where it helps."""
-import time
 
 import pytest
 
@@ -98,6 +97,17 @@ def test_programs_are_well_formed():
         "s.yaml:12: steps[3].run.env.Y: expected a string or a number, got a list"]
 
 
+def test_a_nul_in_a_programs_words_or_environment_is_refused_before_boot():
+    """YAML's "\\0" reached the guest's command line, where it cut the word short."""
+    errs = parse_errors(
+        '  - run: {name: a, on: all, argv: [./w, "x\\0y"]}\n'
+        '  - run: {name: b, on: all, shell: "echo \\0", env: {K: "v\\0"}}\n')
+    assert errs == [
+        "s.yaml:10: steps[1].run.argv[1]: contains a NUL byte (a command line or environment cannot hold one)",
+        "s.yaml:11: steps[2].run.shell: contains a NUL byte (a command line or environment cannot hold one)",
+        "s.yaml:11: steps[2].run.env.K: contains a NUL byte (a command line or environment cannot hold one)"]
+
+
 def test_joins_and_program_expectations_name_programs_that_run():
     errs = parse_errors("expect:\n  - output_matches: {run: writer, regex: '(unclosed'}\n")
     assert errs == ["s.yaml:11: expect[0].output_matches.regex: not a valid regular expression: "
@@ -128,7 +138,6 @@ def test_cli_refuses_a_typo_fast_and_boots_nothing(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(lifecycle, "up", no_boot)
     f = tmp_path / "typo.yaml"
     f.write_text(HEAD + "  - get: {on: readrs, set: a}\n")
-    t0 = time.monotonic()
     assert cli.main(["run", str(f), "--report-dir", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("✗ invalid scenario:\n")
@@ -136,7 +145,6 @@ def test_cli_refuses_a_typo_fast_and_boots_nothing(tmp_path, monkeypatch, capsys
     assert cli.main(["scenario", "validate", str(f)]) == 1
     assert "did you mean 'readers'?" in capsys.readouterr().err
     assert cli.main(["run", str(f), "--check"]) == 1
-    assert time.monotonic() - t0 < 30  # generous: the point is that nothing boots
     assert not (tmp_path / "r").exists()
     f.write_text(HEAD)
     assert cli.main(["scenario", "validate", str(f)]) == 0
@@ -182,3 +190,97 @@ def test_shares_are_checked_with_the_scenario(tmp_path):
     sc, _ = S.load_checked(str(f))
     (share,) = sc.share_list()
     assert (share.host_dir, share.guest_dir, share.rw) == (tmp_path / "prog", "/mnt/prog", False)
+
+
+def test_a_get_of_a_set_never_put_is_located_with_did_you_mean():
+    """It used to pass validation and then read nothing: a typo silently made the step a no-op."""
+    assert errors("  - get: {on: readers, set: aa}\n"
+                  "  - get: {on: readers, set: b}\n"
+                  "  - put: {on: writers, set: b, blocks: 1}\n") == [
+        "s.yaml:10: steps[1].get.set: no step before this one puts set 'aa' (did you mean 'a'? sets put so far: a)",
+        "s.yaml:11: steps[2].get.set: no step before this one puts set 'b' (sets put so far: a)"]
+
+
+def test_an_expectation_on_a_set_never_put_says_which_sets_are():
+    body = "expect:\n  - all_readable: {set: aa}\n  - evicted: {set: c}\n"
+    assert errors(body) == [
+        "s.yaml:11: expect[0].all_readable.set: no step puts set 'aa' (did you mean 'a'? sets put: a)",
+        "s.yaml:12: expect[1].evicted.set: no step puts set 'c' (sets put: a)"]
+
+
+@pytest.mark.parametrize("argv", [["scenario", "validate"], ["run", "--check"], ["run"]])
+def test_a_typo_in_the_scenarios_topology_is_located_in_the_scenario(tmp_path, monkeypatch, capsys, argv):
+    """It said only '2host-1switch: no built-in topology of that name', not in which file or line."""
+    def no_boot(*a, **kw):
+        raise AssertionError("a VM was started")
+    monkeypatch.setattr(lifecycle, "up", no_boot)
+    f = tmp_path / "typo.yaml"
+    f.write_text(HEAD.replace("topology: 2hosts-1switch", "topology: 2host-1switch"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*argv, str(f)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("✗ invalid scenario:\n")
+    assert f"{f}:4: topology: 2host-1switch: no built-in topology of that name (did you mean '2hosts-1switch'?" in err
+    assert not (tmp_path / "reports").exists()
+
+
+@pytest.mark.parametrize("flag", ["--report-dir", "--junit"])
+def test_a_report_that_cannot_be_written_is_refused_before_anything_boots(tmp_path, monkeypatch, capsys, flag):
+    """A file given as --report-dir failed only after the whole run, with a traceback and no report."""
+    def no_boot(*a, **kw):
+        raise AssertionError("a VM was started")
+    monkeypatch.setattr(lifecycle, "up", no_boot)
+    monkeypatch.setattr(lifecycle, "down", lambda name: False)
+    f = tmp_path / "s.yaml"
+    f.write_text(HEAD)
+    where = tmp_path / "taken"
+    if flag == "--report-dir":
+        where.write_text("")  # a file where the folder would go
+    else:
+        where.mkdir()  # a folder where the file would go
+    assert cli.main(["run", str(f), flag, str(where)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("✗ ") and str(where) in err and "hint:" in err, err
+    assert "a VM was started" not in err
+
+
+def test_check_with_testbed_checks_against_the_running_testbeds_topology(tmp_path, monkeypatch, capsys):
+    """`run --check --testbed T` said valid for the scenario's own topology, and the run on T then failed."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(lifecycle, "find", lambda name: SimpleNamespace(name=name, topology=load_topology("1host-1switch")))
+    f = tmp_path / "s.yaml"
+    f.write_text(HEAD)
+    assert cli.main(["run", str(f), "--check"]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", str(f), "--check", "--testbed", "small"]) == 1
+    assert "roles.writers: no host 'host1' in topology 1host-1switch" in capsys.readouterr().err
+
+
+def test_a_bad_topology_option_is_said_once_not_once_per_scenario(capsys):
+    assert cli.main(["scenario", "validate", "faults/poison", "faults/host-hang", "--topology", "2host-1switch"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("✗ invalid topology:\n") and err.count("no built-in topology of that name") == 1, err
+
+
+def test_a_topology_file_beside_the_scenario_is_found_from_anywhere(tmp_path, monkeypatch, capsys):
+    """`topology: my-topo.yaml` was looked up in the current folder, unlike the scenario's
+    `shares:`: the same scenario passed from its own folder and failed from the repository's root."""
+    from pathlib import Path
+    ours = tmp_path / "ci"
+    ours.mkdir()
+    builtin = Path(S.__file__).parent / "topologies" / "2hosts-1switch.yaml"
+    (ours / "my-topo.yaml").write_text(builtin.read_text().replace("name: 2hosts-1switch", "name: my-topo"))
+    f = ours / "s.yaml"
+    f.write_text(HEAD.replace("topology: 2hosts-1switch", "topology: my-topo.yaml"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["scenario", "validate", "ci/s.yaml"]) == 0
+    assert "on my-topo with 2 host(s)" in capsys.readouterr().out
+    booted = []
+
+    def up(topo, **kw):
+        booted.append(topo)
+        raise KeyboardInterrupt  # stop there: what matters is what it would boot
+    monkeypatch.setattr(lifecycle, "up", up)
+    monkeypatch.setattr(lifecycle, "down", lambda name: False)
+    assert cli.main(["run", "ci/s.yaml", "--report-dir", str(tmp_path / "r")]) == 130
+    assert booted == [str(ours / "my-topo.yaml")]

@@ -148,6 +148,21 @@ def test_junit_of_an_interrupted_run_has_every_expectation_as_an_error(bed, tmp_
     assert suite.get("errors") == "3"
 
 
+def test_junit_holds_a_programs_colored_or_binary_output(tmp_path):
+    """A program's last stderr line in the evidence (here red ANSI and a NUL) made junit.xml
+    unparseable: CI showed no test results at all."""
+    report = {"scenario": "s", "started_at": "", "duration_s": 1.0, "error": None,
+              "steps": [{"index": 0, "name": "run prog", "outcome": "failed", "error": "exit 1 (\x1b[31mboom\x00)",
+                         "start_s": 0, "end_s": 1, "line": 9, "kind": "run", "details": {}}],
+              "expectations": [{"kind": "exit_code", "args": {"run": "prog"}, "line": 12, "passed": False,
+                                "evidence": "program 'prog' (want exit 0): host1: exit 1 (\x1b[31mError\x1b[0m)",
+                                "traceback": None}]}
+    root, suite = junit(runner.write_junit(report, None, tmp_path / "junit.xml"))
+    failure = suite.find("testcase").find("failure")
+    assert failure.get("message") == "program 'prog' (want exit 0): host1: exit 1 (\\x1b[31mError\\x1b[0m)"
+    assert "step 1 [failed] run prog: exit 1 (\\x1b[31mboom\\x00)" in suite.findall("testcase")[1].find("failure").text
+
+
 def test_no_torn_reads_counts_the_reads_of_expectations_written_after_it(bed, tmp_path):
     """A scenario without a get step (tests/integration/data/impossible.yaml) lists
     no_torn_reads before all_readable: the reads all_readable makes are the run's reads,
