@@ -222,3 +222,71 @@ def test_file_written(run, monkeypatch):
     assert e.check_run(r) == (False, "/tmp/out file; touch x: host0: 12 bytes; host2: 4 bytes, fewer than 10")
     sizes["host2"] = "10\n"
     assert e.check_run(r) == (True, "/tmp/out file; touch x: host0: 12 bytes; host2: 10 bytes")
+
+
+# ---------------------------------------------------------------- what the first run's mutants showed
+
+def test_no_reserved_space_reads_the_metadata_on_a_live_host(run):
+    r, e = run("no_reserved_space: {}")
+    put(r)
+    r.killed.update({"host0", "host2"})  # the service host and one reader: host3 is the only one left
+    assert e.check_run(r) == (True, "0 reserved slots, no client of a killed host left; 8 committed blocks")
+    assert [h for h, c in r.fake.commands if "guest_store.py stat" in c] == ["host3"]
+    r.killed.add("host3")
+    assert e.check_run(r) == (False, "no live host to read the pool's metadata from")
+
+
+def test_evicted_reads_on_the_one_live_reader(run):
+    r, e = run("evicted: {set: a}")
+    put(r)
+    del r.fake.blocks["a/7"]
+    r.killed.add("host2")
+    assert e.check_run(r) == (True, "1 of 8 blocks of 'a' evicted (need >= 1), 7 still readable, 0 torn")
+    assert [h for h, c in r.fake.commands if "guest_store.py get" in c] == ["host3"]
+
+
+def test_guest_saw_quotes_at_most_200_characters_and_needs_a_live_host(run):
+    r, e = run("guest_saw: {event: cxl_poison, on: [host1, host2]}")
+    line = "kworker [000] 2.0: cxl_poison: " + "x" * 300
+    r.fake.trace["host1"].append(line)
+    r.fake.trace["host2"].append(line)
+    assert e.check_run(r) == (True, f"cxl_poison traced on host1, host2, e.g. {line[:200]}")
+    r, e = run("guest_saw: {event: cxl_poison, on: service}")
+    r.killed.add("host0")
+    assert e.check_run(r) == (False, "no live host to look on (service)")
+
+
+def test_exit_code_of_a_lost_host_and_of_a_silent_failure(run, tmp_path):
+    r, e = run("exit_code: {run: prog, on: [host0, host1, host2]}")
+    r.program_results["prog"] = {
+        "host0": result(tmp_path, "host0", None),                    # connection lost, host not killed
+        "host1": result(tmp_path, "host1", 1),                       # failed without a word
+        "host2": result(tmp_path, "host2", 2, err="first\n" + "e" * 300 + "\n")}
+    assert e.check_run(r) == (False, "program 'prog' (want exit 0): host0: exit none (host or connection lost); "
+                                     f"host1: exit 1; host2: exit 2 ({'e' * 200})")
+
+
+def test_a_program_with_no_result_to_judge(run):
+    r, e = run("exit_code: {run: prog}")
+    r.program_results["prog"] = {"host3": None}
+    r.killed.add("host3")
+    assert e.check_run(r) == (False, "program 'prog' left no result on a live host (killed: host3)")
+    r, e = run("exit_code: {run: prog, on: host1}")
+    r.program_results["prog"] = {}
+    assert e.check_run(r) == (False, "program 'prog' did not run on host1 (ran on: none)")
+
+
+def test_output_matches_falls_back_to_the_tail_and_shortens_what_it_quotes(run, tmp_path):
+    r, e = run("output_matches: {run: prog, regex: 'ok+', stream: stderr, on: host0}")
+    p = result(tmp_path, "host0", 0, out="ok", err="o" + "k" * 150)
+    p.stdout_path.unlink()
+    p.stderr_path.unlink()                     # the copied output is gone: the tail kept in memory is read
+    r.program_results["prog"] = {"host0": p}
+    assert e.check_run(r) == (True, f"/ok+/ in stderr of 'prog': host0: matched {('o' + 'k' * 99)!r}")
+    r, e = run("output_matches: {run: prog, regex: 'ok', on: host0}")
+    r.program_results["prog"] = {"host0": result(tmp_path, "host0", 0, out="", err="ok")}
+    assert e.check_run(r) == (False, "/ok/ in stdout of 'prog': host0: no match in 0 bytes of stdout, "
+                                     "last line '(empty)'")
+    r.program_results["prog"] = {"host0": result(tmp_path, "host0", 0, out="first\n" + "n" * 300 + "\n")}
+    assert e.check_run(r) == (False, f"/ok/ in stdout of 'prog': host0: no match in 307 bytes of stdout, "
+                                     f"last line {'n' * 200!r}")
