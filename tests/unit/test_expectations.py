@@ -84,8 +84,32 @@ def test_no_torn_reads(run):
     read(r, "host2", range(8))
     assert e.check_run(r) == (True, "8 block reads in 1 gets, none torn (0 damaged blocks detected and reported "
                                     "as misses)")
+    r.gets.append({"host": "host1", "set": "a", "after_step": 0, "hits": [0, 1], "misses": [2, 3, 4],
+                   "torn": [], "corrupt_misses": 2})
+    assert e.check_run(r) == (True, "13 block reads in 2 gets, none torn (2 damaged blocks detected and reported "
+                                    "as misses)")
     read(r, "host3", range(7), torn=[7])
     assert e.check_run(r) == (False, "torn or corrupted blocks returned as valid: host3 set a indices 7")
+
+
+def test_never_returned_needs_a_fault_on_that_very_block():
+    from testbed.topology import load
+    topo = load("4hosts-1switch")
+
+    def errors(fault: str) -> list[str]:
+        text = TEXT.replace("  - fault: {poison: {set: a, index: 5}}\n", fault) + "  - never_returned: {set: a, index: 5}\n"
+        try:
+            scenario.check(scenario.parse(text, "ev.yaml"), topo)
+        except scenario.ScenarioError as e:
+            return e.errors
+        return []
+    assert errors("  - fault: {poison: {set: a, index: 5}}\n") == []
+    assert errors("  - fault: {bitflip: {set: a, index: 5}}\n") == []
+    missing = ["ev.yaml:15: expect[0].never_returned: no fault step hits block a/5 (poison, media_event or bitflip)"]
+    assert errors("  - fault: {poison: {set: a, index: 4}}\n") == missing
+    assert errors("  - put: {on: writers, set: b, blocks: 8}\n  - fault: {poison: {set: b, index: 5}}\n") == [
+        missing[0].replace("ev.yaml:15", "ev.yaml:16")]
+    assert errors("") == [missing[0].replace("ev.yaml:15", "ev.yaml:14")]
 
 
 def test_never_returned(run):

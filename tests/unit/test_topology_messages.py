@@ -335,6 +335,14 @@ def test_smallest_hosts_still_count_against_the_machines_memory(monkeypatch):
         "(MemTotal in /proc/meminfo)"]
 
 
+def test_hosts_as_large_as_the_machine_still_count_against_its_memory(monkeypatch):
+    small = T.Machine(cpus=4, memory_mib=2048, pools_fs="/dev/shm", pools_fs_mib=4096)
+    monkeypatch.setattr(T, "this_machine", lambda: small)
+    assert errors(hosts("hosts:\n  count: 2\n  memory_mib: 2048\n")) == [
+        "my.yaml:4: hosts: 2 hosts need 4096 MiB of memory together, more than this machine's 2048 MiB "
+        "(MemTotal in /proc/meminfo)"]
+
+
 def test_a_window_of_size_zero():
     assert errors(BASE.replace("size_mib: 512, targets", "size_mib: 0, targets")) == [
         "my.yaml:21: windows[0].size_mib: expected a positive multiple of 256 MiB, got 0",
