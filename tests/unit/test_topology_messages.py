@@ -322,6 +322,12 @@ def test_the_limits_themselves_are_allowed():
     assert len(t.hosts) == 8 and {h.vcpus for h in t.hosts} == {4}
 
 
+def test_serial_numbers_from_zero_to_the_largest_are_allowed():
+    t = T.parse(BASE.replace("serial: 0x1000", "serial: 0").replace("serial: 0x1001", f"serial: {T.MAX_SERIAL:#x}"),
+                "my.yaml")
+    assert [d.serial for d in t.devices] == [0, T.MAX_SERIAL]
+
+
 def test_host_count_defaults():
     t = T.parse(hosts("hosts:\n  count: 2\n"), "my.yaml")
     assert [(h.name, h.vcpus, h.memory_mib) for h in t.hosts] == [("host0", 1, 1024), ("host1", 1, 1024)]
