@@ -185,6 +185,19 @@ def test_root_port_switch_and_device():
         "my.yaml:18: devices: device 'mem1' is not attached to any root port or switch"]
 
 
+def test_a_root_port_without_switch_or_device_does_not_hide_the_next_ones():
+    assert errors(BASE.replace("    root_ports:\n", "    root_ports:\n      - {id: hb0-rpx}\n")) == [
+        "my.yaml:12: host_bridges[0].root_ports[0]: expected exactly one of 'switch' or 'device' below a root port"]
+
+
+def test_as_many_root_ports_as_the_bus_has_device_numbers():
+    rps = "".join(f"      - {{id: rp{i}, device: mem9}}\n" for i in range(31))
+    errs = errors(BASE.replace("    root_ports:\n", "    root_ports:\n" + rps))
+    assert errs[0] == ("my.yaml:12: host_bridges[0].root_ports[0].device: unknown device 'mem9' "
+                       "(did you mean 'mem1'? known: mem0, mem1)")
+    assert not [e for e in errs if "root ports:" in e]  # 32 root ports: no complaint about their number
+
+
 def test_no_downstream_ports():
     assert errors(BASE.replace("downstream_ports: 2", "downstream_ports: 0")) == [
         'my.yaml:15: host_bridges[0].root_ports[0].switch.downstream_ports: expected at least 1 downstream port, got 0']
