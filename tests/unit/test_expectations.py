@@ -239,9 +239,8 @@ def test_file_written(run, monkeypatch):
             raise _GuestExit("stat: cannot statx '/tmp/out file; touch x': No such file or directory")
         return 0, sizes[host], ""
     monkeypatch.setattr(r.fake, "answer", answer)
-    ok, ev = e.check_run(r)
-    assert not ok and ev == ("/tmp/out file; touch x: host0: 12 bytes; host2: no such file (stat: cannot statx "
-                             "'/tmp/out file; touch x': No such file or directory)")
+    assert e.check_run(r) == (False, "/tmp/out file; touch x: host0: 12 bytes; host2: no such file (stat: cannot "
+                                     "statx '/tmp/out file; touch x': No such file or directory)")
     sizes["host2"] = "4\n"
     assert e.check_run(r) == (False, "/tmp/out file; touch x: host0: 12 bytes; host2: 4 bytes, fewer than 10")
     sizes["host2"] = "10\n"
@@ -314,3 +313,14 @@ def test_output_matches_falls_back_to_the_tail_and_shortens_what_it_quotes(run, 
     r.program_results["prog"] = {"host0": result(tmp_path, "host0", 0, out="first\n" + "n" * 300 + "\n")}
     assert e.check_run(r) == (False, f"/ok/ in stdout of 'prog': host0: no match in 307 bytes of stdout, "
                                      f"last line {'n' * 200!r}")
+
+
+def test_file_written_needs_a_live_host(run):
+    r, e = run("file_written: {path: /tmp/x, on: host3}")
+    r.killed.add("host3")
+    assert e.check_run(r) == (False, "no live host to look on (host3)")
+
+
+def test_output_matches_of_a_program_that_never_ran(run):
+    r, e = run("output_matches: {run: prog, regex: '.*'}")
+    assert e.check_run(r) == (False, "program 'prog' never ran or never ended")
