@@ -29,8 +29,8 @@ coverage: setup
 	$(VENV)/bin/python -m coverage run --source=testbed -m pytest -q tests/unit -m "not integration"
 	$(VENV)/bin/python -m coverage report --include='testbed/provision.py,testbed/lifecycle.py,testbed/runner.py,testbed/cli.py,testbed/guest_pool.py'
 
-# Mutation testing (mutmut) of the store's client, service and layout, topology validation
-# and provisioning; about 25 min on a busy 2-core machine (docs/testing.md). Groups: scripts/mutate.py GROUP ...
+# Mutation testing (mutmut) of the store's client, service and layout, topology validation,
+# provisioning and the scenario expectations; about 55 min on a busy 2-core machine (docs/testing.md). Groups: scripts/mutate.py GROUP ...
 mutate: setup
 	nice -n 10 $(VENV)/bin/python scripts/mutate.py $(GROUPS)
 
