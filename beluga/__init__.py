@@ -6,6 +6,7 @@ Public API (imported lazily, so `import beluga` stays cheap and torch-free):
     MetadataService, ServiceConfig            beluga.service
     Pool, format_pool                         beluga.pool
     prefix_keys, hash_block, PrefixContext    beluga.keys
+    vllm_block_hashes                         beluga.keys (vLLM's own block hashes)
     KVBlockSpec, put_kv_block, get_kv_block   beluga.tensor (needs torch)
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ _EXPORTS = {
     "MetadataService": "service", "ServiceConfig": "service",
     "Pool": "pool", "format_pool": "pool",
     "prefix_keys": "keys", "hash_block": "keys", "PrefixContext": "keys", "ROOT_KEY": "keys",
+    "vllm_block_hashes": "keys",
     "KVBlockSpec": "tensor", "put_kv_block": "tensor", "get_kv_block": "tensor", "view_kv_block": "tensor",
 }
 __all__ = sorted(_EXPORTS)

@@ -55,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--takeover-wait", type=float, default=1.0, help="seconds to watch a previous service's heartbeat")
     s.add_argument("--force", action="store_true", help="take over even if another service looks alive")
     s.add_argument("--ready-file", help="also write the ready line to this file")
+    s.add_argument("--tcp-max-connections", type=int, default=64,
+                   help="open TCP connections at most (default 64; lowered to fit the file limit)")
+    s.add_argument("--tcp-max-clients", type=int, default=None,
+                   help="client slots TCP clients may hold (default: all but a quarter, kept for pool clients)")
+    s.add_argument("--tcp-hello-timeout", type=float, default=5.0,
+                   help="seconds a TCP connection may stay without a valid request (default 5)")
+    s.add_argument("--tcp-idle-timeout", type=float, default=60.0,
+                   help="seconds a TCP connection may stay without a complete frame (default 60)")
+    s.add_argument("--tcp-output-limit", type=_size, default=1 << 20,
+                   help="unread answers a TCP client may leave waiting before it is cut off (default 1M)")
 
     st = sub.add_parser("stat", help="report pool metadata (and live service stats with --service)")
     st.add_argument("pool")
@@ -151,6 +161,9 @@ def cmd_serve(args) -> int:
         reservation_ttl_s=args.reservation_ttl, serve_cxl=args.transport in ("cxl", "both"),
         tcp_host=args.host if args.transport in ("tcp", "both") else None, tcp_port=args.port,
         advertise=args.advertise, takeover_wait_s=args.takeover_wait, force=args.force,
+        tcp_max_connections=args.tcp_max_connections, tcp_max_clients=args.tcp_max_clients,
+        tcp_hello_timeout_s=args.tcp_hello_timeout, tcp_idle_timeout_s=args.tcp_idle_timeout,
+        tcp_output_limit_bytes=args.tcp_output_limit,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

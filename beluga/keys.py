@@ -12,10 +12,16 @@ Canonical encoding of one block (all integers little-endian):
     u32 extra-key count | per extra key: type tag (1 byte) + u32 length + bytes
 
 Type tags: b"s" str (UTF-8), b"b" bytes, b"i" int (signed 64-bit), b"n" None.
+
+``vllm_block_hashes`` gives vLLM's own block hashes instead (see its docstring),
+for a pool that a vLLM engine fills and reads under the keys it computes itself.
 """
 from __future__ import annotations
 
 import hashlib
+import operator
+import os
+import pickle
 import struct
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -110,6 +116,101 @@ def prefix_keys(
         parent = hash_block(parent, tokens[i * block_tokens : (i + 1) * block_tokens], context.extra_keys(i))
         keys.append(parent)
     return keys
+
+
+VLLM_DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
+"""The string vLLM 0.33 derives its root block hash from when PYTHONHASHSEED is not set (sha256 algorithms)."""
+
+VLLM_HASH_ALGOS = ("sha256", "sha256_cbor")
+
+
+def _vllm_hash_fn(algo: str):
+    """vLLM's ``sha256`` (pickle) or ``sha256_cbor`` (canonical CBOR): object -> 32-byte SHA-256 digest."""
+    if algo == "sha256":
+        return lambda obj: hashlib.sha256(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).digest()
+    if algo == "sha256_cbor":
+        try:
+            import cbor2
+        except ImportError:
+            raise ImportError('algo="sha256_cbor" needs cbor2 (pip install cbor2; it is a dependency of '
+                              'beluga-testbed), or use algo="sha256"') from None
+        return lambda obj: hashlib.sha256(cbor2.dumps(obj, canonical=True)).digest()
+    raise ValueError(f"algo must be one of {', '.join(VLLM_HASH_ALGOS)} (vLLM's reproducible block hashes), "
+                     f"got {algo!r}")
+
+
+_LIST_HINT = " (vLLM's extra keys are tuples, and pickle tells a list from a tuple: use a tuple)"
+
+
+def _check_vllm_extra(value, where: str) -> None:
+    """Refuse what vLLM never puts in extra keys: such keys could never match the keys vLLM computes."""
+    if value is None or isinstance(value, (str, bytes, int)):
+        return
+    if isinstance(value, tuple):
+        for i, item in enumerate(value):
+            _check_vllm_extra(item, f"{where}[{i}]")
+        return
+    raise TypeError(f"extra_keys{where} is a {type(value).__name__}; vLLM's extra keys hold tuples, str, bytes, "
+                    f"int and None" + (_LIST_HINT if isinstance(value, list) else ""))
+
+
+def vllm_block_hashes(
+    token_ids: Sequence[int],
+    *,
+    block_size: int = 16,
+    algo: str = "sha256_cbor",
+    extra_keys: Sequence[tuple | None] | None = None,
+) -> list[bytes]:
+    """The prefix-cache block hashes vLLM 0.33 computes for ``token_ids``: one 32-byte hash per full block.
+
+    As vLLM's request block hasher does: the root ("NONE_HASH") is the hash of
+    the PYTHONHASHSEED string when that variable is set (even to ""), else of
+    ``VLLM_DEFAULT_NONE_HASH_SEED``; block ``i``'s hash is the hash of the
+    3-tuple (parent hash, tuple of the block's token ids, the block's extra
+    keys or None), its parent being block ``i - 1`` or the root. ``algo``
+    picks the serialisation: "sha256" pickles (highest protocol), "sha256_cbor"
+    (vLLM's choice for hashes shared across processes) writes canonical CBOR.
+    A trailing partial block has no hash.
+
+    ``extra_keys`` is None (no block has any) or one entry per full block (an
+    entry for a trailing partial block is allowed and unused), each None or a
+    tuple as vLLM makes it, for example ``(("lora", name, path), ("cache_salt",
+    salt))`` for the first block of a salted LoRA request and ``(("lora", name,
+    path),)`` for the others. vLLM passes None, never an empty tuple, for a
+    block without extra keys.
+
+    These are vLLM's BlockHash values; its prefix cache appends a 4-byte group
+    id to them (BlockHashWithGroupId), which is not part of these keys.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    hash_fn = _vllm_hash_fn(algo)
+    try:
+        tokens = [operator.index(t) for t in token_ids]  # numpy ints pickle unlike vLLM's Python ints
+    except TypeError as exc:
+        raise TypeError(f"token ids must be integers: {exc}") from None
+    full = len(tokens) // block_size
+    if extra_keys is None:
+        extras: list = [None] * full
+    else:
+        extras = list(extra_keys)
+        blocks = -(-len(tokens) // block_size)
+        if not full <= len(extras) <= blocks:
+            want = f"{full}" if full == blocks else f"{full} or {blocks}"
+            raise ValueError(f"extra_keys has {len(extras)} entries for {len(tokens)} tokens in {full} full blocks "
+                             f"of {block_size}: give one entry (a tuple or None) per block ({want})")
+        for i, e in enumerate(extras[:full]):
+            if e is not None and not isinstance(e, tuple):
+                raise TypeError(f"extra_keys[{i}] must be a tuple or None, got {type(e).__name__}"
+                                + (_LIST_HINT if isinstance(e, list) else ""))
+            _check_vllm_extra(e, f"[{i}]")
+    seed = os.environ.get("PYTHONHASHSEED")
+    parent = hash_fn(VLLM_DEFAULT_NONE_HASH_SEED if seed is None else seed)
+    out: list[bytes] = []
+    for i in range(full):
+        parent = hash_fn((parent, tuple(tokens[i * block_size : (i + 1) * block_size]), extras[i]))
+        out.append(parent)
+    return out
 
 
 def name_key(name: str) -> bytes:

@@ -5,7 +5,8 @@ Two implementations with identical behaviour: the C module ``beluga._native``
 building Python objects) and the Python functions below (always there: the
 guests have no compiler). ``BELUGA_NATIVE=1`` demands the C module (an
 ImportError if it is missing), ``BELUGA_NATIVE=0`` forbids it; unset, the C
-module is used when it imports.
+module is used when it imports, and under ``CI=true`` it is demanded too (a
+test run must not pass on the fallback by accident).
 
 ``probe(buf, table_off, buckets, tseq_off, key)``
     Reads the table seqlock-style (layout.read_bucket) from the key's home
@@ -127,10 +128,11 @@ def _select():
         try:
             from . import _native  # noqa: PLC0415 - optional, built by `make setup`
         except ImportError as exc:
-            if want == "1":
+            if want == "1" or os.environ.get("CI") == "true":
+                why = "BELUGA_NATIVE=1" if want == "1" else "CI=true (and BELUGA_NATIVE unset)"
                 raise ImportError(
-                    f"BELUGA_NATIVE=1 but the C read path is not built ({exc}); run `make setup` "
-                    f"(or `python -m beluga.native_build`), or unset BELUGA_NATIVE") from exc
+                    f"{why} but the C read path is not built ({exc}); run `make setup` "
+                    f"(or `python -m beluga.native_build`), or set BELUGA_NATIVE=0 for the Python path") from exc
         else:
             return _native.probe, _native.read_into, _native.read_bytes, "native"
     return py_probe, py_read_into, py_read_bytes, "python"

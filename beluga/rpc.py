@@ -58,11 +58,13 @@ UNKNOWN_SESSION = 8
 BAD_KEY = 9
 NO_CLIENT_SLOT = 10
 INTERNAL = 11
+CLOSING = 12
+"""TCP only, with seq 0: the service is closing this connection (limit reached, oversize frame); the body says why."""
 STATUS_NAMES = {
     OK: "ok", MISS: "miss", BAD_REQUEST: "bad request", NOT_OWNER: "segment not owned", NOT_RESERVED: "not reserved",
     BAD_HEADER: "block header mismatch", TOO_LARGE: "block too large", POOL_FULL: "pool full",
     UNKNOWN_SESSION: "unknown session", BAD_KEY: "bad key", NO_CLIENT_SLOT: "no free client slot",
-    INTERNAL: "internal error",
+    INTERNAL: "internal error", CLOSING: "connection closed by the service",
 }
 MAX_MESSAGE_BYTES = 200
 MAX_RELEASES_PER_REQUEST = 256

@@ -14,7 +14,6 @@ from __future__ import annotations
 import heapq
 import json
 import os
-import selectors
 import socket
 import struct
 import sys
@@ -29,11 +28,11 @@ from . import rpc
 from .errors import ProtocolError, ServiceBusyError
 from .pool import Pool
 from .table import LookupTable
+from .tcpserver import TcpServer
 from .transport import reduce_timer_slack
 
 _QQQ = struct.Struct("<QQQ")
 _U64 = struct.Struct("<Q")
-_FRAME = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,27 @@ class ServiceConfig:
     claim_scan_interval_s: float = 0.001
     """How often the serve loop looks at free host slots for claims and reads heartbeats
     (requests of registered clients are looked at on every pass)."""
+    stall_threshold_s: float = 0.25
+    """A gap this long between two passes of the serve loop is the service's own stall (a GC pause,
+    a descheduled or stopped process, slow pool memory): client heartbeat deadlines move by the gap,
+    so clients are never reaped for time in which the service could not watch them."""
+    # Limits on TCP clients (see beluga/tcpserver.py and docs/store.md). Frames are capped at the
+    # pool's RPC buffer size (`beluga format --rpc-buffer`).
+    tcp_max_connections: int = 64
+    """Open TCP connections at most (lowered to what the file limit, RLIMIT_NOFILE, leaves room for)."""
+    tcp_max_clients: int | None = None
+    """Host slots TCP clients may hold at most (None: all but a quarter, at least one, kept for pool clients;
+    none kept with a single slot or without the pool transport)."""
+    tcp_hello_timeout_s: float = 5.0
+    """A connection that has made no valid request (HELLO or a live session) this long is closed."""
+    tcp_idle_timeout_s: float = 60.0
+    """A connection that sent no complete frame this long is closed (clients reconnect when they next call)."""
+    tcp_output_limit_bytes: int = 1 << 20
+    """Answers waiting for a client that does not read them; past this the connection is closed."""
+    tcp_accept_backoff_s: float = 0.1
+    """After a failed accept (EMFILE, ...), accepting pauses this long; the service keeps serving."""
+    tcp_frames_per_pass: int = 1
+    """Frames answered per connection per loop pass: a pipelining client cannot starve the others."""
 
 
 class _Reject(Exception):
@@ -149,7 +169,9 @@ class MetadataService:
             "deletes": 0, "evictions": 0, "segment_evictions": 0, "leases_granted": 0, "leases_expired": 0,
             "reservations_expired": 0, "reservations_reclaimed": 0, "clients_registered": 0,
             "clients_reaped": 0, "corrupt_reports": 0, "corrupt_blocks_dropped": 0, "bad_requests": 0,
+            "stalls_forgiven": 0,
         }
+        self._tcp: TcpServer | None = None
         self._ops_count: dict[str, int] = {}
         self.segments = [_Segment(i) for i in range(self.g.segment_count)]
         self._free_segments: list[int] = []
@@ -908,6 +930,7 @@ class MetadataService:
             "uptime_s": round(self.clock() - self.started_at, 3),
             "pid": os.getpid(),
             "restarts": self._restarts,
+            "tcp": self._tcp.stats() if self._tcp is not None else None,
         }
 
     def check_invariants(self) -> None:
@@ -1053,22 +1076,18 @@ class MetadataService:
     def serve(self, stop: threading.Event | None = None, *, on_ready=None) -> None:
         """Run until ``stop`` is set. Pool requests are polled with a short, growing backoff."""
         stop = stop or threading.Event()
-        sel = None
-        listener = None
-        conns: dict[socket.socket, bytearray] = {}
+        tcp = None
         try:
             if self.cfg.tcp_host is not None:
-                listener = socket.create_server((self.cfg.tcp_host, self.cfg.tcp_port))
-                listener.setblocking(False)
-                sel = selectors.DefaultSelector()
-                sel.register(listener, selectors.EVENT_READ)
-                host, port = listener.getsockname()[:2]
+                tcp = self._tcp = TcpServer(self, self.cfg.tcp_host, self.cfg.tcp_port, log=_log)
+                host, port = tcp.address
                 self.set_tcp_address(self.cfg.advertise or f"{host}:{port}")
             if on_ready is not None:
                 on_ready(self)
             sleep_s = self.cfg.poll_min_sleep_s
             last_work = time.monotonic()
             next_scan = 0.0
+            last_pass = self.clock()
             reduce_timer_slack()
             while not stop.is_set():
                 t = time.monotonic()
@@ -1076,9 +1095,13 @@ class MetadataService:
                 if scan:
                     next_scan = t + self.cfg.claim_scan_interval_s
                 worked = self.poll_pool(claims=scan)
-                if sel is not None:
-                    worked |= self._serve_tcp(sel, listener, conns, 0)
+                if tcp is not None:
+                    worked |= tcp.poll(0)
+                now = self.clock()
+                if now - last_pass > self.cfg.stall_threshold_s:
+                    self._forgive_stall(now - last_pass)
                 self.housekeeping()
+                last_pass = self.clock()
                 if worked:
                     sleep_s = self.cfg.poll_min_sleep_s
                     last_work = time.monotonic()
@@ -1088,11 +1111,11 @@ class MetadataService:
                     os.sched_yield()  # hot: the next request is probably microseconds away
                     continue
                 # Idle: back off so that several processes on few cores do not starve each other.
-                if sel is not None and sleep_s >= 1e-3:
+                if tcp is not None and sleep_s >= 1e-3:
                     # Long idle: block in epoll (TCP requests wake us at once). Its timeout has
                     # millisecond resolution, so shorter sleeps use time.sleep below instead
                     # (TCP sockets are checked without blocking on every pass anyway).
-                    if self._serve_tcp(sel, listener, conns, sleep_s):
+                    if tcp.poll(sleep_s):
                         sleep_s = self.cfg.poll_min_sleep_s
                         continue
                 else:
@@ -1100,59 +1123,20 @@ class MetadataService:
                 cap = self.cfg.poll_warm_max_sleep_s if idle_s < self.cfg.poll_warm_s else self.cfg.poll_max_sleep_s
                 sleep_s = min(sleep_s * 2, cap)
         finally:
-            for conn in list(conns):
-                conn.close()
-            if listener is not None:
-                listener.close()
-            if sel is not None:
-                sel.close()
+            if tcp is not None:
+                tcp.close()
 
-    def _serve_tcp(self, sel, listener, conns, timeout_s: float) -> bool:
-        worked = False
-        for key, _ in sel.select(timeout_s):
-            sock = key.fileobj
-            if sock is listener:
-                try:
-                    conn, _ = listener.accept()
-                except BlockingIOError:
-                    continue
-                conn.setblocking(False)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sel.register(conn, selectors.EVENT_READ)
-                conns[conn] = bytearray()
-                continue
-            worked = True
-            try:
-                data = sock.recv(1 << 20)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                sel.unregister(sock)
-                conns.pop(sock, None)
-                sock.close()
-                continue
-            buf = conns[sock]
-            buf += data
-            while len(buf) >= 4:
-                (n,) = _FRAME.unpack_from(buf)
-                if len(buf) < 4 + n:
-                    break
-                msg = bytes(buf[4 : 4 + n])
-                del buf[: 4 + n]
-                resp = self.handle(msg)
-                try:
-                    sock.setblocking(True)
-                    sock.settimeout(5.0)
-                    sock.sendall(_FRAME.pack(len(resp)) + resp)
-                    sock.setblocking(False)
-                except OSError:
-                    sel.unregister(sock)
-                    conns.pop(sock, None)
-                    sock.close()
-                    break
-        return worked
+    def _forgive_stall(self, gap_s: float) -> None:
+        """The loop did not run for ``gap_s``: that time must not count against any client's heartbeat.
+
+        A stalled service cannot see heartbeats, so without this every client would look dead
+        the moment the loop resumes (a blocking send to a client that never read once made the
+        service reap every healthy client)."""
+        now = self.clock()
+        for c in self.clients.values():
+            c.seen_at = min(c.seen_at + gap_s, now)
+        self.counters["stalls_forgiven"] += 1
+        _log(f"service loop stalled for {gap_s:.2f}s; client heartbeat deadlines moved by as much")
 
 
 class ServiceThread:

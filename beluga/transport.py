@@ -12,6 +12,7 @@ Block data never travels through any of them: only metadata does.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import threading
@@ -216,6 +217,10 @@ class TcpChannel:
             raise ServiceUnavailableError(f"TCP address {addr!r} is not host:port") from None
 
     def _connect(self, timeout_s: float) -> socket.socket:
+        if self.sock is not None and self._stale(self.sock):
+            # Between our calls nothing may arrive: readable means the service closed the
+            # connection (idle timeout, restart) or left a CLOSING notice. Start afresh.
+            self._drop()
         if self.sock is None:
             host, port = self._resolve()
             try:
@@ -247,13 +252,27 @@ class TcpChannel:
             sock.sendall(_FRAME.pack(len(message)) + message)
             head = self._recv_exact(sock, 4)
             (n,) = _FRAME.unpack(head)
-            return self._recv_exact(sock, n)
+            if n > self.g.rpc_buffer_bytes:
+                raise EOFError(f"the service sent a {n}-byte frame, more than the {self.g.rpc_buffer_bytes}-byte "
+                               f"RPC buffer")
+            resp = self._recv_exact(sock, n)
+            if len(resp) >= rpc.RESPONSE_HEADER.size and rpc.RESPONSE_HEADER.unpack_from(resp)[2] == rpc.CLOSING:
+                raise EOFError(resp[rpc.RESPONSE_HEADER.size :].decode("utf-8", errors="replace"))
+            return resp
+        except TimeoutError:
+            self._drop()
+            raise ServiceUnavailableError(
+                f"metadata service over TCP did not answer request {seq} within {timeout_s}s") from None
         except (OSError, EOFError) as exc:
             self._drop()
             raise ServiceUnavailableError(
-                f"metadata service over TCP did not answer request {seq} within {timeout_s}s: "
-                f"{exc or type(exc).__name__}"
-            ) from None
+                f"metadata service over TCP dropped request {seq}: {exc or type(exc).__name__}") from None
+
+    @staticmethod
+    def _stale(sock: socket.socket) -> bool:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     @staticmethod
     def _recv_exact(sock: socket.socket, n: int) -> bytes:

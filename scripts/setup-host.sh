@@ -82,7 +82,8 @@ else
     "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >&2
     # torch first: the CPU build, so the package's torch range pulls nothing more.
     "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC" >&2
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]' >&2
+    # bench: Mooncake Store, a peer in `beluga bench` (tests/unit/beluga/test_store_bench.py runs it under CI).
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test,bench]' >&2
     echo "$want" > "$stamp"
     say "✓ virtualenv $VENV ($("$VENV/bin/python" --version))"
 fi

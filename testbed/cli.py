@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import image as image_mod
+from . import names
 from .log import TestbedError, info
 from .topology import TopologyError
 
@@ -17,6 +18,15 @@ from .topology import TopologyError
 def _sigterm_to_interrupt(signum, frame):
     # SIGTERM and SIGHUP become one KeyboardInterrupt, so every `finally` runs.
     raise KeyboardInterrupt
+
+
+def _testbed_name(value: str) -> str:
+    """argparse type of every testbed NAME: `down ..` once deleted other applications'
+    folders. argparse names the command and argument: 'beluga-testbed down: error:
+    argument NAME: invalid name '..': use ...'."""
+    if (why := names.problem(value)) is not None:
+        raise argparse.ArgumentTypeError(why)
+    return value
 
 
 def cmd_image_build(args) -> int:
@@ -257,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("up", help="boot a topology's hosts and configure the shared pool")
     u.add_argument("topology", metavar="TOPOLOGY", help="a built-in name (see 'topology show') or a YAML file")
-    u.add_argument("--name", help="testbed name (default: the topology's); lets several run at once")
+    u.add_argument("--name", type=_testbed_name,
+                   help="testbed name (default: the topology's); lets several run at once")
     u.add_argument("--accel", choices=["auto", "tcg", "kvm"], default="auto",
                    help="auto: KVM where a probe guest really runs under it, else TCG")
     u.add_argument("--retain", action="store_true", help="on failure, keep VMs and files for inspection")
@@ -266,12 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(func=cmd_up)
 
     dn = sub.add_parser("down", help="stop a testbed and remove all its files (idempotent)")
-    dn.add_argument("name", nargs="?", metavar="NAME")
+    dn.add_argument("name", type=_testbed_name, nargs="?", metavar="NAME")
     dn.add_argument("--all", action="store_true", help="every testbed")
     dn.set_defaults(func=cmd_down)
 
     st = sub.add_parser("status", help="hosts, pids, ports, state")
-    st.add_argument("name", nargs="?", metavar="NAME")
+    st.add_argument("name", type=_testbed_name, nargs="?", metavar="NAME")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 
@@ -279,13 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls2.set_defaults(func=cmd_list)
 
     s2 = sub.add_parser("ssh", help="a shell (or a command) on one host")
-    s2.add_argument("name", metavar="NAME")
+    s2.add_argument("name", type=_testbed_name, metavar="NAME")
     s2.add_argument("host", metavar="HOST")
     # Anything after `--` is the command to run (split off in main()).
     s2.set_defaults(func=cmd_ssh)
 
     ex = sub.add_parser("exec", help="run a command on one host or all, in parallel")
-    ex.add_argument("name", metavar="NAME")
+    ex.add_argument("name", type=_testbed_name, metavar="NAME")
     ex.add_argument("host", nargs="?", metavar="HOST")
     ex.add_argument("--all", action="store_true", help="every host of the testbed")
     ex.add_argument("--timeout", type=float, default=120, help="seconds per host (default 120)")
@@ -294,11 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_exec)
 
     pv = sub.add_parser("provision", help="(re)create and verify the shared pool in every guest")
-    pv.add_argument("name", metavar="NAME")
+    pv.add_argument("name", type=_testbed_name, metavar="NAME")
     pv.set_defaults(func=cmd_provision)
 
     po = sub.add_parser("pool", help="pool geometry, per-host dax devices, region offset -> device -> file")
-    po.add_argument("name", metavar="NAME")
+    po.add_argument("name", type=_testbed_name, metavar="NAME")
     po.add_argument("--json", action="store_true")
     po.set_defaults(func=cmd_pool)
 
@@ -306,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("scenario", nargs="?", metavar="SCENARIO", help="a YAML file or a built-in name (see --list)")
     rn.add_argument("--list", action="store_true", help="list the built-in scenarios")
     rn.add_argument("--topology", help="run on this topology instead of the scenario's")
-    rn.add_argument("--testbed", help="use this running testbed instead of bringing one up (and down)")
+    rn.add_argument("--testbed", type=_testbed_name,
+                    help="use this running testbed instead of bringing one up (and down)")
     rn.add_argument("--keep", action="store_true", help="leave the testbed up afterwards")
     rn.add_argument("--report-dir", help="where report.json and report.html go (default ./reports/NAME-TIME)")
     rn.set_defaults(func=cmd_run)
@@ -314,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("logs", help="collect logs")
     lsub = lg.add_subparsers(dest="logs_cmd", required=True, metavar="ACTION")
     le = lsub.add_parser("export", help="serial logs, QEMU logs and each guest's dmesg in one folder")
-    le.add_argument("name", metavar="NAME")
+    le.add_argument("name", type=_testbed_name, metavar="NAME")
     le.add_argument("--dest", help="folder to write (default: ./beluga-logs-NAME-TIME)")
     le.set_defaults(func=cmd_logs_export)
     return p

@@ -5,7 +5,7 @@ import os
 import signal
 import time
 
-from . import qmp
+from . import paths, qmp
 from .log import TestbedError
 
 
@@ -63,7 +63,7 @@ def flip_bits(path, offset: int, bits: int = 1) -> list[int]:
     """Flip `bits` bits in the backing file at `offset` (one per byte from there);
     returns the byte offsets changed."""
     changed = []
-    with open(path, "r+b") as f:
+    with paths.open_nofollow(path, "r+b") as f:
         for i in range(bits):
             f.seek(offset + i)
             b = f.read(1)[0]

@@ -4,6 +4,11 @@ A running testbed is a folder `<state>/<name>/` with `state.json`, the SSH key a
 folder per host (overlay disk, QMP and serial sockets, serial and QEMU logs, pid file),
 plus the pool's backing files under `<pools>/<name>/`. A later CLI process finds the
 testbed from that folder; every pid is checked against /proc before it is signalled.
+
+Folders are 0700 and files and sockets 0600 whatever the umask (paths.py); `name` passes
+names.check before it becomes a path, and only direct children of the state and pool
+folders are ever removed. Each QEMU's pid is in state.json from the moment it starts, so
+a failure or Ctrl-C at any point of `up` stops every QEMU started so far.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from . import accel as accel_mod
 from . import image as image_mod
+from . import names as names_mod
 from . import paths, qmp, ssh
 from . import topology as topo
 from .log import TestbedError, info, step
@@ -31,6 +37,11 @@ from .qemucmd import HostFiles, host_argv
 SSH_READY_TIMEOUT_S = 180
 STATE_FILE = "state.json"
 SSHD_STARTED = b"beluga: sshd started"  # printed on the console by images/rootfs/usr/lib/beluga/boot
+START_TIMEOUT_S = 60  # from exec to QEMU answering on QMP (its init done, the SSH forward bound)
+PORT_ATTEMPTS = 5
+# QEMU's words when the SSH forward's port is taken (it exits 1 at once):
+# "-netdev user,...,hostfwd=tcp:127.0.0.1:39697-:22: Could not set up host forwarding rule ..."
+PORT_TAKEN = "Could not set up host forwarding rule"
 
 
 @dataclass(frozen=True)
@@ -107,7 +118,7 @@ class Testbed:
 
     def save(self) -> None:
         tmp = self.dir / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        paths.write_private(tmp, json.dumps(self.data, indent=2) + "\n")
         tmp.replace(self.dir / STATE_FILE)
 
 
@@ -123,11 +134,13 @@ def pid_is_ours(pid: int | None, host_dir: Path) -> bool:
 
 
 def testbed_dir(name: str) -> Path:
-    return paths.state_dir() / name
+    """`<state>/<name>`; a name that is not one (`..`, `a/b`, `x,y`) never becomes a path."""
+    return paths.state_dir() / names_mod.check(name, "testbed name")
 
 
 def find(name: str) -> Testbed:
     d = testbed_dir(name)
+    paths.check_private(paths.state_dir())
     f = d / STATE_FILE
     if not f.is_file():
         running = names()
@@ -140,14 +153,16 @@ def names() -> list[str]:
     d = paths.state_dir()
     if not d.is_dir():
         return []
-    return sorted(p.name for p in d.iterdir() if (p / STATE_FILE).is_file())
+    return sorted(p.name for p in d.iterdir()
+                  if names_mod.problem(p.name) is None and (p / STATE_FILE).is_file())
 
 
 @contextlib.contextmanager
 def _locked(name: str):
-    paths.state_dir().mkdir(parents=True, exist_ok=True)
+    testbed_dir(name)  # the name check
+    paths.private_dir(paths.state_dir())
     lock = paths.state_dir() / f".{name}.lock"
-    with open(lock, "w") as f:
+    with os.fdopen(paths.create_private(lock), "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -156,10 +171,27 @@ def _locked(name: str):
         yield
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int, avoid: set[int] = frozenset()) -> list[int]:
+    """`n` distinct free loopback ports, none in `avoid`. Every socket stays bound until all
+    are drawn: one bound and closed at a time, the kernel handed the same port to two hosts
+    (36 times in 20,000 draws of 8). QEMU binds them later, so one may still be taken by then:
+    `_launch` retries that host on another."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            if len(socks) > n + 100:
+                raise TestbedError("no free TCP port on 127.0.0.1 for the SSH forwards")
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in avoid and port not in ports:
+                ports.append(port)
+        return ports
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _pool_file(name: str, device_id: str) -> Path:
@@ -182,7 +214,7 @@ def plan(topology_ref: str, name: str | None, accel: str = "tcg",
          provision: bool = True) -> tuple[topo.Topology, str, dict[str, list[str]]]:
     """The argv of every host, without starting anything (for --dry-run)."""
     t = topo.load(topology_ref)
-    name = name or t.name
+    name = _testbed_name(name, t)
     img = image_mod.find_image()
     kernel = img.kernel if img else Path("<image>/vmlinux")
     initrd = img.initrd if img else Path("<image>/initrd.img")
@@ -193,10 +225,21 @@ def plan(topology_ref: str, name: str | None, accel: str = "tcg",
     return t, name, out
 
 
+def _testbed_name(name: str | None, t: topo.Topology) -> str:
+    """The name a testbed gets: --name, else the topology's own `name:` (checked here too,
+    whatever loaded the topology: it becomes a folder name)."""
+    if name is not None:
+        return names_mod.check(name, "testbed name")
+    if (why := names_mod.problem(t.name)) is not None:
+        raise TestbedError(f"{t.source}: name: {why} (it names the testbed when --name is not given)",
+                           hint="fix the topology's name, or give one with --name")
+    return t.name
+
+
 def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retain: bool = False,
        provision: bool = True) -> Testbed:
     t = topo.load(topology_ref)
-    name = name or t.name
+    name = _testbed_name(name, t)
     img = image_mod.require_image()
     start = time.monotonic()
     with _locked(name):
@@ -207,26 +250,31 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
             what = f"is up ({', '.join(alive)} running)" if alive else "has leftovers from an earlier run"
             raise TestbedError(f"testbed '{name}' {what}",
                                hint=f"'beluga-testbed down {name}' first, or pick another --name")
+        if os.path.lexists(d):
+            raise TestbedError(f"testbed '{name}' has leftovers from an earlier run ({d})",
+                               hint=f"'beluga-testbed down {name}' first, or pick another --name")
+        paths.private_dir(paths.pool_dir())  # refused before anything is made or rolled back there
         chosen, notice = accel_mod.choose(accel, img.kernel)
         info(f"• {notice}")
-        tb = None
+        # Every QEMU this process started, by host: rollback stops each of them, whatever
+        # state.json got to say (the pid goes there too, as each one starts).
         procs: dict[str, subprocess.Popen] = {}
         try:
             with step(f"state folder {d} and pool files ({t.pool_size_bytes >> 20} MiB, sparse)"):
-                d.mkdir(parents=True)
+                paths.make_child_dir(paths.state_dir(), name)
                 ssh.generate_key(d / "id_ed25519")
+                os.chmod(d / "id_ed25519.pub", paths.FILE_MODE)
                 pool_files = _create_pool_files(name, t)
                 if provision:
                     from .provision import POOL_ARGS_FILE, pool_args, signing_plan
-                    (d / POOL_ARGS_FILE).write_text(json.dumps(pool_args(t, sign=signing_plan(t))))
+                    paths.write_private(d / POOL_ARGS_FILE, json.dumps(pool_args(t, sign=signing_plan(t))))
                 hosts = []
-                for h in t.hosts:
-                    files = HostFiles(d / h.name)
-                    files.dir.mkdir()
+                for h, port in zip(t.hosts, _free_ports(len(t.hosts))):
+                    files = HostFiles(paths.make_child_dir(d, h.name))
                     _check_socket_path(files.qmp)
                     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(img.disk),
-                                    str(files.overlay)], check=True, stdin=subprocess.DEVNULL)
-                    port = _free_port()
+                                    str(files.overlay)], check=True, stdin=subprocess.DEVNULL, umask=paths.UMASK)
+                    os.chmod(files.overlay, paths.FILE_MODE)
                     argv = _host_argv(t, name, h, kernel=img.kernel, initrd=img.initrd, cmdline=img.kernel_cmdline,
                                       ssh_port=port, accel=chosen, provision=provision)
                     hosts.append({"name": h.name, "pid": None, "ssh_port": port, "dir": str(files.dir), "argv": argv})
@@ -238,17 +286,9 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
                 })
                 tb.save()
             with step(f"launch {len(hosts)} host(s) under {chosen}"):
-                for h in tb.hosts:
-                    with open(h.files.qemu_log, "w") as log:
-                        p = subprocess.Popen(h.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
-                    procs[h.name] = p
-                    next(x for x in tb.data["hosts"] if x["name"] == h.name)["pid"] = p.pid
-                tb.save()
-                time.sleep(0.3)
-                for h in tb.hosts:
-                    if procs[h.name].poll() is not None:
-                        raise _host_failed(h, f"QEMU exited at start (exit {procs[h.name].returncode})")
+                _launch_all(tb, procs, lambda h, port: _host_argv(
+                    t, name, t.host(h), kernel=img.kernel, initrd=img.initrd, cmdline=img.kernel_cmdline,
+                    ssh_port=port, accel=chosen, provision=provision))
             names = ", ".join(h.name for h in tb.hosts)
             with step(f"wait for {names} to boot (sshd started)" if provision else f"wait for SSH on {names}"):
                 _wait_all_ssh(tb, procs, probe=not provision)
@@ -256,16 +296,123 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
                 from . import provision as prov
                 prov.provision(tb, at_boot=True)
         except BaseException as e:
-            if tb is not None and isinstance(e, KeyboardInterrupt):
+            if isinstance(e, KeyboardInterrupt):
                 info("✗ interrupted")
             if retain:
                 info(f"• --retain: leaving '{name}' as it is for inspection; 'beluga-testbed down {name}' removes it")
             else:
                 with step(f"roll back '{name}'"):
-                    _teardown(name)
+                    try:
+                        for p in procs.values():
+                            _kill(p)
+                    finally:
+                        _teardown(name)
             raise
     info(f"✓ {name} is up: {len(t.hosts)} host(s) ready in {time.monotonic() - start:.1f} s")
     return find(name)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C (or SIGTERM/SIGHUP) waits until the block is done, then raises: between the
+    fork of a QEMU and the note of its pid it would orphan that QEMU. (Handlers, unlike a
+    blocked signal mask, do not pass on to the child.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum))
+           for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if got:
+            raise KeyboardInterrupt
+
+
+def _start(tb: Testbed, name: str, procs: dict[str, subprocess.Popen]) -> None:
+    """Start one host's QEMU; its pid is in `procs` and state.json before anything else runs."""
+    h = tb.host(name)
+    with os.fdopen(paths.create_private(h.files.qemu_log), "w") as log, _interrupts_deferred():
+        # umask: QEMU creates the QMP and serial sockets, the serial log and the pid file;
+        # the serial console is a root shell in the guest.
+        p = subprocess.Popen(h.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True, umask=paths.UMASK)
+        procs[name] = p
+        _host_record(tb, name)["pid"] = p.pid
+        tb.save()
+
+
+def _host_record(tb: Testbed, name: str) -> dict:
+    return next(x for x in tb.data["hosts"] if x["name"] == name)
+
+
+def _launch_all(tb: Testbed, procs: dict[str, subprocess.Popen], argv_for) -> None:
+    """Start every host's QEMU and wait until each answers on QMP (its SSH forward is bound
+    by then). A host whose port another program took in the meantime starts again on
+    another port; any other failure raises, with the end of the host's logs."""
+    for h in tb.hosts:
+        _start(tb, h.name, procs)
+    pending = [h.name for h in tb.hosts]
+    for _ in range(PORT_ATTEMPTS):
+        taken = []
+        for n in pending:
+            h = tb.host(n)
+            why = _wait_started(h, procs[n])
+            if why is None:
+                continue
+            if not _said_port_taken(h):
+                raise _host_failed(h, why)
+            taken.append(n)
+        if not taken:
+            return
+        in_use = {h.ssh_port for h in tb.hosts}
+        for n, port in zip(taken, _free_ports(len(taken), avoid=in_use)):
+            rec = _host_record(tb, n)
+            info(f"• {n}: port {rec['ssh_port']} was taken before QEMU could bind it; again on port {port}")
+            rec["ssh_port"], rec["argv"], rec["pid"] = port, argv_for(n, port), None
+            _start(tb, n, procs)
+        pending = taken
+    h = tb.host(pending[0])
+    raise _host_failed(h, f"no free port for the SSH forward after {PORT_ATTEMPTS} attempts")
+
+
+def _said_port_taken(h: HostState) -> bool:
+    try:
+        return PORT_TAKEN in h.files.qemu_log.read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def _wait_started(h: HostState, p: subprocess.Popen, timeout_s: float = START_TIMEOUT_S) -> str | None:
+    """None once QEMU answers on its QMP socket: its monitor starts after the netdevs, so the
+    SSH forward's port is bound by then. Otherwise why not."""
+    deadline = time.monotonic() + timeout_s
+    while p.poll() is None:
+        if h.files.qmp.exists():
+            try:
+                qmp.execute(h.files.qmp, "query-status", timeout_s=2)
+                return None
+            except Exception:  # noqa: BLE001 - not listening yet, or exiting: poll() says which
+                pass
+        if time.monotonic() > deadline:
+            return f"QEMU did not answer on its QMP socket within {timeout_s:.0f} s"
+        time.sleep(0.05)
+    return f"QEMU exited at start (exit {p.returncode})"
+
+
+def _kill(p: subprocess.Popen) -> None:
+    """Stop a QEMU this process started (rollback: its files go next, nothing to save)."""
+    if p.poll() is not None:
+        return
+    p.terminate()
+    try:
+        p.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(timeout=10)
 
 
 def _check_socket_path(p: Path) -> None:
@@ -275,15 +422,18 @@ def _check_socket_path(p: Path) -> None:
 
 
 def _create_pool_files(name: str, t: topo.Topology) -> dict[str, Path]:
-    d = paths.pool_dir() / name
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
+    """`<pools>/<name>/<device>.raw`, sparse, 0600; never through a symlink."""
+    root = paths.private_dir(paths.pool_dir())
+    paths.remove_child(root, root / name)  # a pool left by a testbed whose state is gone
+    paths.make_child_dir(root, name)
     out = {}
     for dev in t.devices:
         f = _pool_file(name, dev.id)
-        with open(f, "wb") as fh:
-            fh.truncate(dev.size_bytes)
+        fd = paths.create_private(f, exclusive=True)
+        try:
+            os.ftruncate(fd, dev.size_bytes)
+        finally:
+            os.close(fd)
         out[dev.id] = f
     return out
 
@@ -334,17 +484,33 @@ def down(name: str) -> bool:
 
 def _teardown(name: str) -> bool:
     d = testbed_dir(name)
-    found = d.exists() or (paths.pool_dir() / name).exists()
-    if (d / STATE_FILE).is_file():
-        tb = Testbed(name, d, json.loads((d / STATE_FILE).read_text()))
-        map_parallel(_stop_host, tb.hosts)
-    shutil.rmtree(d, ignore_errors=True)
-    shutil.rmtree(paths.pool_dir() / name, ignore_errors=True)
+    paths.check_private(paths.pool_dir())
+    pool = paths.pool_dir() / name
+    found = os.path.lexists(d) or os.path.lexists(pool)
+    if os.path.isdir(d) and not os.path.islink(d):
+        map_parallel(_stop_host, _hosts_to_stop(name, d))
+    paths.remove_child(paths.state_dir(), d)
+    paths.remove_child(paths.pool_dir(), pool)
     with contextlib.suppress(OSError):
-        (paths.state_dir() / f".{name}.lock").unlink()
+        paths.remove_child(paths.state_dir(), paths.state_dir() / f".{name}.lock")
     with contextlib.suppress(OSError):
         paths.pool_dir().rmdir()  # only if empty
     return found
+
+
+def _hosts_to_stop(name: str, d: Path) -> list[HostState]:
+    """The hosts in state.json and, should it be missing or unreadable (a CLI killed in the
+    middle of `up`), every host folder's QEMU pid file: no QEMU outlives its files."""
+    hosts: list[HostState] = []
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        hosts += Testbed(name, d, json.loads((d / STATE_FILE).read_text())).hosts
+    known = {(h.dir, h.pid) for h in hosts}
+    for pidfile in sorted(d.glob(f"*/{HostFiles(Path()).pidfile.name}")):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().strip())
+            if (pidfile.parent, pid) not in known:
+                hosts.append(HostState(pidfile.parent.name, pid, 0, pidfile.parent, []))
+    return hosts
 
 
 def _stop_host(h: HostState) -> None:

@@ -10,7 +10,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ssh
+from . import paths, ssh
 from .log import TestbedError, step
 from .par import map_parallel
 from .topology import Topology
@@ -203,7 +203,7 @@ def verify(tb, regions: dict[str, dict], sign: dict | None = None,
         # From the host machine: the bytes must sit where the interleave arithmetic says.
         for o in offsets:
             loc = locate(t, tb.pool_files, o)
-            with open(loc.file, "rb") as f:
+            with paths.open_nofollow(loc.file, "rb") as f:
                 f.seek(loc.file_offset)
                 got = f.read(SIGNATURE_BYTES)
             if got != sigs[o]:
@@ -215,7 +215,7 @@ def verify(tb, regions: dict[str, dict], sign: dict | None = None,
         # for every host, without another round over SSH.
         for o in offsets:
             loc = locate(t, tb.pool_files, o)
-            with open(loc.file, "r+b") as f:
+            with paths.open_nofollow(loc.file, "r+b") as f:
                 f.seek(loc.file_offset)
                 f.write(bytes(SIGNATURE_BYTES))
         if errors:  # the writer's bytes may sit elsewhere: clear them through its own mapping too

@@ -43,6 +43,14 @@ class HostFiles:
         return self.dir / "qemu.pid"
 
 
+def _v(value: object) -> str:
+    """One value inside a QEMU option list (`key=value,key=value`), commas doubled: QEMU
+    reads ",," as a comma in the value. Names are checked against names.py long before
+    this; here a comma that got through (a path, a name from an old state file) still
+    cannot add a property: `id=mem0,share=off,mem-path=/etc/passwd` once did."""
+    return str(value).replace(",", ",,")
+
+
 def _mib(n: int) -> str:
     return f"{n}M"
 
@@ -57,7 +65,7 @@ def host_argv(t: Topology, host: Host, *, kernel: Path, initrd: Path, cmdline: s
     machine = ["q35", "cxl=on", f"accel={accel}"]
     for wi, w in enumerate(t.windows):
         for ti, target in enumerate(w.targets):
-            machine.append(f"cxl-fmw.{wi}.targets.{ti}={target}")
+            machine.append(f"cxl-fmw.{wi}.targets.{ti}={_v(target)}")
         machine.append(f"cxl-fmw.{wi}.size={_mib(w.size_mib)}")
         machine.append(f"cxl-fmw.{wi}.interleave-granularity={_granularity(w.granularity_bytes)}")
     # `hypervisor=off`: stock kernels refuse to commit a CXL region when they see
@@ -65,7 +73,7 @@ def host_argv(t: Topology, host: Host, *, kernel: Path, initrd: Path, cmdline: s
     cpu = "max,hypervisor=off" if accel == "tcg" else "host,hypervisor=off"
     argv = [
         QEMU,
-        "-name", f"{t.name}/{host.name},debug-threads=on",
+        "-name", f"{_v(t.name)}/{_v(host.name)},debug-threads=on",
         "-machine", ",".join(machine),
         "-cpu", cpu,
         "-smp", str(host.vcpus),
@@ -78,40 +86,41 @@ def host_argv(t: Topology, host: Host, *, kernel: Path, initrd: Path, cmdline: s
         "-append", f"{cmdline} beluga.hostname={host.name}",
         # Virtio devices name bus=pcie.0, or QEMU may try the pxb-cxl bus:
         # "Only PCI/PCIe bridges can be plugged into pxb-cxl".
-        "-drive", f"file={files.overlay},if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap",
+        "-drive", f"file={_v(files.overlay)},if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap",
         "-device", "virtio-blk-pci,drive=disk0,id=disk0-dev,bus=pcie.0",
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
         # romfile=: no iPXE option ROM for the firmware to run; the kernel is loaded directly.
         "-device", "virtio-net-pci,netdev=net0,id=nic0,bus=pcie.0,romfile=",
-        "-fw_cfg", f"name=opt/beluga/authorized_keys,file={authorized_keys}",
+        "-fw_cfg", f"name=opt/beluga/authorized_keys,file={_v(authorized_keys)}",
     ]
     if pool_args and guest_script:
         # The guest creates its region at boot, while the host connects over SSH.
-        argv += ["-fw_cfg", f"name=opt/beluga/pool.json,file={pool_args}",
-                 "-fw_cfg", f"name=opt/beluga/guest_pool.py,file={guest_script}"]
+        argv += ["-fw_cfg", f"name=opt/beluga/pool.json,file={_v(pool_args)}",
+                 "-fw_cfg", f"name=opt/beluga/guest_pool.py,file={_v(guest_script)}"]
     argv += [
-        "-chardev", f"socket,id=serial0,path={files.serial_sock},server=on,wait=off,logfile={files.serial_log}",
+        "-chardev", f"socket,id=serial0,path={_v(files.serial_sock)},server=on,wait=off,"
+                    f"logfile={_v(files.serial_log)}",
         "-serial", "chardev:serial0",
-        "-qmp", f"unix:{files.qmp},server=on,wait=off",
+        "-qmp", f"unix:{_v(files.qmp)},server=on,wait=off",
         "-pidfile", str(files.pidfile),
     ]
     for d in t.devices:
-        argv += ["-object", f"memory-backend-file,id={d.id}-backend,share=on,mem-path={pool_files[d.id]},"
+        argv += ["-object", f"memory-backend-file,id={_v(d.id)}-backend,share=on,mem-path={_v(pool_files[d.id])},"
                             f"size={_mib(d.size_mib)}"]
     slot = 0
     for hb in t.host_bridges:
-        argv += ["-device", f"pxb-cxl,bus_nr={hb.bus_nr},bus=pcie.0,id={hb.id}"]
+        argv += ["-device", f"pxb-cxl,bus_nr={hb.bus_nr},bus=pcie.0,id={_v(hb.id)}"]
         for rp in hb.root_ports:
-            argv += ["-device", f"cxl-rp,port={rp.index},bus={hb.id},id={rp.id},chassis=0,slot={slot}"]
+            argv += ["-device", f"cxl-rp,port={rp.index},bus={_v(hb.id)},id={_v(rp.id)},chassis=0,slot={slot}"]
             slot += 1
             if rp.device:
                 argv += ["-device", _type3(t, rp.device, rp.id)]
                 continue
             sw = rp.switch
             assert sw is not None
-            argv += ["-device", f"cxl-upstream,bus={rp.id},id={sw.id}"]
+            argv += ["-device", f"cxl-upstream,bus={_v(rp.id)},id={_v(sw.id)}"]
             for p in sw.ports:
-                argv += ["-device", f"cxl-downstream,port={p.index},bus={sw.id},id={p.id},chassis=0,slot={slot}"]
+                argv += ["-device", f"cxl-downstream,port={p.index},bus={_v(sw.id)},id={_v(p.id)},chassis=0,slot={slot}"]
                 slot += 1
                 if p.device:
                     argv += ["-device", _type3(t, p.device, p.id)]
@@ -120,4 +129,4 @@ def host_argv(t: Topology, host: Host, *, kernel: Path, initrd: Path, cmdline: s
 
 def _type3(t: Topology, dev_id: str, bus: str) -> str:
     d = t.device(dev_id)
-    return f"cxl-type3,bus={bus},volatile-memdev={d.id}-backend,id={d.id},sn={d.serial}"
+    return f"cxl-type3,bus={_v(bus)},volatile-memdev={_v(d.id)}-backend,id={_v(d.id)},sn={d.serial}"

@@ -2,8 +2,9 @@
 
 A small Llama-style causal LM is built from a config with random weights (no
 download). A "producer" computes the KV cache of a long prompt prefix once and
-stores it as 16-token KV blocks, keyed by the vLLM-style chained prefix-block
-hashes (``beluga.keys.prefix_keys``). Then one request is answered two ways:
+stores it as 16-token KV blocks, keyed by vLLM's own chained prefix-block
+hashes (``beluga.keys.vllm_block_hashes``, sha256_cbor). Then one request is
+answered two ways:
 
 * **full**: prefill the whole prompt (prefix + suffix) and take the next-token
   logits;
@@ -26,7 +27,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
-from ..keys import PrefixContext, prefix_keys
+from ..keys import vllm_block_hashes
 
 BLOCK_TOKENS = 16
 
@@ -94,10 +95,22 @@ def kv_spec(model):
                        block_tokens=BLOCK_TOKENS, dtype="float32")
 
 
-def context_for(model) -> PrefixContext:
-    """Extra keys: KV is only reusable under the same weights, so the model's identity is part of every key."""
+def cache_salt_for(model) -> str:
+    """The model's identity: KV is only reusable under the same weights.
+
+    vLLM keeps one prefix cache per engine (per model), so its block hashes do
+    not name the model; in a pool that several models share, the model goes in
+    as vLLM's cache salt, the key a request uses to keep its blocks apart.
+    """
     c = model.config
-    return PrefixContext(model=f"llama-random-{c.hidden_size}x{c.num_hidden_layers}-seed0")
+    return f"llama-random-{c.hidden_size}x{c.num_hidden_layers}-seed0"
+
+
+def block_keys(ids, salt: str) -> list[bytes]:
+    """The keys of the full 16-token blocks of ``ids``: vLLM's hashes for a request with cache salt ``salt``."""
+    n = len(ids) // BLOCK_TOKENS
+    extra = [(("cache_salt", salt),)] + [None] * (n - 1) if n else None
+    return vllm_block_hashes(ids, block_size=BLOCK_TOKENS, algo="sha256_cbor", extra_keys=extra)
 
 
 def _layer_kv(cache, layer: int):
@@ -145,7 +158,7 @@ def publish_prefix(client, model, prefix_ids) -> int:
     from ..tensor import put_kv_blocks
 
     spec = kv_spec(model)
-    keys = prefix_keys(prefix_ids, block_tokens=spec.block_tokens, context=context_for(model))
+    keys = block_keys(prefix_ids, cache_salt_for(model))
     with torch.no_grad():
         out = model(torch.tensor([prefix_ids]), use_cache=True)
     blocks = cache_to_blocks(out.past_key_values, spec, len(keys))
@@ -172,7 +185,7 @@ def next_token_cached(client, model, ids):
     t0 = time.perf_counter()
     spec = kv_spec(model)
     # At least one token must be computed to get logits: never reuse the block holding the last token.
-    keys = prefix_keys(ids[:-1], block_tokens=spec.block_tokens, context=context_for(model))
+    keys = block_keys(ids[:-1], cache_salt_for(model))
     n = client.lookup_prefix(keys) if keys else 0
     past = None
     if n:

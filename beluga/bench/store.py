@@ -1,4 +1,4 @@
-"""Block-level benchmark workers: the store (pool RPC and TCP), Redis over loopback, memcpy.
+"""Block-level benchmark workers: the store (pool RPC and TCP), Redis and Mooncake Store over loopback, memcpy.
 
 Each measuring process is a ``Worker`` (a child process started with the
 ``spawn`` method, so it shares nothing with the parent but the pool file). The
@@ -20,6 +20,8 @@ KiB = 1024
 MiB = 1024 * KiB
 BATCH = 8
 """Blocks per call in the batched get (``get_many_into``; Redis: MGET): a 128-token prefix of 16-token blocks."""
+PREFIX = 64
+"""Keys per ``lookup_prefix`` in the prefix op: a 1024-token prompt of 16-token blocks, every key a hit."""
 
 
 def block_keys(block_bytes: int, count: int) -> list[bytes]:
@@ -232,12 +234,14 @@ def _memcpy_blocks(block_bytes: int, set_bytes: int, duration_s: float) -> dict:
 
 
 class _State:
-    def __init__(self, wid: int, pool: str | None, redis_port: int | None) -> None:
+    def __init__(self, wid: int, pool: str | None, redis_port: int | None, mooncake: dict | None = None) -> None:
         self.wid = wid
         self.pool = pool
         self.redis_port = redis_port
+        self.mooncake_config = mooncake
         self.clients: dict[str, object] = {}
         self.redis: RespClient | None = None
+        self.mc = None
         self.payloads: dict[int, bytes] = {}
         self.outs: dict[int, bytearray] = {}
 
@@ -257,6 +261,14 @@ class _State:
             self.redis = RespClient("127.0.0.1", self.redis_port)
         return self.redis
 
+    def mooncake(self):
+        if self.mc is None:
+            from .mooncake import MooncakeClient
+
+            self.mc = MooncakeClient(self.mooncake_config["master"],
+                                     local_buffer_bytes=self.mooncake_config["local_buffer_bytes"])
+        return self.mc
+
     def payload(self, n: int) -> bytes:
         if n not in self.payloads:
             self.payloads[n] = os.urandom(n)
@@ -272,6 +284,8 @@ class _State:
             c.close()
         if self.redis is not None:
             self.redis.close()
+        if self.mc is not None:
+            self.mc.close()
 
 
 def _op(state: _State, system: str, op: str, block_bytes: int):
@@ -299,6 +313,30 @@ def _op(state: _State, system: str, op: str, block_bytes: int):
             return rmget
         if op == "lookup":
             return lambda k: (0, r.exists(k))
+    elif system == "mooncake":
+        # Mooncake's keys are strings: the same 32-byte keys, in hex.
+        mc = state.mooncake()
+        if op == "put":
+            data = state.payload(block_bytes)
+            return lambda k: (mc.put(k.hex(), data), (block_bytes, True))[1]
+        if op in ("get", "get_into"):
+            _, addr = mc.buffer(block_bytes)
+
+            def mget(k):
+                n = mc.get_into(k.hex(), addr, block_bytes)
+                return (n or 0, n is not None)
+
+            return mget
+        if op == "get_batch":
+            _, addr = mc.buffer(block_bytes, BATCH)
+
+            def mbatch(ks):
+                got = mc.get_many_into([k.hex() for k in ks], addr, block_bytes)
+                return (sum(n or 0 for n in got), all(n is not None for n in got))
+
+            return mbatch
+        if op == "lookup":
+            return lambda k: (0, mc.exists(k.hex()))
     else:
         c = state.client(system)
         if op == "put":
@@ -328,6 +366,8 @@ def _op(state: _State, system: str, op: str, block_bytes: int):
             return get_batch
         if op == "lookup":
             return lambda k: (0, c.lookup_prefix([k]) == 1)
+        if op == "prefix":
+            return lambda ks: (0, c.lookup_prefix(ks) == len(ks))
         if op == "nop":
             from .. import rpc
 
@@ -356,6 +396,8 @@ def _run(state: _State, task: dict) -> dict:
     random.Random(1000 + state.wid).shuffle(order)
     if task["op"].endswith("_batch"):
         order = [order[j : j + BATCH] for j in range(0, len(order) - BATCH + 1, BATCH)]
+    elif task["op"] == "prefix":
+        order = [order[j : j + PREFIX] for j in range(0, len(order) - PREFIX + 1, PREFIX)]
     fn(order[0])  # warm the code path
     start_at = task["start_at"]
     while time.time() < start_at:
@@ -378,8 +420,8 @@ def _run(state: _State, task: dict) -> dict:
     return {"bytes": moved, "ops": i, "hits": hits, "t0": t0, "t1": pc, "lat": lat.tobytes()}
 
 
-def _worker_main(wid: int, pool: str | None, redis_port: int | None, conn) -> None:
-    state = _State(wid, pool, redis_port)
+def _worker_main(wid: int, pool: str | None, redis_port: int | None, conn, mooncake: dict | None = None) -> None:
+    state = _State(wid, pool, redis_port, mooncake)
     try:
         while True:
             task = conn.recv()
@@ -399,13 +441,13 @@ def _worker_main(wid: int, pool: str | None, redis_port: int | None, conn) -> No
 class Workers:
     """``n`` measuring processes that run the same task together."""
 
-    def __init__(self, n: int, *, pool: str | None, redis_port: int | None) -> None:
+    def __init__(self, n: int, *, pool: str | None, redis_port: int | None, mooncake: dict | None = None) -> None:
         ctx = mp.get_context("spawn")
         self.conns = []
         self.procs = []
         for wid in range(n):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, args=(wid, pool, redis_port, child), daemon=True,
+            p = ctx.Process(target=_worker_main, args=(wid, pool, redis_port, child, mooncake), daemon=True,
                             name=f"beluga-bench-{wid}")
             p.start()
             child.close()
@@ -419,6 +461,7 @@ class Workers:
         for conn, task in zip(self.conns, tasks):
             conn.send(task)
         out = []
+        failed = None
         for conn in self.conns:
             try:
                 if not conn.poll(timeout_s):
@@ -427,8 +470,11 @@ class Workers:
             except (EOFError, OSError) as exc:
                 raise RuntimeError(f"a benchmark worker died ({type(exc).__name__}: {exc})") from None
             if status != "ok":
-                raise RuntimeError(f"benchmark worker failed: {res}")
+                # Read every worker's answer first: one left in its pipe would answer the next task.
+                failed = failed or f"benchmark worker failed: {res}"
             out.append(res)
+        if failed:
+            raise RuntimeError(failed)
         return out
 
     def run_same(self, task: dict, **kw) -> list[dict]:

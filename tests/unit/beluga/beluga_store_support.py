@@ -105,11 +105,12 @@ def store(pool_path):
 class ServiceProcess:
     """`beluga serve` in a child process, killable with SIGKILL."""
 
-    def __init__(self, pool: str, tmp: Path, *, transport: str = "both", extra=()) -> None:
+    def __init__(self, pool: str, tmp: Path, *, transport: str = "both", extra=(), preexec_fn=None) -> None:
         self.pool = pool
         self.tmp = tmp
         self.transport = transport
         self.extra = list(extra)
+        self.preexec_fn = preexec_fn  # runs in the child before exec (e.g. setrlimit)
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -120,7 +121,7 @@ class ServiceProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "beluga.cli", "serve", self.pool, "--transport", self.transport,
              "--ready-file", str(ready), "--takeover-wait", "0.3", *self.extra],
-            stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(),
+            stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), preexec_fn=self.preexec_fn,
         )
         log.close()
         if not wait:
@@ -155,9 +156,9 @@ class ServiceProcess:
 def service_process(pool_path, tmp_path):
     procs = []
 
-    def start(*, transport="both", extra=(), **fmt):
+    def start(*, transport="both", extra=(), preexec_fn=None, **fmt):
         make_pool(pool_path, **fmt)
-        sp = ServiceProcess(pool_path, tmp_path, transport=transport, extra=extra)
+        sp = ServiceProcess(pool_path, tmp_path, transport=transport, extra=extra, preexec_fn=preexec_fn)
         procs.append(sp)
         sp.start()
         return sp

@@ -5,9 +5,13 @@ itself. These tests only make sure it runs and reports what it claims to.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import re
 import shutil
 from array import array
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +20,10 @@ from beluga.bench.store import RespClient
 from beluga.keys import name_key
 
 needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+# CI installs the `bench` extra (`make setup`): there a missing wheel is a failure, not a skip.
+needs_mooncake = pytest.mark.skipif(
+    importlib.util.find_spec("mooncake") is None and os.environ.get("CI") != "true",
+    reason="mooncake-transfer-engine-non-cuda is not installed (pip install -e '.[bench]')")
 
 
 @needs_redis
@@ -81,10 +89,12 @@ def test_bench_runs_end_to_end_and_writes_json_and_png(tmp_path, capsys):
     args = parser.parse_args([
         "--out", str(tmp_path), "--sizes", "64K", "--clients", "1,2", "--rounds", "1", "--duration", "0.05",
         "--working-set", "1M", "--memcpy-buffer", "8M", "--pool-size", "64M", "--no-model", "--quiet",
+        "--no-mooncake",  # measured in its own test below
     ])
     assert bench.main_args(args) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     printed = capsys.readouterr().out
+    assert "mooncake" not in {m["system"] for m in report["measurements"]} and "mooncake" not in report["config"]
     assert "targets:" in printed and "pool RPC round trip faster than TCP" in printed
     assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"] is not None
     seen = {(m["system"], m["op"], m["block_bytes"], m["clients"]) for m in report["measurements"]}
@@ -125,3 +135,84 @@ def test_target_ratios_are_taken_within_rounds_when_rounds_are_there():
     }
     got = {t["target"]: t for t in bench.evaluate(report)}
     assert got["get 256 KiB >= 0.7x memcpy"]["value"] == 0.8 and got["get 256 KiB >= 0.7x memcpy"]["met"]
+
+
+def _tiny_bench(tmp_path, *extra):
+    parser = __import__("argparse").ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args([
+        "--out", str(tmp_path), "--sizes", "16K,256K", "--clients", "1,2", "--rounds", "1", "--duration", "0.05",
+        "--working-set", "1M", "--memcpy-buffer", "8M", "--pool-size", "64M", "--no-model", "--quiet", *extra,
+    ])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+
+
+@needs_mooncake
+def test_bench_measures_mooncake_beside_the_store_and_stops_it(tmp_path, capsys):
+    assert bench.main_args(_tiny_bench(tmp_path, "--markdown")) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    markdown = capsys.readouterr().out
+    assert not any("Mooncake" in n for n in report["notes"]), report["notes"]
+    seen = {(m["system"], m["op"], m["block_bytes"], m["clients"]): m for m in report["measurements"]}
+    for size in (16384, 262144):
+        for op in ("put", "get", "get_batch", "lookup"):
+            for clients in (1, 2):
+                m = seen[("mooncake", op, size, clients)]
+                assert m["hit_ratio"] == 1.0 and m["ops"] > 0, m  # every block put is found in Mooncake
+    assert report["machine"]["mooncake"]  # the wheel's version, in the JSON
+    targets = {t["target"]: t for t in report["targets"]}
+    assert targets["16 KiB get p50 >= 10x lower than Mooncake"]["value"] > 0
+    assert "| 16 KiB | Mooncake | get |" in markdown and "| 256 KiB | Mooncake | get | " in markdown
+    assert "Mooncake Store 0.3" in markdown
+    # The master and the node holding the data were stopped when the run ended.
+    pids = report["config"]["mooncake"]["pids"]
+    assert len(pids) == 2 and all(_gone(p) for p in pids)
+    assert bench.main_args(_tiny_bench(tmp_path, "--from-json", str(tmp_path / "bench.json"))) == 0
+    assert "mooncake" in capsys.readouterr().out  # the text table has its rows too
+
+
+def test_bench_notes_a_mooncake_that_cannot_start_and_runs_on(tmp_path, capsys, monkeypatch):
+    from beluga.bench import mooncake
+
+    # A master that exits at once (here: `false`), as a broken or missing binary would.
+    monkeypatch.setattr(mooncake, "master_executable", lambda: shutil.which("false"))
+    assert bench.main_args(_tiny_bench(tmp_path, "--no-redis", "--sizes", "64K", "--clients", "1")) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    printed = capsys.readouterr().out
+    [note] = [n for n in report["notes"] if "Mooncake" in n]
+    assert re.fullmatch(r"Mooncake baseline skipped: mooncake_master exited with status 1 before it listened "
+                        r"on 127\.0\.0\.1:\d+: no output", note), note
+    assert "note: Mooncake baseline skipped: mooncake_master exited with status 1" in printed
+    assert "Traceback" not in printed
+    assert {m["system"] for m in report["measurements"]} == {"cxl", "tcp"}
+
+
+def test_mooncake_absent_is_a_clear_error(monkeypatch):
+    from beluga.bench import mooncake
+
+    monkeypatch.setattr(mooncake.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(mooncake.MooncakeUnavailable, match=r"mooncake-transfer-engine-non-cuda is not installed "
+                       r"\(pip install -e '\.\[bench\]'"):
+        mooncake.master_executable()
+
+
+def test_a_failed_task_leaves_no_answer_behind_for_the_next():
+    """One worker fails, the other answers: the next task's answers are the next task's (not that one)."""
+    from beluga.bench.store import Workers
+
+    w = Workers(2, pool=None, redis_port=None)
+    try:
+        with pytest.raises(RuntimeError, match="benchmark worker failed: KeyError"):
+            w.run([{"kind": "memcpy_blocks"},  # no block size: fails
+                   {"kind": "memcpy_blocks", "block_bytes": 4096, "set_bytes": 1 << 20, "duration_s": 0.01}])
+        got = w.run_same({"kind": "memcpy", "buffer_bytes": 1 << 20, "duration_s": 0.01})
+        assert all(r["lat"] for r in got), got  # memcpy answers carry latencies; memcpy_blocks answers do not
+    finally:
+        w.close()

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from beluga.bench import kv  # noqa: E402
-from beluga.keys import prefix_keys  # noqa: E402
+from beluga.keys import vllm_block_hashes  # noqa: E402
 from beluga.layout import MiB  # noqa: E402
 from beluga.tensor import put_kv_blocks  # noqa: E402
 
@@ -40,15 +40,19 @@ def test_cached_prefix_gives_the_same_next_token_logits(kvstore, model, prefix_t
     assert c.client_stats().corrupt_misses == 0
 
 
-def test_keys_are_the_prefix_block_hashes_and_a_new_prompt_misses(kvstore, model):
+def test_keys_are_vllms_block_hashes_and_a_new_prompt_misses(kvstore, model):
     c = kvstore.client()
     prefix = list(range(7, 7 + 96))
     assert kv.publish_prefix(c, model, prefix) == 6
-    keys = prefix_keys(prefix, block_tokens=16, context=kv.context_for(model))
+    # The blocks are found under the hashes vLLM computes for this prompt, salted with the model's name.
+    salt = kv.cache_salt_for(model)
+    keys = vllm_block_hashes(prefix, block_size=16, algo="sha256_cbor",
+                             extra_keys=[(("cache_salt", salt),)] + [None] * 5)
     assert c.lookup_prefix(keys) == 6
-    # Same tokens under another model name: different keys, nothing to reuse.
-    other = prefix_keys(prefix, block_tokens=16, context=kv.PrefixContext(model="another-model"))
+    # Same tokens under another model (another salt) or unsalted: different keys, nothing to reuse.
+    other = vllm_block_hashes(prefix, extra_keys=[(("cache_salt", "another-model"),)] + [None] * 5)
     assert c.lookup_prefix(other) == 0
+    assert c.lookup_prefix(vllm_block_hashes(prefix)) == 0
     # A prompt sharing only the first two blocks reuses exactly those.
     ids = prefix[:32] + [1, 2, 3] * 30
     ref, _ = kv.next_token_full(model, ids)
@@ -63,7 +67,7 @@ def test_wrong_kv_under_the_right_keys_is_caught_by_the_logits_check(kvstore, mo
     spec = kv.kv_spec(model)
     prefix = list(range(100, 164))
     suffix = list(range(300, 316))
-    keys = prefix_keys(prefix, block_tokens=16, context=kv.context_for(model))
+    keys = kv.block_keys(prefix, kv.cache_salt_for(model))
     with torch.no_grad():
         wrong = model(torch.tensor([list(range(200, 264))]), use_cache=True).past_key_values
     put_kv_blocks(c, keys, list(kv.cache_to_blocks(wrong, spec, len(keys))), spec)
