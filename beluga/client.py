@@ -154,6 +154,7 @@ class BelugaClient:
         self._slot, self._epoch, self._seq = slot, epoch, seq
         # The service starts draining our touch ring where its head is now.
         self._touch_head = self._touch_seen = L.read_touch_head(self.buf, self.g, slot)
+        self._ring_at = (self.g.touch_ring_offset(slot), self.g.touch_head_offset(slot))
 
     @property
     def slot(self) -> int | None:
@@ -446,6 +447,28 @@ class BelugaClient:
 
     def get(self, key: bytes) -> bytes | None:
         """The block's bytes, or None on a miss (absent, or present but failing verification)."""
+        # The hot path of get_many for one key that hits and verifies at the first try
+        # (no lists, no retries); anything else takes get_many's path.
+        if type(key) is bytes and len(key) == L.KEY_BYTES:
+            off, buckets, tseq = self._table
+            buf = self.buf
+            hit = readpath.probe(buf, off, buckets, tseq, key)
+            if hit:
+                gen, where, length, crc = hit
+                place = L.unpack_where(self.g, where, length)
+                if place is not None:
+                    got = readpath.read_bytes(buf, place[0], place[1], key, gen, length, crc)
+                    if type(got) is bytes:
+                        counts = self._counts
+                        counts["gets"] += 1
+                        counts["hits"] += 1
+                        counts["get_bytes"] += length
+                        slot = self._slot
+                        if slot is not None:
+                            with self._lock:
+                                self._touch_head = L.post_touch(buf, self._ring_at[0], self._ring_at[1],
+                                                                self._touch_head, where, gen)
+                        return got
         return self.get_many([key])[0]
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:

@@ -561,7 +561,7 @@ def format_report(report: dict) -> str:
     lines.append("")
     head = f"{'size':>9} {'system':>8} {'cl':>2} {'op':>9} {'p50 us':>9} {'p99 us':>9} {'GB/s':>7} {'ops/s':>9} {'hit':>5}"
     lines.append(f"(cl = client processes; GB/s and ops/s are aggregates; get_batch = {BATCH} blocks per call, "
-                 f"its latency is per call; nop = empty RPC round trip)")
+                 f"its latency is per call; prefix = lookup_prefix of {PREFIX} keys, per call; nop = empty RPC round trip)")
     lines.append(head)
     ops = {"put": 0, "get": 1, "get_into": 2, "get_batch": 3, "lookup": 4, "prefix": 5, "nop": 6}
     for x in sorted(report["measurements"], key=lambda x: (x["block_bytes"], x["clients"], ORDER[x["system"]], ops[x["op"]])):

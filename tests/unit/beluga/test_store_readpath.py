@@ -22,7 +22,7 @@ from beluga.keys import name_key
 from beluga.pool import Pool
 from beluga.table import LookupTable
 
-from beluga_store_support import REPO, LocalStore, make_pool
+from beluga_store_support import REPO, make_pool
 
 try:
     from beluga import _native
