@@ -4,6 +4,8 @@
  *
  *   crc32(data, value=0) -> int          CRC-32 (zlib polynomial), as zlib.crc32
  *   probe(buf, table_off, buckets, tseq_off, key) -> (gen, where, length, crc) | None | False
+ *   probe_prefix(buf, table_off, buckets, tseq_off, keys, ring_off, head_off, head) -> (hits, head, busy)
+ *   copy_crc(dest, src) -> CRC-32 of the bytes copied (one pass)
  *   read_into(buf, dest, header_off, data_off, key, gen, length, crc) -> int status
  *   read_bytes(buf, header_off, data_off, key, gen, length, crc) -> bytes | int status
  *
@@ -33,6 +35,7 @@
 #define BLOCK_COMPLETE 2
 #define BUCKET_SPINS 1000
 #define TABLE_RETRIES 8
+#define TOUCH_RING_ENTRIES 2048
 
 enum { READ_OK = 0, READ_HEADER = 1, READ_CRC = 2, READ_MOVED = 3 };
 
@@ -257,28 +260,17 @@ static PyObject *py_crc32(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLong(c);
 }
 
-static PyObject *py_probe(PyObject *self, PyObject *args) {
-    Py_buffer pool;
-    unsigned long long table_off, buckets, tseq_off;
-    const char *key;
-    Py_ssize_t keylen;
-    if (!PyArg_ParseTuple(args, "y*KKKy#", &pool, &table_off, &buckets, &tseq_off, &key, &keylen))
-        return NULL;
-    PyObject *result = NULL;
-    const uint8_t *base = pool.buf;
-    size_t size = (size_t)pool.len;
-    if (keylen != KEY_BYTES || buckets < 1 || buckets > size / BUCKET_BYTES || tseq_off + 8 > size
-        || table_off > size || table_off + buckets * BUCKET_BYTES > size) {
-        PyErr_SetString(PyExc_ValueError, "probe: key or table outside the pool");
-        goto out;
-    }
-    uint64_t home = ld64((const uint8_t *)key) % buckets;
+/* The table probe of readpath.py: 1 hit (fields in out[4]), 0 miss, -1 busy. */
+static int probe_one(const uint8_t *base, uint64_t table_off, uint64_t buckets, uint64_t tseq_off,
+                     const uint8_t *key, uint64_t out[4]) {
+    uint64_t home = ld64(key) % buckets;
     for (int attempt = 0; attempt < TABLE_RETRIES; attempt++) {
         uint64_t s = ld64v(base + tseq_off);
         BARRIER();
         if (s & 1)
-            break; /* the service is rebuilding the table */
+            return -1; /* the service is rebuilding the table */
         uint64_t i = home;
+        int moved = 0;
         for (uint64_t n = 0; n < buckets; n++, i = (i + 1 == buckets ? 0 : i + 1)) {
             const uint8_t *b = base + table_off + i * BUCKET_BYTES;
             uint8_t raw[BUCKET_BYTES];
@@ -295,32 +287,135 @@ static PyObject *py_probe(PyObject *self, PyObject *args) {
                         break;
                 }
                 if (++spins >= BUCKET_SPINS)
-                    goto busy;
+                    return -1;
             }
             uint64_t gen = ld64(raw + 40);
             if (gen == 0) {
                 BARRIER();
-                if (ld64v(base + tseq_off) == s) {
-                    result = Py_None;
-                    Py_INCREF(result);
-                    goto out;
-                }
-                goto retry; /* an entry may have moved past us: probe again */
+                if (ld64v(base + tseq_off) == s)
+                    return 0;
+                moved = 1; /* an entry may have moved past us: probe again */
+                break;
             }
             if (memcmp(raw + 8, key, KEY_BYTES) == 0) {
-                result = Py_BuildValue("(KKkk)", (unsigned long long)gen, (unsigned long long)ld64(raw + 48),
-                                       (unsigned long)ld32(raw + 56), (unsigned long)ld32(raw + 60));
-                goto out;
+                out[0] = gen;
+                out[1] = ld64(raw + 48);
+                out[2] = ld32(raw + 56);
+                out[3] = ld32(raw + 60);
+                return 1;
             }
         }
-        break; /* a full table without the key or an empty bucket: not a table this service wrote */
-    retry:;
+        if (!moved)
+            return -1; /* no empty bucket at all: not a table a service wrote */
     }
-busy:
-    result = Py_False;
-    Py_INCREF(result);
-out:
+    return -1;
+}
+
+static int check_table(size_t size, unsigned long long table_off, unsigned long long buckets,
+                       unsigned long long tseq_off) {
+    if (buckets < 1 || buckets > size / BUCKET_BYTES || tseq_off + 8 > size || table_off > size
+        || table_off + buckets * BUCKET_BYTES > size) {
+        PyErr_SetString(PyExc_ValueError, "probe: key or table outside the pool");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *py_probe(PyObject *self, PyObject *args) {
+    Py_buffer pool;
+    unsigned long long table_off, buckets, tseq_off;
+    const char *key;
+    Py_ssize_t keylen;
+    if (!PyArg_ParseTuple(args, "y*KKKy#", &pool, &table_off, &buckets, &tseq_off, &key, &keylen))
+        return NULL;
+    PyObject *result = NULL;
+    if (keylen != KEY_BYTES) {
+        PyErr_SetString(PyExc_ValueError, "probe: key or table outside the pool");
+    } else if (check_table((size_t)pool.len, table_off, buckets, tseq_off)) {
+        uint64_t f[4];
+        int r = probe_one(pool.buf, table_off, buckets, tseq_off, (const uint8_t *)key, f);
+        if (r > 0)
+            result = Py_BuildValue("(KKkk)", (unsigned long long)f[0], (unsigned long long)f[1],
+                                   (unsigned long)f[2], (unsigned long)f[3]);
+        else {
+            result = r == 0 ? Py_None : Py_False;
+            Py_INCREF(result);
+        }
+    }
     PyBuffer_Release(&pool);
+    return result;
+}
+
+/* readpath.py_probe_prefix: leading hits of a key list, each posted as a touch (layout.post_touch). */
+static PyObject *py_probe_prefix(PyObject *self, PyObject *args) {
+    Py_buffer pool;
+    unsigned long long table_off, buckets, tseq_off, ring_off, head_off, head;
+    PyObject *keys;
+    if (!PyArg_ParseTuple(args, "y*KKKOKKK", &pool, &table_off, &buckets, &tseq_off, &keys, &ring_off, &head_off,
+                          &head))
+        return NULL;
+    PyObject *result = NULL;
+    PyObject *seq = PySequence_Fast(keys, "probe_prefix: keys must be a sequence");
+    if (!seq)
+        goto out;
+    size_t size = (size_t)pool.len;
+    if (!check_table(size, table_off, buckets, tseq_off))
+        goto out;
+    if (ring_off > size || ring_off + TOUCH_RING_ENTRIES * 8 > size || head_off + 8 > size) {
+        PyErr_SetString(PyExc_ValueError, "probe_prefix: touch ring outside the pool");
+        goto out;
+    }
+    Py_ssize_t nkeys = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t j = 0; j < nkeys; j++) {
+        if (!PyBytes_Check(items[j]) || PyBytes_GET_SIZE(items[j]) != KEY_BYTES) {
+            PyErr_SetString(PyExc_ValueError, "probe_prefix: every key must be 32 bytes");
+            goto out;
+        }
+    }
+    uint8_t *base = pool.buf;
+    Py_ssize_t n = 0;
+    int busy = 0;
+    uint64_t h = head;
+    for (; n < nkeys; n++) {
+        uint64_t f[4];
+        int r = probe_one(base, table_off, buckets, tseq_off, (const uint8_t *)PyBytes_AS_STRING(items[n]), f);
+        if (r <= 0) {
+            busy = r < 0;
+            break;
+        }
+        uint32_t entry[2] = {(uint32_t)f[1], (uint32_t)f[0]};
+        memcpy(base + ring_off + (h % TOUCH_RING_ENTRIES) * 8, entry, 8);
+        h++;
+    }
+    if (h != head) {
+        BARRIER(); /* entries first, then the head (the service reads the head first) */
+        __atomic_store_n((uint64_t *)(base + head_off), h, __ATOMIC_RELEASE);
+    }
+    result = Py_BuildValue("(nKO)", n, (unsigned long long)h, busy ? Py_True : Py_False);
+out:
+    Py_XDECREF(seq);
+    PyBuffer_Release(&pool);
+    return result;
+}
+
+/* Copy src into dest and return the CRC-32 of what was copied (one pass): a put's data. */
+static PyObject *py_copy_crc(PyObject *self, PyObject *args) {
+    Py_buffer dest, src;
+    if (!PyArg_ParseTuple(args, "w*y*", &dest, &src))
+        return NULL;
+    PyObject *result = NULL;
+    if (dest.len != src.len) {
+        PyErr_SetString(PyExc_ValueError, "copy_crc: destination and source differ in length");
+    } else {
+        uint32_t c;
+        Py_BEGIN_ALLOW_THREADS
+        c = crc_copy(0, src.buf, dest.buf, (size_t)src.len);
+        Py_END_ALLOW_THREADS
+        result = PyLong_FromUnsignedLong(c);
+    }
+    PyBuffer_Release(&dest);
+    PyBuffer_Release(&src);
     return result;
 }
 
@@ -406,6 +501,9 @@ static PyObject *py_read_bytes(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"crc32", py_crc32, METH_VARARGS, "crc32(data, value=0) -> CRC-32 as zlib.crc32"},
     {"probe", py_probe, METH_VARARGS, "probe(buf, table_off, buckets, tseq_off, key) -> hit tuple, None or False"},
+    {"probe_prefix", py_probe_prefix, METH_VARARGS,
+     "probe_prefix(buf, table_off, buckets, tseq_off, keys, ring_off, head_off, head) -> (hits, head, busy)"},
+    {"copy_crc", py_copy_crc, METH_VARARGS, "copy_crc(dest, src) -> CRC-32 of the bytes copied"},
     {"read_into", py_read_into, METH_VARARGS, "read_into(buf, dest, hoff, doff, key, gen, length, crc) -> status"},
     {"read_bytes", py_read_bytes, METH_VARARGS, "read_bytes(buf, hoff, doff, key, gen, length, crc) -> bytes or status"},
     {NULL, NULL, 0, NULL},

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 from . import layout as L
 from . import readpath, rpc
-from .checksum import checksum, copy_and_checksum
+from .checksum import CRC32, checksum, copy_and_checksum
 from .errors import (
     BelugaError, BlockTooLargeError, PoolFullError, ProtocolError, RequestRejectedError, ServiceUnavailableError,
     SessionExpiredError,
@@ -300,8 +300,11 @@ class BelugaClient:
             n = mv.nbytes
             hdr = L.BlockHeader(L.BLOCK_WRITING, n, a.generation, 0, self._slot, key).encode()
             buf[a.header_offset : a.header_offset + L.BLOCK_HEADER_BYTES] = hdr
-            buf[a.data_offset : a.data_offset + n] = mv
-            crc = checksum(algo, mv)
+            if algo == CRC32:
+                crc = readpath.copy_crc(buf[a.data_offset : a.data_offset + n], mv)  # one pass
+            else:
+                buf[a.data_offset : a.data_offset + n] = mv
+                crc = checksum(algo, mv)
             hdr = L.BlockHeader(L.BLOCK_COMPLETE, n, a.generation, crc, self._slot, key).encode()
             buf[a.header_offset : a.header_offset + L.BLOCK_HEADER_BYTES] = hdr
             commits.append((key, a.segment, a.slot, a.generation, n, crc))
@@ -352,20 +355,20 @@ class BelugaClient:
         """How many leading keys are stored (vLLM's prefix-hit count); stops at the first miss."""
         ks = [check_key(k) for k in keys]
         off, buckets, tseq = self._table
-        buf = self.buf
-        probe = readpath.probe
-        touches = []
-        n = 0
-        for key in ks:
-            hit = probe(buf, off, buckets, tseq, key)
-            if hit is None:
-                break
-            if hit is False:  # table being rebuilt: the service answers for the rest
-                n += len(self._lookup(ks[n:], rpc.LOOKUP_STOP_AT_MISS))
-                break
-            touches.append((hit[1], hit[0]))
-            n += 1
-        self._post_touches(touches)
+        with self._lock:  # every hit is posted as a touch, as a LOOKUP always touched
+            if self._slot is not None:
+                n, self._touch_head, busy = readpath.probe_prefix(self.buf, off, buckets, tseq, ks, *self._ring_at,
+                                                                 self._touch_head)
+            else:  # between sessions: no ring of ours to post into
+                n, busy = 0, False
+                for key in ks:
+                    hit = readpath.probe(self.buf, off, buckets, tseq, key)
+                    if not hit:
+                        busy = hit is False
+                        break
+                    n += 1
+        if busy:  # the table cannot answer now: the service does, for the rest
+            n += len(self._lookup(ks[n:], rpc.LOOKUP_STOP_AT_MISS))
         return n
 
     def _post_touches(self, touches: list[tuple[int, int]]) -> None:

@@ -16,6 +16,15 @@ test run must not pass on the fallback by accident).
     A miss counts only if the table sequence did not move during the probe
     (the service moves it before relocating entries), else the probe repeats.
 
+``probe_prefix(buf, table_off, buckets, tseq_off, keys, ring_off, head_off, head)``
+    ``probe`` of each key in turn until the first miss, posting a touch
+    (layout.post_touch) for each hit: -> ``(hits, new head, busy)``; busy
+    means the key after the hits could not be probed (ask the service).
+
+``copy_crc(dest, src)``
+    Copy ``src`` into ``dest`` (same length) -> the CRC-32 of the copied bytes
+    (a put: one pass over the data instead of a copy and a checksum).
+
 ``read_into(buf, dest, header_off, data_off, key, generation, length, data_crc)``
 ``read_bytes(buf, header_off, data_off, key, generation, length, data_crc)``
     Read the block header (it must be intact, COMPLETE and name exactly this
@@ -76,6 +85,30 @@ def py_probe(buf, table_off: int, buckets: int, tseq_off: int, key: bytes):
     return False
 
 
+def py_probe_prefix(buf, table_off: int, buckets: int, tseq_off: int, keys, ring_off: int, head_off: int,
+                    head: int):
+    if ring_off + L.TOUCH_RING_BYTES > len(buf) or head_off + 8 > len(buf):
+        raise ValueError("probe_prefix: touch ring outside the pool")
+    if any(type(key) is not bytes or len(key) != L.KEY_BYTES for key in keys):
+        raise ValueError("probe_prefix: every key must be 32 bytes")
+    n = 0
+    for key in keys:
+        hit = py_probe(buf, table_off, buckets, tseq_off, key)
+        if hit is None or hit is False:
+            return n, head, hit is False
+        head = L.post_touch(buf, ring_off, head_off, head, hit[1], hit[0])
+        n += 1
+    return n, head, False
+
+
+def py_copy_crc(dest, src) -> int:
+    dest, src = memoryview(dest).cast("B"), memoryview(src).cast("B")
+    if dest.nbytes != src.nbytes:
+        raise ValueError("copy_crc: destination and source differ in length")
+    dest[:] = src
+    return crc32(src) & 0xFFFFFFFF
+
+
 def _header(buf, off: int) -> bytes:
     return bytes(buf[off : off + L.BLOCK_HEADER_BYTES])
 
@@ -134,9 +167,10 @@ def _select():
                     f"{why} but the C read path is not built ({exc}); run `make setup` "
                     f"(or `python -m beluga.native_build`), or set BELUGA_NATIVE=0 for the Python path") from exc
         else:
-            return _native.probe, _native.read_into, _native.read_bytes, "native"
-    return py_probe, py_read_into, py_read_bytes, "python"
+            return (_native.probe, _native.probe_prefix, _native.copy_crc, _native.read_into, _native.read_bytes,
+                    "native")
+    return py_probe, py_probe_prefix, py_copy_crc, py_read_into, py_read_bytes, "python"
 
 
-probe, read_into, read_bytes, IMPLEMENTATION = _select()
+probe, probe_prefix, copy_crc, read_into, read_bytes, IMPLEMENTATION = _select()
 """The read path in use here, and its name ("native" or "python")."""

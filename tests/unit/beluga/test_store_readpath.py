@@ -267,3 +267,31 @@ def test_recovery_rebuilds_the_table_from_metadata_whatever_it_held(store):
         assert c.get(key) == (None if key == k(4) else data)
     assert c.client_stats().rpc_calls == calls  # all from the rebuilt table
     store.service.check_invariants()
+
+
+def test_both_paths_probe_prefixes_post_the_same_touches_and_copy_with_the_same_crc(store):
+    c = store.client()
+    g, buf = store.pool.geometry, store.pool.buf
+    c.put_many([(k(i), bytes([i]) * 700) for i in range(5)])
+    ring, head_at = g.touch_ring_offset(c.slot), g.touch_head_offset(c.slot)
+    keys = [k(0), k(1), k(2), k("absent"), k(3)]
+    results = {}
+    for name, fn in [("python", readpath.py_probe_prefix)] + (
+            [("native", _native.probe_prefix)] if _native is not None else []):
+        head = L.read_touch_head(buf, g, c.slot)
+        got = fn(buf, g.table_offset, g.table_buckets, g.table_seq_offset, keys, ring, head_at, head)
+        assert got[0] == 3 and got[1] == head + 3 and got[2] is False
+        assert L.read_touch_head(buf, g, c.slot) == got[1]
+        _, posted = L.read_touches(buf, g, c.slot, head)
+        results[name] = posted
+        with pytest.raises(ValueError, match="32 bytes"):
+            fn(buf, g.table_offset, g.table_buckets, g.table_seq_offset, [b"short"], ring, head_at, head)
+    assert len({repr(v) for v in results.values()}) == 1
+    hits = [probe_all(buf, g, key) for key in keys[:3]]
+    assert results["python"] == [(h[1] & 0xFFFFFFFF, h[0] & 0xFFFFFFFF) for h in hits]
+    src = os.urandom(300_000)
+    for fn in [readpath.py_copy_crc] + ([_native.copy_crc] if _native is not None else []):
+        dest = bytearray(len(src))
+        assert fn(dest, src) == zlib.crc32(src) and dest == src
+        with pytest.raises(ValueError, match="length"):
+            fn(bytearray(3), src)
