@@ -353,13 +353,21 @@ class BelugaClient:
 
     def lookup_prefix(self, keys: Sequence[bytes]) -> int:
         """How many leading keys are stored (vLLM's prefix-hit count); stops at the first miss."""
-        ks = [check_key(k) for k in keys]
+        # Keys that are all 32-byte bytes objects go as they are (the reader checks them);
+        # anything else is checked and converted first (InvalidKeyError names the problem).
+        ks = keys if type(keys) in (list, tuple) else list(keys)
         off, buckets, tseq = self._table
         with self._lock:  # every hit is posted as a touch, as a LOOKUP always touched
             if self._slot is not None:
-                n, self._touch_head, busy = readpath.probe_prefix(self.buf, off, buckets, tseq, ks, *self._ring_at,
-                                                                 self._touch_head)
+                try:
+                    n, self._touch_head, busy = readpath.probe_prefix(
+                        self.buf, off, buckets, tseq, ks, *self._ring_at, self._touch_head)
+                except ValueError:
+                    ks = [check_key(k) for k in ks]
+                    n, self._touch_head, busy = readpath.probe_prefix(
+                        self.buf, off, buckets, tseq, ks, *self._ring_at, self._touch_head)
             else:  # between sessions: no ring of ours to post into
+                ks = [check_key(k) for k in ks]
                 n, busy = 0, False
                 for key in ks:
                     hit = readpath.probe(self.buf, off, buckets, tseq, key)
