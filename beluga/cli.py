@@ -214,6 +214,8 @@ def cmd_stat(args) -> int:
     print(f"  service: {'running' if svc['running'] else 'not running'}"
           + (f" pid {svc['pid']} on {svc['host']} tcp {svc['tcp_address'] or '-'}" if svc["running"] else ""))
     print(f"  clients: {len(report['clients'])}")
+    for problem in report["invalid_records"]:
+        print(f"  invalid record (the service refuses to start on it): {problem}")
     if "service_stats" in report:
         print("  service stats: " + json.dumps(report["service_stats"]["counters"], sort_keys=True))
     return EXIT_OK

@@ -32,6 +32,12 @@ from .pool import Pool
 from .transport import CxlChannel, LocalChannel, TcpChannel
 
 
+_SESSION_BOUND_OPS = (rpc.OP_COMMIT, rpc.OP_ABORT)
+"""Requests about reservations, which end with the session: sent again under a new session they
+would name slots that are no longer (or never were) that session's. The caller learns
+SessionExpiredError instead, and a put allocates again."""
+
+
 @dataclass(frozen=True)
 class ClientStats:
     puts: int = 0
@@ -191,7 +197,7 @@ class BelugaClient:
                     seq, status, resp = rpc.decode_response(raw)
                     if seq != self._seq and status != rpc.BAD_REQUEST:
                         raise ProtocolError(f"response for request {seq} arrived while waiting for {self._seq}")
-                if status == rpc.UNKNOWN_SESSION and attempt == 0:
+                if status == rpc.UNKNOWN_SESSION and attempt == 0 and op not in _SESSION_BOUND_OPS:
                     # Our heartbeat was missed (paused process, service restarted without our slot):
                     # take a new slot and try once more. The old session's leases are gone.
                     self._counts["reregistrations"] += 1
@@ -278,6 +284,7 @@ class BelugaClient:
                     raise
                 # Reservations belong to a session; a new session must allocate again.
                 with self._lock:
+                    self._counts["reregistrations"] += 1
                     self._slot = None
                     self.channel.close()
 

@@ -392,6 +392,8 @@ SERVICE_LINE = struct.Struct("<QQQ")
 SL_OWNER = 0
 SL_RESP_SEQ = 8
 SL_EPOCH = 16
+MAX_EPOCH = (1 << 32) - 1
+"""Epochs are stored in 32 bits in segment and index records; the next grant adds one."""
 U64 = struct.Struct("<Q")
 
 
@@ -431,6 +433,43 @@ class SegmentEntry:
 FREE_SEGMENT = SegmentEntry(SEG_FREE, 0, 0, 0, 0)
 
 
+def segment_entry_problem(g: Geometry, entry: SegmentEntry) -> str | None:
+    """Why an intact segment-table record cannot have been written by the service, or None.
+
+    A CRC only proves that a record was not torn, not that its fields are sane. The slot
+    size decides how many index entries, headers and data slots of the segment are used and
+    where they lie: within the granularity's bounds they stay inside this segment's own
+    index, header and data regions; outside them they reach into other segments' (or past
+    the pool's end).
+    """
+    if entry.state not in SEG_STATE_NAMES:
+        known = ", ".join(f"{k} {v}" for k, v in SEG_STATE_NAMES.items())
+        return f"state {entry.state} is unknown (known: {known})"
+    if entry.state == SEG_FREE:
+        return None
+    d, gran, seg = entry.data_slot_bytes, g.slot_granularity_bytes, g.segment_size_bytes
+    if d % gran or not gran <= d <= seg:
+        return (f"data_slot_bytes {d} is not a multiple of the {gran}-byte slot granularity "
+                f"between {gran} and the {seg}-byte segment size")
+    if entry.slot_count != seg // d:
+        return (f"slot_count {entry.slot_count} does not match data_slot_bytes {d} "
+                f"(a {seg}-byte segment holds {seg // d} such slots)")
+    return None
+
+
+def index_entry_problem(entry: "IndexEntry", data_slot_bytes: int) -> str | None:
+    """Why an intact index entry of a segment with this slot size cannot be the service's, or None."""
+    if entry.state not in ENTRY_STATE_NAMES:
+        known = ", ".join(f"{k} {v}" for k, v in ENTRY_STATE_NAMES.items())
+        return f"state {entry.state} is unknown (known: {known})"
+    if entry.generation >= MAX_GENERATION:
+        return f"generation {entry.generation} is beyond 2^62, more allocations than any pool can have made"
+    if entry.state != ENTRY_FREE and entry.length_bytes > data_slot_bytes:
+        # A reader would be sent past its slot: into the next slot, segment or beyond the pool.
+        return f"length_bytes {entry.length_bytes} exceeds the segment's {data_slot_bytes}-byte slots"
+    return None
+
+
 def write_segment_entry(buf, offset: int, entry: SegmentEntry) -> None:
     # Copy A, then copy B: if the writer dies mid-way, one intact copy (old or new) remains.
     raw = entry.encode()
@@ -455,6 +494,10 @@ U32 = struct.Struct("<I")
 ENTRY_FREE = 0
 ENTRY_RESERVED = 1
 ENTRY_COMMITTED = 2
+ENTRY_STATE_NAMES = {ENTRY_FREE: "free", ENTRY_RESERVED: "reserved", ENTRY_COMMITTED: "committed"}
+MAX_GENERATION = 1 << 62
+"""Generations count allocations from 1; no pool reaches this, and the service's u64 counters
+(generation high-water = a generation + 65536) must not overflow past it."""
 #   state B | pad B | owner_slot H | owner_epoch I | generation Q | length I | data_crc I | key 32s | pad 4 | crc I
 INDEX_ENTRY = struct.Struct("<BBHIQII32s4xI")
 

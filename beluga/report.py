@@ -29,20 +29,28 @@ def pool_report(pool: Pool) -> dict:
     committed = reserved = committed_bytes = torn = 0
     classes: dict[int, int] = {}
     keys = []
+    invalid = []  # intact records the service cannot have written (it refuses to start on them)
     for si in range(g.segment_count):
         entry = L.read_segment_entry(buf, g.segment_entry_offset(si))
         if entry is None:
             torn += 1
             continue
-        seg_states[L.SEG_STATE_NAMES.get(entry.state, "free")] += 1
+        problem = L.segment_entry_problem(g, entry)
+        if problem:
+            invalid.append(f"segment {si}: {problem}")
+            continue
+        seg_states[L.SEG_STATE_NAMES[entry.state]] += 1
         if entry.state == L.SEG_FREE:
             continue
         classes[entry.data_slot_bytes] = classes.get(entry.data_slot_bytes, 0) + 1
         for sl in range(entry.slot_count):
             off = g.index_entry_offset(si, sl)
             e = L.IndexEntry.decode(buf[off : off + L.INDEX_ENTRY_BYTES])
+            problem = L.index_entry_problem(e, entry.data_slot_bytes) if e is not None else None
             if e is None:
                 torn += 1
+            elif problem:
+                invalid.append(f"segment {si} slot {sl}: {problem}")
             elif e.state == L.ENTRY_COMMITTED:
                 committed += 1
                 committed_bytes += e.length_bytes
@@ -73,5 +81,6 @@ def pool_report(pool: Pool) -> dict:
         "committed_bytes": committed_bytes,
         "reserved": reserved,
         "torn_records": torn,
+        "invalid_records": invalid,
         "distinct_keys": len(set(keys)),
     }

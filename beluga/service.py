@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from . import layout as L
 from . import rpc
-from .errors import ProtocolError, ServiceBusyError
+from .errors import CorruptPoolError, ProtocolError, ServiceBusyError
 from .pool import Pool
 from .table import LookupTable
 from .tcpserver import TcpServer
@@ -276,6 +276,16 @@ class MetadataService:
         return gen
 
     # ------------------------------------------------------------ recovery
+    def _refuse(self, what: str, *, checksummed: bool = True) -> CorruptPoolError:
+        """A record the service cannot have written (intact, if it has a CRC): stop, hand the pool back."""
+        self.release_pool()
+        path = self.pool.path
+        torn = "Its checksum is valid, so it is no record torn by a crash: the" if checksummed else "The"
+        return CorruptPoolError(
+            f"{path}: {what}. {torn} metadata was damaged or crafted, and recovery refuses to act on it "
+            f"(it would read or overwrite other records). `beluga stat {path}` shows the pool; "
+            f"`beluga format --force {path}` starts it over (its blocks are lost)")
+
     def _recover(self) -> None:
         t0 = time.perf_counter()
         now = self.clock()
@@ -283,28 +293,34 @@ class MetadataService:
         for slot in range(g.max_clients):
             base = g.host_slot_offset(slot)
             owner, resp_seq, epoch = _QQQ.unpack_from(self.buf, base + L.SERVICE_LINE_OFFSET)
+            if epoch >= L.MAX_EPOCH:
+                raise self._refuse(f"client slot {slot}: service line: epoch {epoch} does not fit the 32-bit owner "
+                                   f"epoch of segment and index records", checksummed=False)
             if owner:
                 _, req_seq, hb = _QQQ.unpack_from(self.buf, base + L.CLIENT_LINE_OFFSET)
                 # Liveness restarts now: a client gets a full timeout to show its heartbeat.
                 self.clients[slot] = _Client(slot, owner, epoch, hb, now, resp_seq, "resumed")
                 self._touch_tail[slot] = L.read_touch_head(self.buf, g, slot)  # LRU order is soft state
+        if self._gen_high_water >= L.MAX_GENERATION:
+            raise self._refuse(f"service area: generation_high_water {self._gen_high_water} is beyond 2^62, "
+                               f"more allocations than any pool can have made", checksummed=False)
         max_gen = 0
         committed = reserved = torn = dup = 0
+        # Entries to free, written only once every record has been read and found valid:
+        # a refused pool is left exactly as it was.
+        repairs: list[tuple[int, int, int]] = []
         for si, seg in enumerate(self.segments):
             entry = L.read_segment_entry(self.buf, g.segment_entry_offset(si))
-            if entry is None or entry.state == L.SEG_FREE or entry.data_slot_bytes == 0:
+            problem = L.segment_entry_problem(g, entry) if entry is not None else None
+            if problem:
+                raise self._refuse(f"segment {si}: segment-table entry: {problem}")
+            if entry is None or entry.state == L.SEG_FREE:
                 seg.state = L.SEG_FREE
                 if entry is None:
                     torn += 1
                 self._free_segments.append(si)
                 continue
             lay = self._layout(entry.data_slot_bytes)
-            if lay.slot_count != entry.slot_count:
-                _log(f"segment {si}: recorded {entry.slot_count} slots but class {entry.data_slot_bytes} has "
-                     f"{lay.slot_count}; treating it as free")
-                seg.state = L.SEG_FREE
-                self._free_segments.append(si)
-                continue
             seg.state = entry.state
             seg.layout = lay
             seg.owner = (entry.owner_slot, entry.owner_epoch) if entry.state == L.SEG_OPEN else None
@@ -315,9 +331,12 @@ class MetadataService:
                 e = L.IndexEntry.decode(raw[sl * L.INDEX_ENTRY_BYTES : (sl + 1) * L.INDEX_ENTRY_BYTES])
                 if e is None:
                     torn += 1  # a write cut short: never acknowledged, so it is as if it never happened
-                    self._persist_entry(si, sl, None)
+                    repairs.append((si, sl, 0))
                     seg.free.append(sl)
                     continue
+                problem = L.index_entry_problem(e, lay.data_slot_bytes)
+                if problem:
+                    raise self._refuse(f"segment {si} slot {sl}: index entry: {problem}")
                 max_gen = max(max_gen, e.generation)
                 if e.state == L.ENTRY_COMMITTED:
                     blk = _Block(L.ENTRY_COMMITTED, e.key, e.generation, e.length_bytes, e.data_crc,
@@ -333,11 +352,13 @@ class MetadataService:
                         owner.reservations.add((si, sl))
                         reserved += 1
                     else:
-                        self._persist_entry(si, sl, None, e.generation)
+                        repairs.append((si, sl, e.generation))
                         seg.free.append(sl)
                 else:
                     seg.free.append(sl)
             heapq.heapify(seg.free)
+        for si, sl, gen in repairs:
+            self._persist_entry(si, sl, None, gen)
         # Rebuild the index; LRU order is soft state, approximated by generation.
         order = []
         for seg in self.segments:
@@ -500,11 +521,16 @@ class MetadataService:
                 continue
             if not self._transferable(seg, me):
                 continue
-            self._unindex(key)
+            # The slot goes straight to this client: the segment keeps its class and never
+            # passes through "free". (Through _unindex, a sealed segment whose last block this
+            # was went back on the free list while this client took it, so the next ALLOC of
+            # any client reopened it and wiped this client's reservation.)
+            del self.index[key]
+            blk = seg.blocks.pop(sl)
+            self._persist_entry(si, sl, None, blk.generation)
+            heapq.heappush(seg.free, sl)
             self.counters["evictions"] += 1
-            if seg.state == L.SEG_FREE:
-                self._open(seg, data_slot_bytes, me)
-            elif seg.owner != me:
+            if seg.owner != me:
                 self._set_owner(seg, me)
             return seg
         # Otherwise free a whole segment of another class: the one used least recently.

@@ -47,6 +47,7 @@ from pathlib import Path
 
 from .. import layout as L
 from .mooncake import MooncakeServer, MooncakeUnavailable
+from .sizing import POOL_MAX_CLIENTS, memcpy_buffer_bytes, plan_working_set, segment_bytes_for
 from .store import BATCH, PREFIX, KiB, MiB, RespClient, Workers, block_keys
 
 DEFAULT_SIZES = "16K,256K,2.5M"
@@ -216,10 +217,8 @@ def make_pool(path: str, size_bytes: int, max_block: int) -> L.Geometry:
     """Format a pool whose segments hold the largest block, and fault in all its pages."""
     from ..pool import Pool, format_pool
 
-    seg = 2 * MiB
-    while seg < max_block:
-        seg *= 2
-    res = format_pool(path, size_bytes=size_bytes, force=True, segment_size_bytes=seg, max_clients=32)
+    res = format_pool(path, size_bytes=size_bytes, force=True, segment_size_bytes=segment_bytes_for(max_block),
+                      max_clients=POOL_MAX_CLIENTS)
     with Pool.open(path) as pool:
         zeros = bytes(64 * MiB)
         start, end = res.geometry.segments_offset, res.geometry.used_bytes
@@ -275,10 +274,13 @@ def run(args) -> dict:
     sizes = parse_list(args.sizes, L.parse_size)
     client_counts = parse_list(args.clients, int)
     prefixes = parse_list(args.model_prefixes, int)
+    l3 = l3_cache_bytes()
+    # Writers: the fill and put workers, and worker 0's TCP client. Refused before anything starts.
+    plan = plan_working_set(sizes, args.pool_size, l3_bytes=l3, requested_bytes=args.working_set,
+                            writers=max(client_counts) + 1)
     machine = describe_machine()
-    l3 = machine["l3_cache_bytes"]
-    working_set = args.working_set or max(96 * MiB, 3 * l3)
-    memcpy_bytes = args.memcpy_buffer or max(256 * MiB, 8 * l3)
+    working_set = plan.per_size_bytes
+    memcpy_bytes, memcpy_capped = memcpy_buffer_bytes(l3, args.memcpy_buffer)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="beluga-bench-"))
@@ -287,16 +289,19 @@ def run(args) -> dict:
         "machine": machine,
         "config": {"sizes": sizes, "clients": client_counts, "rounds": args.rounds, "duration_s": args.duration,
                    "working_set_bytes": working_set, "memcpy_buffer_bytes": memcpy_bytes, "pool": pool,
-                   "pool_size_bytes": args.pool_size, "model_prefixes": prefixes if args.model else []},
+                   "pool_size_bytes": args.pool_size, "model_prefixes": prefixes if args.model else [],
+                   "working_set_wanted_bytes": plan.wanted_bytes, "working_set_total_bytes": plan.total_bytes,
+                   "working_set": plan.describe()},
         "measurements": [], "memcpy": {}, "memcpy_blocks": {}, "model": None, "targets": [], "notes": [],
     }
+    report["notes"] += [note for note in (plan.capped, memcpy_capped) if note]
     t_start = time.monotonic()
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     service = redis = mooncake = None
     workers: dict[int, Workers] = {}
     try:
-        say(f"beluga bench: pool {pool} ({args.pool_size >> 20} MiB, pages faulted in), "
-            f"working set {working_set >> 20} MiB per block size, memcpy buffers {memcpy_bytes >> 20} MiB")
+        say(f"beluga bench: pool {pool} (pages faulted in), {plan.describe()}, "
+            f"memcpy buffers {memcpy_bytes >> 20} MiB")
         geometry = make_pool(pool, args.pool_size, max(sizes))
         report["config"]["segment_size_bytes"] = geometry.segment_size_bytes
         service = StoreService(pool, tmp)
@@ -306,7 +311,7 @@ def run(args) -> dict:
             except (FileNotFoundError, RuntimeError) as exc:
                 report["notes"].append(f"Redis baseline skipped: {exc}")
                 say(f"beluga bench: Redis baseline skipped: {exc}")
-        keysets = {s: block_keys(s, max(16, -(-working_set // s))) for s in sizes}
+        keysets = {s: block_keys(s, n) for s, n in plan.blocks.items()}
         if args.mooncake:
             # One segment for every size's working set, with room to spare: Mooncake starts
             # evicting at 90% full, and an upsert allocates the new copy before freeing the old.
@@ -558,6 +563,8 @@ def format_report(report: dict) -> str:
                  f"{'VM' if m['virtualized'] else 'bare metal'}, kernel {m['kernel']}, CRC-32 via {m['crc32_implementation']}")
     lines.append(f"memcpy ({report['config']['memcpy_buffer_bytes'] >> 20} MiB buffers): " + ", ".join(
         f"{n} proc {v:.2f} GB/s" for n, v in report["memcpy"].items()))
+    if report["config"].get("working_set"):
+        lines.append(report["config"]["working_set"])
     lines.append("")
     head = f"{'size':>9} {'system':>8} {'cl':>2} {'op':>9} {'p50 us':>9} {'p99 us':>9} {'GB/s':>7} {'ops/s':>9} {'hit':>5}"
     lines.append(f"(cl = client processes; GB/s and ops/s are aggregates; get_batch = {BATCH} blocks per call, "
@@ -754,9 +761,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=5, help="repetitions of every measurement; medians are reported (default 5)")
     p.add_argument("--duration", type=float, default=0.3, help="seconds per measurement (default 0.3)")
     p.add_argument("--working-set", type=L.parse_size, default=0,
-                   help="bytes of blocks per size (default: max(96M, 3 x L3)): larger than the caches")
+                   help="bytes of blocks per size (default: max(96M, 3 x L3), capped to what the pool holds): "
+                        "larger than the caches; one that does not fit --pool-size is refused")
     p.add_argument("--memcpy-buffer", type=L.parse_size, default=0,
-                   help="bytes per memcpy buffer (default: max(256M, 8 x L3)): larger than the caches")
+                   help="bytes per memcpy buffer (default: max(256M, 8 x L3), at most 1G): larger than the caches")
     p.add_argument("--pool-size", type=L.parse_size, default=1024 * MiB, help="pool file size (default 1G)")
     p.add_argument("--pool", help="pool file to (re)format and use (default: a new file in /dev/shm, removed after)")
     p.add_argument("--no-redis", dest="redis", action="store_false", help="skip the Redis baseline")

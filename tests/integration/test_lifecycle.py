@@ -1,5 +1,7 @@
 """up / exec / status / down of a two-host topology, and rollback after a failed launch."""
 import json
+import os
+import shutil
 from pathlib import Path
 
 from .conftest import cli, qemu_processes_under
@@ -39,13 +41,22 @@ def test_up_exec_down_two_hosts(isolated_dirs, tmp_path):
     assert "was not running" in cli("down", "life").stderr  # idempotent
 
 
-def test_rollback_after_a_host_fails_to_launch(isolated_dirs, tmp_path):
+def test_rollback_after_a_host_fails_to_launch(isolated_dirs, tmp_path, monkeypatch):
     state, pools = isolated_dirs
-    # host1 asks for more memory than QEMU can map: it dies at start, host0 boots fine.
-    text = TOPO.read_text().replace("hosts:\n  count: 2\n  vcpus: 1\n  memory_mib: 1024\n",
-                                    "hosts:\n  - {name: host0}\n  - {name: host1, memory_mib: 1073741824}\n")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(text)
+    # host1's QEMU dies at start (a wrapper first on PATH fails for it and execs the
+    # real QEMU for host0, which boots fine). Topology validation now refuses the
+    # impossible sizes that used to make QEMU fail here.
+    real = shutil.which("qemu-system-x86_64")
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    wrapper = wrappers / "qemu-system-x86_64"
+    wrapper.write_text("#!/bin/sh\n"
+                       'case "$*" in *"/host1,"*|*"/host1 "*|*"rb/host1"*) '
+                       'echo "qemu-system-x86_64: planted failure for host1" >&2; exit 1 ;; esac\n'
+                       f'exec {real} "$@"\n')
+    wrapper.chmod(0o700)
+    monkeypatch.setenv("PATH", f"{wrappers}:{os.environ['PATH']}")
+    bad = TOPO
     r = cli("up", str(bad), "--name", "rb", check=False)
     assert r.returncode == 1
     assert "host1: QEMU exited" in r.stderr and "QEMU log" in r.stderr

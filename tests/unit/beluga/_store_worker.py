@@ -4,6 +4,7 @@
     reader POOL LOG TRANSPORT STOPFILE LOGDIR      read acknowledged blocks and check every byte
     hold   POOL KEYHEX READYFILE                   hold a zero-copy view (lease) forever
     stall  POOL READYFILE                          allocate, write half a block, never commit
+    switch POOL LOG WRITER_ID PUTS SIZES           put PUTS blocks, changing size class every few puts
 
 Writers log "ACK key size" only after put() returned and "DELETING key"
 before a delete is sent, so the parent knows exactly which keys must survive.
@@ -21,7 +22,7 @@ from beluga import layout as L
 from beluga import rpc
 from beluga.cli import random_bytes
 from beluga.client import BelugaClient
-from beluga.errors import BelugaError, ServiceUnavailableError
+from beluga.errors import BelugaError, PoolFullError, ServiceUnavailableError
 from beluga.keys import name_key
 
 
@@ -156,6 +157,36 @@ def stall(pool: str, readyfile: str) -> None:
         time.sleep(1)
 
 
+def switch(pool: str, log: str, wid: str, puts: str, sizes: str) -> None:
+    """Put blocks into a pool kept full by writers like this one, moving through the size classes.
+
+    Every put must succeed or raise PoolFullError; whatever else it raises is logged as ERROR.
+    A block read back right after its put is its bytes or a miss (evicted since), never other bytes.
+    """
+    classes = [int(x) for x in sizes.split(",")]
+    out = open(log, "a", buffering=1)
+    c = BelugaClient(pool, rpc_timeout_s=10.0, heartbeat_interval_s=0.1)
+    stored = full = 0
+    for n in range(int(puts)):
+        size = classes[(n // 4 + int(wid)) % len(classes)] - n % 3  # a few puts per class, then the next
+        key = name_key(f"switch-{wid}-{n}")
+        data = random_bytes(size, key.hex())
+        try:
+            c.put(key, data)
+        except PoolFullError:
+            full += 1
+            continue
+        except BelugaError as exc:
+            out.write(f"ERROR put of {size} bytes: {type(exc).__name__}: {exc}\n")
+            continue
+        stored += 1
+        got = c.get(key)
+        if got is not None and got != data:
+            out.write(f"TORN {key.hex()}\n")
+    c.close()
+    out.write(f"DONE stored={stored} full={full}\n")
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    {"writer": writer, "reader": reader, "hold": hold, "stall": stall}[mode](*args)
+    {"writer": writer, "reader": reader, "hold": hold, "stall": stall, "switch": switch}[mode](*args)

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from beluga.bench import run as bench
+from beluga.bench import sizing
 from beluga.bench.store import RespClient
 from beluga.keys import name_key
 
+MiB = 1024 * 1024
 needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 # CI installs the `bench` extra (`make setup`): there a missing wheel is a failure, not a skip.
 needs_mooncake = pytest.mark.skipif(
@@ -108,12 +110,15 @@ def test_the_read_path_targets_are_evaluated_per_size():
     assert got["lookup_prefix of 64 keys p50 <= 10 us"]["met"] and got["lookup_prefix of 64 keys p50 <= 10 us"]["value"] == 8
 
 
-def test_bench_runs_end_to_end_and_writes_json_and_png(tmp_path, capsys):
+def test_bench_runs_end_to_end_and_writes_json_and_png(tmp_path, capsys, monkeypatch):
+    # A machine that reports a 300 MiB L3 (DESIGN): 3 x L3 of blocks would not fit the pool, so the
+    # default working set is capped to it, and every block put in the fill is still there to be read.
+    monkeypatch.setattr(bench, "l3_cache_bytes", lambda: 300 * MiB)
     parser = __import__("argparse").ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args([
         "--out", str(tmp_path), "--sizes", "64K", "--clients", "1,2", "--rounds", "1", "--duration", "0.05",
-        "--working-set", "1M", "--memcpy-buffer", "8M", "--pool-size", "64M", "--no-model", "--quiet",
+        "--memcpy-buffer", "8M", "--pool-size", "32M", "--no-model", "--quiet",
         "--no-mooncake",  # measured in its own test below
     ])
     assert bench.main_args(args) == 0
@@ -121,6 +126,11 @@ def test_bench_runs_end_to_end_and_writes_json_and_png(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "mooncake" not in {m["system"] for m in report["measurements"]} and "mooncake" not in report["config"]
     assert "targets:" in printed and "pool RPC round trip faster than TCP" in printed
+    cfg = report["config"]
+    assert cfg["pool_size_bytes"] == 32 * MiB and 0 < cfg["working_set_bytes"] < 32 * MiB
+    assert cfg["working_set_wanted_bytes"] == 900 * MiB
+    assert f"working set {cfg['working_set_bytes'] // MiB} MiB per block size (1 sizes, " in printed
+    assert "in a 32 MiB pool" in printed and "3 x L3 300 MiB) = 900 MiB per block size does not fit" in printed
     assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"] is not None
     seen = {(m["system"], m["op"], m["block_bytes"], m["clients"]) for m in report["measurements"]}
     for size in (65536,):
@@ -241,3 +251,78 @@ def test_a_failed_task_leaves_no_answer_behind_for_the_next():
         assert all(r["lat"] for r in got), got  # memcpy answers carry latencies; memcpy_blocks answers do not
     finally:
         w.close()
+
+
+DEFAULT_SIZES = [16 * 1024, 256 * 1024, 2560 * 1024]
+
+
+@pytest.mark.parametrize("l3_mib, capped", [(32, False), (300, True), (1 << 20, True)])
+def test_default_working_set_fits_the_pool_whatever_l3_the_machine_reports(l3_mib, capped):
+    plan = sizing.plan_working_set(DEFAULT_SIZES, 1024 * MiB, l3_bytes=l3_mib * MiB, writers=5)
+    assert plan.wanted_bytes == max(96, 3 * l3_mib) * MiB
+    assert plan.segments_needed <= plan.segment_count  # the fill is never evicted
+    assert (plan.per_size_bytes < plan.wanted_bytes) == capped == bool(plan.capped)
+    if capped:
+        assert plan.per_size_bytes >= 200 * MiB  # capped to what fits, not to nothing
+        assert f"3 x L3 {l3_mib} MiB) = {3 * l3_mib} MiB per block size does not fit the pool" in plan.capped
+    else:
+        assert plan.per_size_bytes == 96 * MiB
+    assert plan.describe().startswith(f"working set {plan.per_size_bytes // MiB} MiB per block size (3 sizes, ")
+    assert " in a 1024 MiB pool (" in plan.describe()
+
+
+def test_a_working_set_asked_for_that_does_not_fit_names_the_pool_size_it_needs():
+    with pytest.raises(sizing.WorkingSetError) as exc:
+        sizing.plan_working_set(DEFAULT_SIZES, 1024 * MiB, l3_bytes=0, requested_bytes=900 * MiB, writers=5)
+    message = str(exc.value)
+    segments = sizing.bench_geometry(1024 * MiB, max(DEFAULT_SIZES)).segment_count  # 238 in layout version 2
+    assert message.startswith("--working-set 900 MiB per block size (sizes 16384,262144,2621440 bytes, 5 writers) "
+                              f"does not fit a 1024 MiB pool ({segments} segments of 4 MiB): use --pool-size ")
+    need = int(message.split("--pool-size ")[1].split("M ")[0]) * MiB
+    plan = sizing.plan_working_set(DEFAULT_SIZES, need, l3_bytes=0, requested_bytes=900 * MiB, writers=5)
+    assert plan.per_size_bytes == 900 * MiB and not plan.capped
+
+
+def test_the_planned_working_set_is_written_without_a_single_eviction(pool_path):
+    """The arithmetic against the real allocator: writers interleaving puts of every size, then
+    replacing blocks as the put measurements do, on a pool formatted as the bench formats it."""
+    from beluga.client import local_client
+    from beluga.pool import Pool
+    from beluga.service import MetadataService, ServiceConfig
+
+    sizes = [16 * 1024, 256 * 1024, 2560 * 1024]
+    plan = sizing.plan_working_set(sizes, 192 * MiB, l3_bytes=300 * MiB, writers=3)
+    assert plan.capped
+    bench.make_pool(pool_path, 192 * MiB, max(sizes))
+    with Pool.open(pool_path) as pool:
+        svc = MetadataService(pool, ServiceConfig(takeover_wait_s=0))
+        writers = [local_client(svc) for _ in range(3)]
+        for size, count in plan.blocks.items():
+            data = bytes(size)
+            for i in range(count):
+                writers[i % 3].put(name_key(f"bench-{size}-{i}"), data)
+        for size, count in plan.blocks.items():  # the put measurement: replacements of the same keys
+            for i in range(min(count, 50)):
+                writers[i % 3].put(name_key(f"bench-{size}-{i}"), bytes(size))
+        st = svc.stats()
+        assert st["counters"]["evictions"] == 0 and st["blocks"] == sum(plan.blocks.values())
+        for c in writers:
+            c._closed = True
+
+
+def test_memcpy_buffers_are_not_sized_from_a_huge_l3():
+    assert sizing.memcpy_buffer_bytes(32 * MiB) == (256 * MiB, "")
+    size, note = sizing.memcpy_buffer_bytes(300 * MiB)  # 8 x L3 would be 2.3 GiB per buffer
+    assert size == 1024 * MiB and "8 x L3 300 MiB) = 2400 MiB capped to 1024 MiB" in note
+    assert sizing.memcpy_buffer_bytes(300 * MiB, 3072 * MiB) == (3072 * MiB, "")  # asked for: as given
+
+
+def test_cli_refuses_a_working_set_larger_than_the_pool_before_starting_anything(tmp_path, capsys):
+    from beluga.cli import main
+
+    out = tmp_path / "out"
+    assert main(["bench", "--working-set", "900M", "--out", str(out), "--no-redis", "--no-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("beluga bench: error: --working-set 900 MiB per block size (sizes 16384,262144,2621440 "
+                          "bytes, 5 writers) does not fit a 1024 MiB pool"), err
+    assert "use --pool-size " in err and "Traceback" not in err and not out.exists()

@@ -97,3 +97,22 @@ def test_size_argument_errors(capsys):
     with pytest.raises(SystemExit):
         main(["format", "/dev/shm/x", "--size", "lots"])
     assert "not a number of bytes" in capsys.readouterr().err
+
+
+def test_serve_and_stat_on_a_crafted_segment_entry(pool_path):
+    """`beluga serve` on metadata it cannot have written ends with the reason, not a traceback."""
+    from beluga import layout as L
+    from beluga.pool import Pool
+
+    assert main(["format", pool_path, "--size", "8M", "--segment-size", "256K", "--max-clients", "4",
+                 "--rpc-buffer", "8K"]) == 0
+    with Pool.open(pool_path) as pool:
+        L.write_segment_entry(pool.buf, pool.geometry.segment_entry_offset(2),
+                              L.SegmentEntry(L.SEG_SEALED, 0, 0, 1, 256 * 1024))
+    served = run("serve", pool_path, "--takeover-wait", "0")
+    problem = ("segment 2: segment-table entry: data_slot_bytes 1 is not a multiple of the 4096-byte slot "
+               "granularity between 4096 and the 262144-byte segment size")
+    assert served.returncode == 2 and f"{pool_path}: {problem}" in served.stderr, served.stderr
+    assert "Traceback" not in served.stderr
+    stat = run("stat", pool_path)
+    assert stat.returncode == 0 and "invalid record (the service refuses to start on it): segment 2: " in stat.stdout

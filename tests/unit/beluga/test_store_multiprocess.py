@@ -233,3 +233,32 @@ def test_service_killed_clients_get_clear_errors_and_a_new_service_recovers(pool
     c_pool.close()
     c_tcp.close()
     svc.stop()
+
+
+def test_writers_switching_size_classes_over_a_full_pool_only_ever_see_pool_full(service_process, pool_path,
+                                                                                  tmp_path):
+    """Several writer processes keep a small pool full while moving between size classes, from
+    4 KiB blocks to blocks that fill a whole segment: ownership of segments moves between them
+    and blocks and whole segments are evicted under their feet. Every put succeeds or raises
+    PoolFullError; none is refused as "segment not owned" (or anything else)."""
+    # SMALL pool: 256 KiB segments. A generous heartbeat timeout: no writer is reaped on a loaded machine.
+    service_process(extra=["--heartbeat-timeout", "10"])
+    seg = 256 * 1024
+    sizes = ",".join(str(n) for n in (4096, 40_000, 130_000, seg))
+    logdir = tmp_path / "writers"
+    logdir.mkdir()
+    procs = [spawn_worker("switch", pool_path, logdir / f"{i}.log", i, 120, sizes, log=logdir / f"{i}.stderr")
+             for i in range(4)]
+    for proc in procs:
+        proc.wait(240)
+    logs = {p.name: p.read_text() for p in sorted(logdir.glob("*.log"))}
+    errors = [line for text in logs.values() for line in text.splitlines() if not line.startswith("DONE")]
+    assert not errors, f"{len(errors)} puts failed otherwise than with PoolFullError, e.g. {errors[:3]}"
+    done = [line for text in logs.values() for line in text.splitlines() if line.startswith("DONE")]
+    assert len(done) == 4, {name: text[-300:] for name, text in logs.items()} | {
+        p.name: p.read_text()[-2000:] for p in logdir.glob("*.stderr")}
+    stored = sum(int(line.split()[1].split("=")[1]) for line in done)
+    st = service_stats(pool_path)
+    # The pool really was full: blocks were evicted (whole segments too, most runs).
+    assert st["counters"]["evictions"] > 0, st["counters"]
+    assert stored > 4 * 120 // 2, done

@@ -2,6 +2,7 @@
 hostile requests, leases, eviction, reclamation and recovery."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 
@@ -10,7 +11,7 @@ import pytest
 from beluga import layout as L
 from beluga import rpc
 from beluga.errors import (
-    BlockTooLargeError, InvalidKeyError, PoolFullError, RequestRejectedError, ServiceBusyError,
+    BlockTooLargeError, CorruptPoolError, InvalidKeyError, PoolFullError, RequestRejectedError, ServiceBusyError,
     ServiceUnavailableError,
 )
 from beluga.keys import name_key
@@ -301,6 +302,44 @@ def test_large_block_evicts_a_whole_segment_of_small_ones(store):
     store.service.check_invariants()
 
 
+def test_evicting_the_last_block_of_a_segment_keeps_it_for_the_evicting_writer(store):
+    """A sealed segment whose only block is evicted for a writer stays that writer's: another
+    writer's ALLOC must not take it as a free segment and wipe the first one's reservation."""
+    a, b = store.client(), store.client()
+    seg_bytes = store.pool.geometry.segment_size_bytes  # one block fills a segment
+    keys = fill(store, a, length=seg_bytes)
+    pending = alloc(a, seg_bytes)  # evicts the LRU block, the only one in its segment
+    assert not a.contains(keys[0])
+    b.put(k("small"), b"s" * 100)  # the pool is full: B evicts too, it must not reopen A's segment
+    crc = write_block(a, pending, k("new"), b"n" * seg_bytes)
+    assert commit(a, k("new"), pending, seg_bytes, crc) == (rpc.OK, "")
+    assert a.get(k("new")) == b"n" * seg_bytes and b.get(k("small")) == b"s" * 100
+    store.service.check_invariants()
+
+
+def test_writer_reaped_between_alloc_and_commit_puts_again(store):
+    """A session that ends mid-put (heartbeat missed under load) takes its reservation with it:
+    the put allocates again under the new session instead of committing a dead reservation."""
+    c = store.client()
+    c.put(k("before"), b"b" * 5000)
+    inner = c.channel.call
+    reaped = []
+
+    def call(message, seq, timeout_s):
+        resp = inner(message, seq, timeout_s)
+        if rpc.decode_request(message).op == rpc.OP_ALLOC and not reaped:
+            store.service.reap(c.slot, "test: heartbeat missed")
+            reaped.append(True)
+        return resp
+
+    c.channel.call = call
+    c.put(k(1), b"x" * 5000)
+    assert reaped and c.client_stats().reregistrations == 1
+    assert c.get(k(1)) == b"x" * 5000 and c.get(k("before")) == b"b" * 5000
+    assert store.service.stats()["reserved"] == 0
+    store.service.check_invariants()
+
+
 def test_admin_evict_skips_leased(store):
     c = store.client()
     for i in range(5):
@@ -435,6 +474,85 @@ def test_recovery_of_dead_clients_state(store):
     assert st["reserved"] == 0 and st["clients"] == [] and st["blocks"] == 1
     report = pool_report(store.pool)
     assert report["reserved"] == 0 and report["blocks"] == 1 and report["clients"] == []
+
+
+SEG = 256 * 1024  # the test pools' segment size (beluga_store_support.SMALL); granularity 4 KiB
+SLOT_SIZE_PROBLEM = ("data_slot_bytes {} is not a multiple of the 4096-byte slot granularity between 4096 and the "
+                     "262144-byte segment size")
+
+
+@pytest.mark.parametrize("state, data_slot_bytes, slot_count, problem", [
+    (L.SEG_SEALED, 1, SEG, SLOT_SIZE_PROBLEM.format(1)),  # was: struct.error out of the constructor
+    (L.SEG_SEALED, 512, SEG // 512, SLOT_SIZE_PROBLEM.format(512)),  # was: 8 segments' index entries read as one
+    (L.SEG_OPEN, 3000, SEG // 3000, SLOT_SIZE_PROBLEM.format(3000)),
+    (L.SEG_SEALED, 0, 0, SLOT_SIZE_PROBLEM.format(0)),
+    (L.SEG_SEALED, 2 * SEG, 0, SLOT_SIZE_PROBLEM.format(2 * SEG)),
+    (L.SEG_SEALED, 8192, 33, "slot_count 33 does not match data_slot_bytes 8192 (a 262144-byte segment holds 32 "
+                             "such slots)"),
+    (7, 4096, 64, "state 7 is unknown (known: 0 free, 1 open, 2 sealed)"),
+])
+def test_recovery_refuses_a_crafted_segment_entry_and_writes_nothing(store, state, data_slot_bytes, slot_count,
+                                                                     problem):
+    """A segment-table record with a valid CRC but impossible fields stops start-up with a
+    CorruptPoolError naming the segment, the field and its value; no other record is touched."""
+    c = store.client()
+    c.put_many([(k(i), bytes([i]) * 4000) for i in range(150)])  # 4 KiB slots: segments 0, 1 and 2
+    g = store.pool.geometry
+    assert {si for si, _ in store.service.index.values()} == {0, 1, 2}
+    L.write_segment_entry(store.pool.buf, g.segment_entry_offset(1),
+                          L.SegmentEntry(state, 0, 0, data_slot_bytes, slot_count))
+    store.pool.buf[g.index_entry_offset(0, 5) + 20] ^= 0xFF  # a torn entry before it: not freed either
+    metadata = bytes(store.pool.buf[g.segment_table_offset : g.segments_offset])
+    with pytest.raises(CorruptPoolError) as exc:
+        store.restart()
+    assert str(exc.value).startswith(f"{store.path}: segment 1: segment-table entry: {problem}. Its checksum is valid")
+    assert f"beluga format --force {store.path}" in str(exc.value)
+    assert bytes(store.pool.buf[g.segment_table_offset : g.segments_offset]) == metadata
+    # The pool is handed back (no successor waits for a takeover) and `beluga stat` names the record.
+    report = pool_report(store.pool)
+    assert report["service"]["running"] is False
+    assert report["invalid_records"] == [f"segment 1: {problem}"]
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("state", 9, "state 9 is unknown (known: 0 free, 1 reserved, 2 committed)"),
+    ("length_bytes", 4097, "length_bytes 4097 exceeds the segment's 4096-byte slots"),
+    ("generation", 2**64 - 1, f"generation {2**64 - 1} is beyond 2^62, more allocations than any pool can have "
+                              f"made"),  # was: struct.error persisting the next high-water mark
+])
+def test_recovery_refuses_a_crafted_index_entry(store, field, value, problem):
+    c = store.client()
+    c.put_many([(k(i), bytes([i]) * 4000) for i in range(3)])
+    si, sl = store.service.index[k(1)]
+    g = store.pool.geometry
+    off = g.index_entry_offset(si, sl)
+    e = L.IndexEntry.decode(store.pool.buf[off : off + L.INDEX_ENTRY_BYTES])
+    store.pool.buf[off : off + L.INDEX_ENTRY_BYTES] = dataclasses.replace(e, **{field: value}).encode()
+    with pytest.raises(CorruptPoolError) as exc:
+        store.restart()
+    assert str(exc.value).startswith(f"{store.path}: segment {si} slot {sl}: index entry: {problem}. ")
+    assert pool_report(store.pool)["invalid_records"] == [f"segment {si} slot {sl}: {problem}"]
+
+
+def test_recovery_refuses_a_client_epoch_beyond_32_bits(store):
+    c = store.client()
+    off = store.pool.geometry.host_slot_offset(c.slot) + L.SERVICE_LINE_OFFSET + L.SL_EPOCH
+    struct.pack_into("<Q", store.pool.buf, off, 2**32)  # was: struct.error writing its segments' owner epoch
+    with pytest.raises(CorruptPoolError, match=rf"^{store.path}: client slot {c.slot}: service line: epoch "
+                                               rf"{2**32} does not fit the 32-bit owner epoch") as exc:
+        store.restart()
+    assert "epoch of segment and index records. The metadata was damaged or crafted" in str(exc.value)
+
+
+def test_recovery_refuses_a_generation_high_water_mark_beyond_any_pool(store):
+    store.client().put(k(1), b"one")
+    g = store.pool.geometry
+    area = L.ServiceArea.decode(store.pool.buf[g.service_offset : g.service_offset + L.SERVICE_AREA.size])
+    raw = dataclasses.replace(area, generation_high_water=2**64 - 1).encode()
+    store.pool.buf[g.service_offset : g.service_offset + len(raw)] = raw
+    with pytest.raises(CorruptPoolError, match=rf"^{store.path}: service area: generation_high_water "
+                                               rf"{2**64 - 1} is beyond 2\^62"):
+        store.restart()
 
 
 def test_second_live_service_is_refused(pool_path):
