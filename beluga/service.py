@@ -526,6 +526,7 @@ class MetadataService:
             # was went back on the free list while this client took it, so the next ALLOC of
             # any client reopened it and wiped this client's reservation.)
             del self.index[key]
+            self.table.withdraw(key)  # readers stop finding it before its slot is handed out
             blk = seg.blocks.pop(sl)
             self._persist_entry(si, sl, None, blk.generation)
             heapq.heappush(seg.free, sl)

@@ -40,9 +40,12 @@ class LookupTable:
         i = self.where.get(key)
         if i is None:
             n = self.n
-            i = L.bucket_home(key, n)
+            i = home = L.bucket_home(key, n)
             while self.slots[i] is not None:
                 i = (i + 1) % n
+                if i == home:  # cannot happen (more buckets than slots): a key the index lost track of
+                    raise RuntimeError(f"lookup table full ({n} buckets): keys were dropped from the index "
+                                       f"without being withdrawn")
             self.where[key] = i
         rec = (key, generation, L.pack_where(self.g, segment, slot, data_slot_bytes), length_bytes, data_crc)
         self.slots[i] = rec
