@@ -14,7 +14,9 @@ trap 'rc=$?; die "setup failed (exit $rc) at scripts/setup-host.sh:$LINENO: $BAS
 . scripts/apt-sources.sh
 
 QEMU_MIN_MAJOR=10
-APT_PACKAGES=(debootstrap e2fsprogs openssh-client redis-server python3-venv python3-dev gcc ca-certificates)
+# gcc, python3-dev: the store's C read path (beluga/_native.c).
+# chromium: the unit test that renders the scenario report in a real headless browser.
+APT_PACKAGES=(debootstrap e2fsprogs openssh-client redis-server python3-venv python3-dev gcc ca-certificates chromium)
 QEMU_PACKAGES=(qemu-system-x86 qemu-utils)
 VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
@@ -27,7 +29,7 @@ qemu_major() {
 need_system=0
 [ "$(qemu_major)" -ge "$QEMU_MIN_MAJOR" ] || need_system=1
 command -v qemu-img >/dev/null 2>&1 || need_system=1
-for tool in debootstrap mkfs.ext4 ssh redis-server; do
+for tool in debootstrap mkfs.ext4 ssh redis-server chromium; do
     command -v "$tool" >/dev/null 2>&1 || need_system=1
 done
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_system=1
@@ -38,7 +40,7 @@ python3 -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(
 
 if [ "$need_system" = 1 ]; then
     . /etc/os-release 2>/dev/null || true
-    manual="install QEMU >= $QEMU_MIN_MAJOR (qemu-system-x86_64 and qemu-img), debootstrap, e2fsprogs, openssh-client, redis-server, gcc and python3 (>= 3.11) with venv and its headers (python3-dev), then run 'make setup' again"
+    manual="install QEMU >= $QEMU_MIN_MAJOR (qemu-system-x86_64 and qemu-img), debootstrap, e2fsprogs, openssh-client, redis-server, chromium, gcc and python3 (>= 3.11) with venv and its headers (python3-dev), then run 'make setup' again"
     case "${ID:-}:${VERSION_CODENAME:-}" in
         debian:bookworm|debian:trixie|debian:forky|debian:sid) ;;
         *) die "this system (${PRETTY_NAME:-unknown}) is not Debian 12 or later: automatic setup only knows Debian" "$manual" ;;

@@ -12,7 +12,6 @@ from pathlib import Path
 from . import image as image_mod
 from . import names
 from .log import TestbedError, info
-from .topology import TopologyError
 
 
 def _sigterm_to_interrupt(signum, frame):
@@ -27,6 +26,17 @@ def _testbed_name(value: str) -> str:
     if (why := names.problem(value)) is not None:
         raise argparse.ArgumentTypeError(why)
     return value
+
+
+def _seconds(value: str) -> float:
+    """argparse type of a timeout: a positive number of seconds (-1 or 'nan' is no timeout)."""
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 < s < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected more than 0 seconds, got {value}")
+    return s
 
 
 def cmd_image_build(args) -> int:
@@ -58,7 +68,7 @@ def cmd_image_list(args) -> int:
 
 def cmd_image_rm(args) -> int:
     if not args.keys and not args.all:
-        raise TestbedError("name the image keys to remove, or --all")
+        raise TestbedError("name the image keys to remove, or --all", hint="'beluga-testbed image list' shows the keys")
     for k in image_mod.remove_images(args.keys, all_=args.all):
         print(k)
     return 0
@@ -66,7 +76,10 @@ def cmd_image_rm(args) -> int:
 
 def cmd_doctor(args) -> int:
     from . import doctor
-    return doctor.main(json_out=args.json)
+    if args.modules is not None and args.kernel is None:  # checked with the kernel's configuration, or not at all
+        raise TestbedError("--modules without --kernel checks nothing",
+                           hint="beluga-testbed doctor --kernel PATH --modules DIR")
+    return doctor.main(json_out=args.json, qemu=args.qemu, kernel=args.kernel, modules=args.modules)
 
 
 def cmd_topology_validate(args) -> int:
@@ -89,16 +102,19 @@ def cmd_topology_show(args) -> int:
 
 
 def cmd_up(args) -> int:
-    from . import lifecycle, ssh
+    from . import lifecycle, shares, ssh
+    share_list = shares.parse_all(args.share or [])  # every mistake here, before anything boots
     if args.dry_run:
         t, name, argvs = lifecycle.plan(args.topology, args.name, accel="tcg" if args.accel == "auto" else args.accel,
-                                        provision=not args.no_provision)
+                                        provision=not args.no_provision, shares=share_list, kernel=args.kernel,
+                                        initrd=args.initrd, modules=args.modules, qemu=args.qemu)
         for host, argv in argvs.items():
             print(f"# {name}/{host}")
             print(shlex.join(argv))
         return 0
     tb = lifecycle.up(args.topology, name=args.name, accel=args.accel, retain=args.retain,
-                      provision=not args.no_provision)
+                      provision=not args.no_provision, shares=share_list, kernel=args.kernel,
+                      initrd=args.initrd, modules=args.modules, qemu=args.qemu)
     for h in tb.hosts:
         print(f"{h.name}\t{shlex.join(ssh.ssh_argv(h.ssh_port, tb.key))}")
     return 0
@@ -106,9 +122,11 @@ def cmd_up(args) -> int:
 
 def cmd_down(args) -> int:
     from . import lifecycle
-    targets = lifecycle.names() if args.all else [args.name]
     if not args.all and not args.name:
-        raise TestbedError("name a testbed, or --all")
+        running = lifecycle.names()
+        raise TestbedError("name a testbed, or --all",
+                           hint=f"running: {', '.join(running)}" if running else "none is running")
+    targets = lifecycle.names() if args.all else [args.name]
     for n in targets:
         found = lifecycle.down(n)
         info(f"✓ {n} is down" if found else f"✓ {n} was not running (nothing to do)")
@@ -130,6 +148,18 @@ def cmd_status(args) -> int:
         for h in s["hosts"]:
             pool = h["pool"] + (f" ({h['dax']})" if h.get("dax") else "")
             print(f"  {h['name']:10} {h['state']:8} {h['pid'] or '-':>8} {h['ssh_port']:>6}  {pool}")
+        for sh in s.get("shares") or []:
+            print(f"  share {sh['host_dir']} -> {sh['guest_dir']} ({'rw' if sh['rw'] else 'read-only'}, "
+                  f"tag {sh['tag']}) on every host")
+        k = s.get("kernel")
+        if k:
+            given = k.get("given") or {}
+            if given.get("kernel"):
+                print(f"  kernel {given['kernel']} ({k.get('version') or 'version unknown'}; booted as {k['kernel']}, "
+                      f"initrd {k['initrd']})")
+            if k.get("modules"):
+                print(f"  modules {k['modules']} -> /lib/modules/{k.get('version')} (read-only) on every host")
+            print(f"  qemu {k['qemu']}")
     return 0
 
 
@@ -153,10 +183,19 @@ def cmd_exec(args) -> int:
     command = args.command
     if not command:
         raise TestbedError("no command given", hint="beluga-testbed exec NAME HOST|--all -- CMD ...")
+    if args.host and args.all:  # it ran on every host, whatever HOST said
+        raise TestbedError(f"both a host ({args.host}) and --all", hint="name one host, or --all for every host")
     tb = lifecycle.find(args.name)
     hosts = lifecycle.resolve_hosts(tb, args.host, args.all)
-    results = lifecycle.exec_on(tb, hosts, shlex.join(command) if len(command) > 1 else command[0],
-                                timeout_s=args.timeout)
+    line = shlex.join(command) if len(command) > 1 else command[0]
+    if args.pool_env:
+        from . import programs, ssh
+        from .par import map_parallel
+        results = map_parallel(lambda h: ssh.run(h.name, h.ssh_port, tb.key,
+                                                 programs.exports(programs.pool_env(tb, h.name)) + line,
+                                                 timeout_s=args.timeout), hosts)
+    else:
+        results = lifecycle.exec_on(tb, hosts, line, timeout_s=args.timeout)
     failed = 0
     for r in results:
         if len(results) > 1:
@@ -176,9 +215,44 @@ def cmd_exec(args) -> int:
     return 0
 
 
+def cmd_reset(args) -> int:
+    from .api import Testbed
+    report = Testbed.attach(args.name).reset(poison=not args.keep_poison)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    for h in report.hosts:
+        done = [f"{len(h.killed)} process(es) killed"]
+        if h.continued:
+            done.append("resumed (it was stopped)")
+        if h.poison_cleared:
+            done.append(f"poison cleared: {', '.join(h.poison_cleared)}")
+        info(f"  {h.host}: " + "; ".join(done))
+    info(f"  pool: {report.pool_bytes_zeroed >> 20} MiB zeroed")
+    if not report.complete:
+        info(f"✗ {report.name} reset in {report.seconds:.1f} s, but these could not be undone:")
+        for line in report.not_undone:
+            info(f"  ✗ {line}")
+        return 1
+    info(f"✓ {report.name} reset in {report.seconds:.1f} s")
+    return 0
+
+
+def cmd_cp(args) -> int:
+    from . import lifecycle, transfer
+    if transfer.sides(args.src, args.dst, all_hosts=args.all)[0] is None:  # into the guests
+        transfer.check_source(Path(args.src), recursive=args.recursive)
+    tb = lifecycle.find(args.name)
+    for where in transfer.copy(tb, args.src, args.dst, all_hosts=args.all, recursive=args.recursive):
+        print(where)
+    return 0
+
+
 def cmd_logs_export(args) -> int:
     from . import lifecycle
-    print(lifecycle.export_logs(args.name, Path(args.dest) if args.dest else None))
+    dest = Path(args.dest) if args.dest else None
+    if dest is not None and dest.exists() and not dest.is_dir():
+        raise TestbedError(f"--dest {dest}: not a folder", hint="name a folder to write (made if missing)")
+    print(lifecycle.export_logs(args.name, dest))
     return 0
 
 
@@ -212,18 +286,77 @@ def cmd_pool(args) -> int:
     return 0
 
 
+def cmd_scenario_validate(args) -> int:
+    """Every scenario file against its topology (or --topology), all errors of all files."""
+    from . import scenario, topology
+    from .yamlcheck import ConfigError
+    if args.topology:
+        topology.load(args.topology)  # its mistakes once, as the topology's, not once per file
+    errors: list[str] = []
+    for f in args.files:
+        try:
+            sc, t = scenario.load_checked(f, args.topology)
+        except ConfigError as e:  # the scenario's, or its topology's
+            errors += e.errors
+            continue
+        print(f"{f}: ok ({sc.name}: {len(sc.steps)} step(s), {len(sc.expect)} expectation(s), "
+              f"on {t.name} with {len(t.hosts)} host(s))")
+    if errors:
+        raise scenario.ScenarioError(errors)
+    return 0
+
+
+def cmd_scenario_list(args) -> int:
+    from . import scenario
+    for name, path in scenario.builtin().items():
+        sc = scenario.parse(path.read_text(), str(path))
+        print(f"{name:34} {sc.description}")
+    return 0
+
+
+def _copy_junit(report_dir: Path, dest: Path) -> None:
+    src = report_dir / "junit.xml"
+    if src.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(src.read_bytes())
+        info(f"JUnit XML: {dest}")
+
+
+def cmd_image_key(args) -> int:
+    """The current recipe's key: what a CI cache of the image is keyed by."""
+    print(image_mod.recipe_key())
+    return 0
+
+
 def cmd_run(args) -> int:
     from . import runner, scenario
     if args.list:
-        for name, path in scenario.builtin().items():
-            sc = scenario.parse(path.read_text(), str(path))
-            print(f"{name:34} {sc.description}")
-        return 0
+        return cmd_scenario_list(args)
     if not args.scenario:
         raise TestbedError("name a scenario (a file or a built-in name)", hint="'beluga-testbed run --list'")
+    if args.check:
+        if args.testbed:  # what the run would check: the running testbed's topology
+            from . import lifecycle
+            sc, t = scenario.load(args.scenario), lifecycle.find(args.testbed).topology
+            scenario.check(sc, t)
+        else:
+            sc, t = scenario.load_checked(args.scenario, args.topology)
+        info(f"✓ {sc.name}: valid on {t.name} ({len(sc.steps)} step(s), {len(sc.expect)} expectation(s)); "
+             "nothing was started")
+        return 0
     sc = scenario.load(args.scenario)
-    report, html = runner.run(sc, topology=args.topology, testbed=args.testbed, keep=args.keep,
-                              report_dir=Path(args.report_dir) if args.report_dir else None)
+    junit = Path(args.junit) if args.junit else None
+    if junit is not None and junit.is_dir():  # found now, not after the run
+        raise TestbedError(f"--junit {junit}: is a folder", hint=f"name the file to write, e.g. {junit / 'junit.xml'}")
+    try:
+        report, html = runner.run(sc, topology=args.topology, testbed=args.testbed, keep=args.keep,
+                                  report_dir=Path(args.report_dir) if args.report_dir else None)
+    except KeyboardInterrupt:
+        if junit is not None and args.report_dir:  # the interrupted run's report was written: pass it on
+            _copy_junit(Path(args.report_dir), junit)
+        raise
+    if junit is not None:
+        _copy_junit(html.parent, junit)
     failed = [e for e in report["expectations"] if not e["passed"]]
     verdict = "passed" if report["passed"] else "FAILED"
     info(f"{'✓' if report['passed'] else '✗'} scenario {sc.name} {verdict} in {report['duration_s']} s: "
@@ -241,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("doctor", help="check that this machine can run testbeds")
     d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.add_argument("--qemu", type=Path, metavar="PATH",
+                   help="check this QEMU binary (default: $BELUGA_TESTBED_QEMU, else qemu-system-x86_64 on PATH)")
+    d.add_argument("--kernel", type=Path, metavar="PATH",
+                   help="check this kernel's configuration for the CXL options (read from a .config or "
+                        "config-<version> beside it, /boot/config-<version>, or --modules)")
+    d.add_argument("--modules", type=Path, metavar="DIR", help="the kernel's `make modules_install INSTALL_MOD_PATH=` tree")
     d.set_defaults(func=cmd_doctor)
 
     im = sub.add_parser("image", help="build, list and remove guest images")
@@ -251,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls = isub.add_parser("list", help="list built images")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_image_list)
+    ik = isub.add_parser("key", help="print the current recipe's key (a CI cache key for the built image)")
+    ik.set_defaults(func=cmd_image_key)
     rm = isub.add_parser("rm", help="remove built images")
     rm.add_argument("keys", nargs="*", metavar="KEY")
     rm.add_argument("--all", action="store_true")
@@ -274,6 +415,18 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--retain", action="store_true", help="on failure, keep VMs and files for inspection")
     u.add_argument("--dry-run", action="store_true", help="print each host's QEMU command line and exit")
     u.add_argument("--no-provision", action="store_true", help="boot only; do not configure the pool")
+    u.add_argument("--share", action="append", metavar="HOST_DIR[:GUEST_DIR[:rw]]",
+                   help="mount a host folder in every guest (virtio-9p; default GUEST_DIR /mnt/<folder name>; "
+                        "read-only unless ':rw'); repeatable")
+    u.add_argument("--kernel", type=Path, metavar="PATH",
+                   help="boot this kernel (bzImage or vmlinux) instead of the image's (also the topology's kernel.kernel)")
+    u.add_argument("--initrd", type=Path, metavar="PATH",
+                   help="with --kernel: this initrd instead of the image's tiny one with the kernel's modules")
+    u.add_argument("--modules", type=Path, metavar="DIR",
+                   help="with --kernel: its `make modules_install INSTALL_MOD_PATH=DIR` tree, mounted read-only "
+                        "at /lib/modules/<version> in every guest")
+    u.add_argument("--qemu", type=Path, metavar="PATH",
+                   help="this QEMU binary (default: the topology's kernel.qemu, $BELUGA_TESTBED_QEMU, qemu-system-x86_64)")
     u.set_defaults(func=cmd_up)
 
     dn = sub.add_parser("down", help="stop a testbed and remove all its files (idempotent)")
@@ -289,20 +442,33 @@ def build_parser() -> argparse.ArgumentParser:
     ls2 = sub.add_parser("list", help="names of the testbeds that are up")
     ls2.set_defaults(func=cmd_list)
 
-    s2 = sub.add_parser("ssh", help="a shell (or a command) on one host")
+    s2 = sub.add_parser("ssh", help="a shell (or a command) on one host", usage="%(prog)s [-h] NAME HOST [-- CMD ...]")
     s2.add_argument("name", type=_testbed_name, metavar="NAME")
     s2.add_argument("host", metavar="HOST")
     # Anything after `--` is the command to run (split off in main()).
     s2.set_defaults(func=cmd_ssh)
 
-    ex = sub.add_parser("exec", help="run a command on one host or all, in parallel")
+    ex = sub.add_parser("exec", help="run a command on one host or all, in parallel",
+                        usage="%(prog)s [-h] [--all] [--timeout S] [--pool-env] NAME [HOST] -- CMD ...")
     ex.add_argument("name", type=_testbed_name, metavar="NAME")
     ex.add_argument("host", nargs="?", metavar="HOST")
     ex.add_argument("--all", action="store_true", help="every host of the testbed")
-    ex.add_argument("--timeout", type=float, default=120, help="seconds per host (default 120)")
+    ex.add_argument("--timeout", type=_seconds, default=120, help="seconds per host (default 120)")
+    ex.add_argument("--pool-env", action="store_true",
+                    help="set BELUGA_DAX, BELUGA_POOL_SIZE, BELUGA_HOST_INDEX, ... as a scenario's run step does")
     # The command after `--` is split off in main(): argparse's REMAINDER after an
     # optional positional swallows flags like --all.
     ex.set_defaults(func=cmd_exec)
+
+    cp = sub.add_parser("cp", help="copy files into or out of guests over SFTP (scp-style HOST:PATH)",
+                        description="One side is remote: HOST:PATH, or :PATH with --all (every host). "
+                                    "Out of several hosts, DST is a folder with one subfolder per host.")
+    cp.add_argument("name", type=_testbed_name, metavar="NAME")
+    cp.add_argument("src", metavar="SRC", help="a local path, or HOST:PATH (:PATH with --all)")
+    cp.add_argument("dst", metavar="DST", help="a local path, or HOST:PATH (:PATH with --all)")
+    cp.add_argument("--all", action="store_true", help="every host of the testbed (remote side written :PATH)")
+    cp.add_argument("-r", "--recursive", action="store_true", help="copy folders and what they hold")
+    cp.set_defaults(func=cmd_cp)
 
     pv = sub.add_parser("provision", help="(re)create and verify the shared pool in every guest")
     pv.add_argument("name", type=_testbed_name, metavar="NAME")
@@ -321,7 +487,31 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use this running testbed instead of bringing one up (and down)")
     rn.add_argument("--keep", action="store_true", help="leave the testbed up afterwards")
     rn.add_argument("--report-dir", help="where report.json and report.html go (default ./reports/NAME-TIME)")
+    rn.add_argument("--junit", metavar="FILE", help="also write JUnit XML there (one test case per expectation; "
+                                                    "report-dir/junit.xml is always written)")
+    rn.add_argument("--check", action="store_true",
+                    help="validate the scenario against its topology (or the --testbed's) and exit; boots nothing")
     rn.set_defaults(func=cmd_run)
+
+    rs = sub.add_parser("reset", help="back to the state right after 'up', without rebooting (seconds)",
+                        description="Resumes hung hosts and sets NIC links up, kills every process started "
+                                    "after boot, clears injected poison through the devices' mailboxes, "
+                                    "empties trace buffers, /tmp and /dev/shm, and zeroes the pool. Exits 1 "
+                                    "and lists what it could not undo (e.g. a killed host).")
+    rs.add_argument("name", type=_testbed_name, metavar="NAME")
+    rs.add_argument("--keep-poison", action="store_true", help="do not read and clear the devices' poison lists")
+    rs.add_argument("--json", action="store_true", help="the full report on stdout")
+    rs.set_defaults(func=cmd_reset)
+
+    sc = sub.add_parser("scenario", help="validate and list scenarios")
+    scsub = sc.add_subparsers(dest="scenario_cmd", required=True, metavar="ACTION")
+    sv = scsub.add_parser("validate", help="check scenario files against their topology; every error with "
+                                           "file:line; boots nothing")
+    sv.add_argument("files", nargs="+", metavar="FILE", help="a YAML file or a built-in name")
+    sv.add_argument("--topology", help="check against this topology instead of each scenario's")
+    sv.set_defaults(func=cmd_scenario_validate)
+    sl = scsub.add_parser("list", help="the built-in scenarios")
+    sl.set_defaults(func=cmd_scenario_list)
 
     lg = sub.add_parser("logs", help="collect logs")
     lsub = lg.add_subparsers(dest="logs_cmd", required=True, metavar="ACTION")
@@ -340,15 +530,23 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, rest = argv[:i], argv[i + 1:]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if rest and args.cmd not in ("ssh", "exec"):  # it was dropped without a word
+        parser.error(f"'-- {shlex.join(rest)}': a command after '--' is for 'ssh' and 'exec' only")
     args.command = rest
     try:
-        return args.func(args) or 0
+        rc = args.func(args) or 0
+        sys.stdout.flush()  # here, where a reader that left is caught, not at exit
+        return rc
+    except BrokenPipeError:
+        # `beluga-testbed run --list | head`: the reader left before the end, as with any
+        # Unix tool; exit as one killed by SIGPIPE would, and with nothing more to say
+        # (Python would print a traceback, then once more while flushing at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except TestbedError as e:
         print(f"✗ {e}", file=sys.stderr)
-        return 1
-    except TopologyError as e:
-        print("✗ invalid topology:\n" + "\n".join(f"  {x}" for x in e.errors), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("✗ interrupted", file=sys.stderr)

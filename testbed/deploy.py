@@ -9,7 +9,6 @@ import io
 import json
 import shlex
 import tarfile
-import time
 from pathlib import Path
 
 from . import ssh
@@ -55,14 +54,15 @@ def run_driver(tb, h, verb: str, args: dict, *, timeout_s: float = 300) -> dict:
 
 
 def format_pool(tb, h, dax: str, options: list[str]) -> dict:
-    return ssh.run_json(h, tb.key, f"{PY} -m beluga.cli format {dax} --force --json {' '.join(options)}",
+    # The dax path comes from the guest (provisioning's answer): quoted like every value.
+    return ssh.run_json(h, tb.key, f"{PY} -m beluga.cli format {shlex.quote(dax)} --force --json {shlex.join(options)}",
                         what=f"beluga format {dax}", timeout_s=300)
 
 
 def start_service(tb, h, dax: str, options: list[str], *, timeout_s: float = 120) -> dict:
     """`beluga serve` in the background on host h (CXL-RPC through the pool); waits for ready."""
-    cmd = (f"rm -f {SERVE_READY}; cd /; setsid nohup env {PY} -m beluga.cli serve {dax} --transport cxl "
-           f"--ready-file {SERVE_READY} {' '.join(options)} > {SERVE_LOG} 2>&1 < /dev/null & "
+    cmd = (f"rm -f {SERVE_READY}; cd /; setsid nohup env {PY} -m beluga.cli serve {shlex.quote(dax)} --transport cxl "
+           f"--ready-file {SERVE_READY} {shlex.join(options)} > {SERVE_LOG} 2>&1 < /dev/null & "
            f"for i in $(seq {int(timeout_s * 10)}); do [ -s {SERVE_READY} ] && exec cat {SERVE_READY}; "
            f"sleep 0.1; done; echo 'service not ready' >&2; tail -5 {SERVE_LOG} >&2; exit 1")
     return ssh.run_json(h, tb.key, cmd, what="starting beluga serve", timeout_s=timeout_s + 30)
@@ -71,12 +71,3 @@ def start_service(tb, h, dax: str, options: list[str], *, timeout_s: float = 120
 def kill_service(tb, h) -> bool:
     r = ssh.run(h.name, h.ssh_port, tb.key, "pkill -9 -f 'beluga.cli serve' && echo killed", timeout_s=30)
     return "killed" in r.stdout
-
-
-def wait_gone(tb, h, pattern: str, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        r = ssh.run(h.name, h.ssh_port, tb.key, f"pgrep -f {shlex.quote(pattern)}", timeout_s=30)
-        if r.exit_code == 1:
-            return
-        time.sleep(0.2)

@@ -27,16 +27,20 @@ from pathlib import Path
 
 from . import accel as accel_mod
 from . import image as image_mod
+from . import kernel as kernel_mod
 from . import names as names_mod
 from . import paths, qmp, ssh
 from . import topology as topo
 from .log import TestbedError, info, step
 from .par import map_parallel
-from .qemucmd import HostFiles, host_argv
+from .qemucmd import QEMU, HostFiles, host_argv
+from .shares import Share
+from . import shares as shares_mod
 
 SSH_READY_TIMEOUT_S = 180
 STATE_FILE = "state.json"
 SSHD_STARTED = b"beluga: sshd started"  # printed on the console by images/rootfs/usr/lib/beluga/boot
+BOOT_FAILED = b"beluga: boot failed"  # printed by testbed/kernel_init.sh (a user kernel's initrd)
 START_TIMEOUT_S = 60  # from exec to QEMU answering on QMP (its init done, the SSH forward bound)
 PORT_ATTEMPTS = 5
 # QEMU's words when the SSH forward's port is taken (it exits 1 at once):
@@ -67,6 +71,17 @@ class HostState:
         except OSError:
             return False
 
+    def line_with(self, marker: bytes) -> str:
+        """The first console line that holds `marker` (the whole line: it says why)."""
+        try:
+            text = self.files.serial_log.read_bytes()
+        except OSError:
+            return marker.decode()
+        for line in text.splitlines():
+            if marker in line:
+                return line.decode(errors="replace").strip()
+        return marker.decode()
+
     def wait_said(self, marker: bytes, *, timeout_s: float, failed: bytes | None = None,
                   stop: threading.Event | None = None, proc: subprocess.Popen | None = None) -> None:
         """Wait for the guest to print `marker` on its console. Watching the serial log
@@ -75,7 +90,7 @@ class HostState:
         deadline = time.monotonic() + timeout_s
         while not self.said(marker):
             if failed and self.said(failed):
-                raise TestbedError(f"{self.name}: the guest said {failed.decode()!r}")
+                raise TestbedError(f"{self.name}: the guest said {self.line_with(failed)!r}")
             if stop is not None and stop.is_set():
                 raise TestbedError(f"{self.name}: wait abandoned")  # another host failed first
             if proc is not None and proc.poll() is not None:
@@ -110,7 +125,11 @@ class Testbed:
 
     @property
     def topology(self) -> topo.Topology:
-        return topo.parse(self.data["topology_yaml"], self.data["topology_source"])
+        return topo.parse(self.data["topology_yaml"], self.data["topology_source"], check_paths=False)
+
+    @property
+    def shares(self) -> list[Share]:
+        return [Share.from_state(s) for s in self.data.get("shares") or []]
 
     @property
     def pool_files(self) -> dict[str, Path]:
@@ -198,29 +217,40 @@ def _pool_file(name: str, device_id: str) -> Path:
     return paths.pool_dir() / name / f"{device_id}.raw"
 
 
-def _host_argv(t: topo.Topology, name: str, h: topo.Host, *, kernel: Path, initrd: Path, cmdline: str,
-               ssh_port: int, accel: str, provision: bool) -> list[str]:
+def _host_argv(t: topo.Topology, name: str, h: topo.Host, *, boot: kernel_mod.Boot, cmdline: str,
+               ssh_port: int, accel: str, provision: bool, shares: list[Share] = ()) -> list[str]:
     """One host's QEMU argv inside testbed `name` (its state folder, pool files and key)."""
     from .provision import GUEST_SCRIPT, POOL_ARGS_FILE
     d = testbed_dir(name)
-    return host_argv(t, h, kernel=kernel, initrd=initrd, cmdline=cmdline, files=HostFiles(d / h.name),
+    all_shares = list(shares) + ([boot.modules_share] if boot.modules_share else [])
+    return host_argv(t, h, kernel=boot.kernel, initrd=boot.initrd, cmdline=cmdline, files=HostFiles(d / h.name),
                      ssh_port=ssh_port, pool_files={dev.id: _pool_file(name, dev.id) for dev in t.devices},
                      authorized_keys=d / "id_ed25519.pub", accel=accel,
                      pool_args=d / POOL_ARGS_FILE if provision else None,
-                     guest_script=GUEST_SCRIPT if provision else None)
+                     guest_script=GUEST_SCRIPT if provision else None, shares=all_shares, qemu=boot.qemu)
 
 
-def plan(topology_ref: str, name: str | None, accel: str = "tcg",
-         provision: bool = True) -> tuple[topo.Topology, str, dict[str, list[str]]]:
-    """The argv of every host, without starting anything (for --dry-run)."""
+def _user_kernel(t: topo.Topology, kernel: Path | None, initrd: Path | None, modules: Path | None,
+                 qemu: Path | None) -> kernel_mod.UserKernel:
+    """The options given over the topology's `kernel:` fields, each path checked."""
+    uk = kernel_mod.UserKernel(kernel, initrd, modules, qemu).over(t.kernel)
+    kernel_mod.check(uk)
+    return uk
+
+
+def plan(topology_ref: str, name: str | None, accel: str = "tcg", provision: bool = True,
+         shares: list[Share] = (), *, kernel: Path | None = None, initrd: Path | None = None,
+         modules: Path | None = None, qemu: Path | None = None) -> tuple[topo.Topology, str, dict[str, list[str]]]:
+    """The argv of every host, without starting anything (for --dry-run). A user's bzImage
+    shows as the vmlinux that `up` unpacks into the testbed's state folder."""
     t = topo.load(topology_ref)
     name = _testbed_name(name, t)
+    uk = _user_kernel(t, kernel, initrd, modules, qemu)
     img = image_mod.find_image()
-    kernel = img.kernel if img else Path("<image>/vmlinux")
-    initrd = img.initrd if img else Path("<image>/initrd.img")
+    boot = kernel_mod.plan(uk, img, testbed_dir(name))
     cmdline = img.kernel_cmdline if img else image_mod.load_recipe().kernel_cmdline
-    out = {h.name: _host_argv(t, name, h, kernel=kernel, initrd=initrd, cmdline=cmdline, ssh_port=10022 + i,
-                              accel=accel, provision=provision)
+    out = {h.name: _host_argv(t, name, h, boot=boot, cmdline=cmdline, ssh_port=10022 + i,
+                              accel=accel, provision=provision, shares=shares)
            for i, h in enumerate(t.hosts)}
     return t, name, out
 
@@ -237,10 +267,17 @@ def _testbed_name(name: str | None, t: topo.Topology) -> str:
 
 
 def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retain: bool = False,
-       provision: bool = True) -> Testbed:
+       provision: bool = True, shares: list[Share] = (), kernel: Path | None = None, initrd: Path | None = None,
+       modules: Path | None = None, qemu: Path | None = None) -> Testbed:
+    """`shares` (shares.parse_all) are exported by every host's QEMU and mounted in every
+    guest once it is up. `kernel`, `initrd`, `modules` and `qemu` (each over the topology's
+    `kernel:` field of that name) boot a user's kernel with its modules tree and use another
+    QEMU binary: see kernel.py."""
     t = topo.load(topology_ref)
     name = _testbed_name(name, t)
+    uk = _user_kernel(t, kernel, initrd, modules, qemu)
     img = image_mod.require_image()
+    kernel_mod.plan(uk, img, testbed_dir(name))  # the modules' version, before anything is made
     start = time.monotonic()
     with _locked(name):
         d = testbed_dir(name)
@@ -256,6 +293,7 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
         paths.private_dir(paths.pool_dir())  # refused before anything is made or rolled back there
         chosen, notice = accel_mod.choose(accel, img.kernel)
         info(f"• {notice}")
+        boot = kernel_mod.plan(uk, img, d)
         # Every QEMU this process started, by host: rollback stops each of them, whatever
         # state.json got to say (the pid goes there too, as each one starts).
         procs: dict[str, subprocess.Popen] = {}
@@ -265,6 +303,8 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
                 ssh.generate_key(d / "id_ed25519")
                 os.chmod(d / "id_ed25519.pub", paths.FILE_MODE)
                 pool_files = _create_pool_files(name, t)
+                if uk.kernel is not None:
+                    boot = kernel_mod.prepare(uk, img, d)
                 if provision:
                     from .provision import POOL_ARGS_FILE, pool_args, signing_plan
                     paths.write_private(d / POOL_ARGS_FILE, json.dumps(pool_args(t, sign=signing_plan(t))))
@@ -275,26 +315,32 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
                     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(img.disk),
                                     str(files.overlay)], check=True, stdin=subprocess.DEVNULL, umask=paths.UMASK)
                     os.chmod(files.overlay, paths.FILE_MODE)
-                    argv = _host_argv(t, name, h, kernel=img.kernel, initrd=img.initrd, cmdline=img.kernel_cmdline,
-                                      ssh_port=port, accel=chosen, provision=provision)
+                    argv = _host_argv(t, name, h, boot=boot, cmdline=img.kernel_cmdline,
+                                      ssh_port=port, accel=chosen, provision=provision, shares=shares)
                     hosts.append({"name": h.name, "pid": None, "ssh_port": port, "dir": str(files.dir), "argv": argv})
                 tb = Testbed(name, d, {
                     "name": name, "topology": t.name, "topology_source": t.source,
                     "topology_yaml": topo.resolve(topology_ref).read_text(), "accel": chosen, "image": img.key,
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pool_dir": str(paths.pool_dir() / name),
                     "pool_files": {k: str(v) for k, v in pool_files.items()}, "hosts": hosts, "pool": None,
+                    "shares": [s.to_state() for s in shares],
+                    "kernel": boot.to_state(uk) if uk or boot.qemu != QEMU else None,
                 })
                 tb.save()
             with step(f"launch {len(hosts)} host(s) under {chosen}"):
                 _launch_all(tb, procs, lambda h, port: _host_argv(
-                    t, name, t.host(h), kernel=img.kernel, initrd=img.initrd, cmdline=img.kernel_cmdline,
-                    ssh_port=port, accel=chosen, provision=provision))
+                    t, name, t.host(h), boot=boot, cmdline=img.kernel_cmdline,
+                    ssh_port=port, accel=chosen, provision=provision, shares=shares))
             names = ", ".join(h.name for h in tb.hosts)
             with step(f"wait for {names} to boot (sshd started)" if provision else f"wait for SSH on {names}"):
                 _wait_all_ssh(tb, procs, probe=not provision)
             if provision:
                 from . import provision as prov
                 prov.provision(tb, at_boot=True)
+            if shares:
+                with step(f"mount {len(shares)} shared folder(s) on {names}: "
+                          + ", ".join(f"{s.host_dir} at {s.guest_dir} ({'rw' if s.rw else 'ro'})" for s in shares)):
+                    shares_mod.mount(tb, list(shares))
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 info("✗ interrupted")
@@ -458,7 +504,7 @@ def _wait_all_ssh(tb: Testbed, procs: dict[str, subprocess.Popen], *, probe: boo
 
     def wait(h: HostState) -> None:
         deadline = time.monotonic() + SSH_READY_TIMEOUT_S
-        h.wait_said(SSHD_STARTED, timeout_s=SSH_READY_TIMEOUT_S, stop=stop, proc=procs[h.name])
+        h.wait_said(SSHD_STARTED, timeout_s=SSH_READY_TIMEOUT_S, failed=BOOT_FAILED, stop=stop, proc=procs[h.name])
         if not probe:
             return
         try:
@@ -555,7 +601,8 @@ def status(name: str) -> dict:
             "dax": hp.get("dax") if hp else None,
         })
     return {"name": tb.name, "topology": tb.data["topology"], "accel": tb.data["accel"], "image": tb.data["image"],
-            "created_at": tb.data["created_at"], "hosts": hosts}
+            "created_at": tb.data["created_at"], "hosts": hosts, "shares": [s.to_state() for s in tb.shares],
+            "kernel": tb.data.get("kernel")}
 
 
 def resolve_hosts(tb: Testbed, host: str | None, all_: bool) -> list[HostState]:

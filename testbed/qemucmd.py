@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .shares import Share
 from .topology import Host, Topology
 
 QEMU = "qemu-system-x86_64"
@@ -61,7 +62,9 @@ def _granularity(g: int) -> str:
 
 def host_argv(t: Topology, host: Host, *, kernel: Path, initrd: Path, cmdline: str, files: HostFiles,
               ssh_port: int, pool_files: dict[str, Path], authorized_keys: Path, accel: str = "tcg",
-              pool_args: Path | None = None, guest_script: Path | None = None) -> list[str]:
+              pool_args: Path | None = None, guest_script: Path | None = None,
+              shares: tuple[Share, ...] | list[Share] = (), qemu: str = QEMU) -> list[str]:
+    """`qemu`: the binary (kernel.qemu_binary: --qemu, the topology's, $BELUGA_TESTBED_QEMU)."""
     machine = ["q35", "cxl=on", f"accel={accel}"]
     for wi, w in enumerate(t.windows):
         for ti, target in enumerate(w.targets):
@@ -72,7 +75,7 @@ def host_argv(t: Topology, host: Host, *, kernel: Path, initrd: Path, cmdline: s
     # the hypervisor CPUID bit ("Failed to synchronize CPU cache state").
     cpu = "max,hypervisor=off" if accel == "tcg" else "host,hypervisor=off"
     argv = [
-        QEMU,
+        qemu,
         "-name", f"{_v(t.name)}/{_v(host.name)},debug-threads=on",
         "-machine", ",".join(machine),
         "-cpu", cpu,
@@ -93,6 +96,12 @@ def host_argv(t: Topology, host: Host, *, kernel: Path, initrd: Path, cmdline: s
         "-device", "virtio-net-pci,netdev=net0,id=nic0,bus=pcie.0,romfile=",
         "-fw_cfg", f"name=opt/beluga/authorized_keys,file={_v(authorized_keys)}",
     ]
+    # Host folders shared into the guest (virtio-9p): --share ones are mounted over SSH
+    # after boot, a user kernel's modules (tag beluga-modules) by its initrd.
+    for sh in shares:
+        argv += ["-fsdev", f"local,id={sh.tag},path={_v(sh.host_dir)},security_model=none"
+                           + ("" if sh.rw else ",readonly=on"),
+                 "-device", f"virtio-9p-pci,fsdev={sh.tag},mount_tag={sh.tag},bus=pcie.0,id={sh.tag}-dev"]
     if pool_args and guest_script:
         # The guest creates its region at boot, while the host connects over SSH.
         argv += ["-fw_cfg", f"name=opt/beluga/pool.json,file={_v(pool_args)}",

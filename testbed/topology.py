@@ -6,13 +6,13 @@ testbed/yamlcheck.py (no aliases, no duplicate keys, bounded size and depth).
 """
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import names, paths, yamlcheck
+from .kernel import FIELDS as kernel_fields, UserKernel, problems as kernel_problems
 from .yamlcheck import Checker, ConfigError, Doc, fmt_path, typename
 
 API_VERSION = "beluga.testbed/v1alpha1"
@@ -143,6 +143,7 @@ class Topology:
     devices: tuple[Device, ...]
     windows: tuple[Window, ...]
     pool: Pool
+    kernel: UserKernel | None = None  # the optional `kernel:` mapping: a user's kernel and QEMU
 
     def device(self, id: str) -> Device:
         return next(d for d in self.devices if d.id == id)
@@ -169,27 +170,14 @@ class Topology:
                     return hb.id
         raise KeyError(device_id)
 
-    def port_of(self, device_id: str) -> str:
-        for hb in self.host_bridges:
-            for rp in hb.root_ports:
-                if rp.device == device_id:
-                    return rp.id
-                for p in rp.switch.ports if rp.switch else ():
-                    if p.device == device_id:
-                        return p.id
-        raise KeyError(device_id)
-
 
 # ---------------------------------------------------------------- YAML with lines
 
-def _Doc(file: str, text: str) -> Doc:  # noqa: N802 - scenario.py's name for it until it uses yamlcheck
+def _Doc(file: str, text: str) -> Doc:  # noqa: N802 - the Doc of `text`, its loader's errors as a TopologyError
     try:
         return yamlcheck.load(text, file, "topology")
     except ConfigError as e:
         raise TopologyError(e.errors) from None
-
-
-_Checker = Checker  # scenario.py's name for it until it uses yamlcheck
 
 
 # ---------------------------------------------------------------- loading
@@ -207,8 +195,7 @@ def resolve(name_or_path: str) -> Path:
     builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
     if builtin.is_file():
         return builtin
-    close = difflib.get_close_matches(name_or_path, builtin_names(), n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
+    hint = yamlcheck.did_you_mean(name_or_path, builtin_names())
     raise TopologyError([f"{name_or_path}: no built-in topology of that name ({hint}built in: "
                          f"{', '.join(builtin_names())}); give a path to use a file"])
 
@@ -224,16 +211,19 @@ def load(name_or_path: str, machine: Machine | None = None) -> Topology:
     return _check(doc, machine or this_machine())
 
 
-def parse(text: str, file: str = "<topology>", machine: Machine | None = None) -> Topology:
-    return _check(_Doc(file, text), machine or this_machine())
+def parse(text: str, file: str = "<topology>", machine: Machine | None = None, *,
+          check_paths: bool = True) -> Topology:
+    """`check_paths=False`: the `kernel:` paths are taken as they are (a running testbed's
+    topology, read back from its state: the files may be gone since; it runs without them)."""
+    return _check(_Doc(file, text), machine or this_machine(), check_paths)
 
 
-def _check(doc: Doc, machine: Machine) -> Topology:
+def _check(doc: Doc, machine: Machine, check_paths: bool = True) -> Topology:
     file = doc.file
     c = Checker(doc, "topology")
     top = c.mapping(doc.data, (), {"apiVersion": str, "kind": str, "name": str, "hosts": object,
                                    "host_bridges": list, "devices": list, "windows": list, "pool": dict},
-                    {"description": str})
+                    {"description": str, "kernel": dict})
     if top is None:
         raise TopologyError(c.errors)
     if top.get("apiVersion") not in (None, API_VERSION):
@@ -273,12 +263,27 @@ def _check(doc: Doc, machine: Machine) -> Topology:
             c.err(("host_bridges", i, "bus_nr"), f"bus number {b.bus_nr} already used by host_bridges[{bus_nrs[b.bus_nr]}]")
         bus_nrs[b.bus_nr] = i
     _bus_ranges(c, bridges)
+    kernel = _kernel(c, top["kernel"], check_paths) if "kernel" in top else None
 
     if c.errors:
         raise TopologyError(c.errors)
     return Topology(name=top["name"], description=top.get("description", ""), source=file,
                     hosts=tuple(hosts), host_bridges=tuple(bridges), devices=tuple(devices),
-                    windows=tuple(windows), pool=pool)  # type: ignore[arg-type]
+                    windows=tuple(windows), pool=pool, kernel=kernel)  # type: ignore[arg-type]
+
+
+def _kernel(c: Checker, value: Any, check_paths: bool) -> UserKernel | None:
+    """`kernel: {kernel: PATH, initrd: PATH, modules: DIR, qemu: PATH}`, every field optional;
+    a relative path is relative to the topology file's folder."""
+    data = c.mapping(value, ("kernel",), {}, {f: str for f in kernel_fields})
+    if not data:
+        return None
+    base = Path(c.doc.file).parent
+    uk = UserKernel(**{f: base / Path(v).expanduser() for f, v in data.items()})
+    if check_paths:
+        for f, why in kernel_problems(uk, whole=False).items():
+            c.err(("kernel", f), why)
+    return uk
 
 
 def _hosts(c: Checker, value: Any, path: tuple, machine: Machine) -> list[Host]:
@@ -381,8 +386,7 @@ def _bridges(c: Checker, value: list, dev_ids: set[str]) -> tuple[list[HostBridg
         if not c.name(dev, path):
             return
         if dev not in dev_ids:
-            close = difflib.get_close_matches(dev, dev_ids, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
+            hint = yamlcheck.did_you_mean(dev, dev_ids)
             c.err(path, f"unknown device '{dev}' ({hint}known: {', '.join(sorted(dev_ids))})")
         elif dev in attached:
             c.err(path, f"device '{dev}' is already attached at {fmt_path(attached[dev])}")

@@ -91,12 +91,107 @@ def test_image_missing_and_stale(monkeypatch):
 
 
 def test_exit_status_follows_required_checks(monkeypatch, capsys):
-    monkeypatch.setattr(doctor, "checks", lambda: [doctor.Check("qemu", True, "ok"),
+    monkeypatch.setattr(doctor, "checks", lambda *a: [doctor.Check("qemu", True, "ok"),
                                                    doctor.Check("accelerator", False, "no KVM", required=False)])
     assert doctor.main() == 0
-    monkeypatch.setattr(doctor, "checks", lambda: [doctor.Check("image", False, "no guest image", "build it")])
+    monkeypatch.setattr(doctor, "checks", lambda *a: [doctor.Check("image", False, "no guest image", "build it")])
     assert doctor.main() == 1
     out = capsys.readouterr().out
     assert "✗ image        no guest image" in out and "hint: build it" in out
     assert doctor.main(json_out=True) == 1
     assert '"ok": false' in capsys.readouterr().out
+
+
+def fake_qemu(tmp_path, version="10.1.0", devices=doctor.QEMU_DEVICES):
+    """A QEMU binary that answers --version, -device help and -device cxl-type3,help."""
+    q = tmp_path / "my-qemu"
+    listing = "".join(f'name "{d}", bus PCI, desc "x"\\n' for d in devices)
+    q.write_text("#!/bin/sh\n"
+                 f'[ "$1" = --version ] && {{ echo "QEMU emulator version {version}"; exit 0; }}\n'
+                 f'[ "$2" = help ] && {{ printf \'{listing}\'; exit 0; }}\n'
+                 'echo "  volatile-memdev=<link<memory-backend>>"\n')
+    q.chmod(0o755)
+    return q
+
+
+def test_a_given_qemu_is_checked(tmp_path, monkeypatch):
+    monkeypatch.delenv("BELUGA_TESTBED_QEMU", raising=False)
+    q = fake_qemu(tmp_path)
+    c = doctor.check_qemu(exe=str(q))
+    assert c.ok and c.detail == f"QEMU 10.1.0 at {q} with {', '.join(doctor.QEMU_DEVICES)} (volatile-memdev)"
+    c = doctor.check_qemu(exe=str(fake_qemu(tmp_path, devices=("pxb-cxl", "cxl-rp", "cxl-type3"))))
+    assert not c.ok and c.detail == f"QEMU 10.1.0 at {q} lacks cxl-upstream, cxl-downstream"
+    c = doctor.check_qemu(exe=str(fake_qemu(tmp_path, version="9.2.0")))
+    assert not c.ok and c.detail.startswith(f"QEMU 9.2.0 at {q} is too old (need >= 10.0")
+    c = doctor.check_qemu(exe=str(tmp_path / "none"))
+    assert not c.ok and c.detail == f"{tmp_path}/none: no such executable"
+    # $BELUGA_TESTBED_QEMU is the QEMU that `up` runs when none is given.
+    monkeypatch.setenv("BELUGA_TESTBED_QEMU", str(fake_qemu(tmp_path, version="11.0.0")))
+    assert doctor.check_qemu().detail.startswith(f"QEMU 11.0.0 at {q} ")
+
+
+FULL_CONFIG = """\
+CONFIG_PVH=y
+CONFIG_CXL_BUS=y
+CONFIG_CXL_PCI=m
+CONFIG_CXL_ACPI=m
+CONFIG_CXL_PORT=m
+CONFIG_CXL_MEM=m
+CONFIG_CXL_REGION=y
+CONFIG_DEV_DAX=m
+CONFIG_DEV_DAX_CXL=m
+CONFIG_VIRTIO_PCI=y
+CONFIG_VIRTIO_BLK=y
+CONFIG_EXT4_FS=y
+CONFIG_VIRTIO_NET=y
+CONFIG_FW_CFG_SYSFS=y
+CONFIG_NET_9P_VIRTIO=y
+CONFIG_9P_FS=y
+"""
+
+
+def test_kernel_options_from_the_build_trees_config(tmp_path):
+    tree = tmp_path / "linux"
+    (tree / "arch/x86/boot").mkdir(parents=True)
+    bz = tree / "arch/x86/boot/bzImage"
+    bz.write_bytes(b"not really")
+    (tree / ".config").write_text(FULL_CONFIG)
+    checks = doctor.check_kernel(bz)
+    assert [(c.name, c.ok) for c in checks] == [("kernel", True)]
+    (tree / ".config").write_text(FULL_CONFIG.replace("CONFIG_CXL_REGION=y\n", "# CONFIG_CXL_REGION is not set\n")
+                                  .replace("CONFIG_DEV_DAX_CXL=m", "CONFIG_DEV_DAX_CXL=n")
+                                  .replace("CONFIG_PVH=y\n", ""))
+    checks = doctor.check_kernel(bz)
+    assert [(c.name, c.ok, c.required) for c in checks] == [
+        ("kernel:CXL_REGION", False, True), ("kernel:DEV_DAX_CXL", False, True), ("kernel:PVH", False, False)]
+    assert checks[0].detail == f"CONFIG_CXL_REGION is not set ({tree}/.config)"
+    assert checks[0].hint == "set CONFIG_CXL_REGION=y: regions (cxl create-region), the shared pool itself"
+    assert checks[1].hint == "set CONFIG_DEV_DAX_CXL=y or =m: the DAX device of a CXL RAM region"
+
+
+def test_kernel_options_from_config_beside_it_or_the_modules_lists(tmp_path):
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    data = bytearray(0x800)
+    data[0x202:0x206] = b"HdrS"
+    data[0x20E:0x210] = (0x400).to_bytes(2, "little")
+    data[0x600:0x60A] = b"6.13.0 #1\0"
+    bz = boot / "vmlinuz-6.13.0"
+    bz.write_bytes(bytes(data))
+    (boot / "config-6.13.0").write_text(FULL_CONFIG.replace("CONFIG_CXL_ACPI=m\n", ""))
+    assert [c.name for c in doctor.check_kernel(bz) if not c.ok] == ["kernel:CXL_ACPI"]
+    (boot / "config-6.13.0").unlink()
+    c, = doctor.check_kernel(bz)
+    assert not c.ok and c.detail.startswith(f"{bz} (version 6.13.0): no configuration found")
+    assert "--modules" in c.hint
+    # The modules tree's lists: a module or built in counts; an option that is no module
+    # (CXL_REGION) cannot be told from them and is not reported.
+    mods = tmp_path / "mods"
+    d = mods / "lib/modules/6.13.0"
+    d.mkdir(parents=True)
+    names = [m for _, m, _ in doctor.KERNEL_OPTIONS if m and m != "dax_cxl"]
+    (d / "modules.dep").write_text("".join(f"kernel/x/{m}.ko.zst:\n" for m in names[:5]))
+    (d / "modules.builtin").write_text("".join(f"kernel/y/{m}.ko\n" for m in names[5:]))
+    checks = doctor.check_kernel(bz, mods)
+    assert [(c.name, c.detail) for c in checks] == [
+        ("kernel:DEV_DAX_CXL", f"CONFIG_DEV_DAX_CXL is not set ({d}/modules.builtin and modules.dep)")]

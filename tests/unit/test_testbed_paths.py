@@ -53,7 +53,7 @@ def test_down_refuses_a_name_that_is_not_one_and_deletes_nothing(dirs, name):
 @pytest.mark.parametrize("argv", [["status", ".."], ["ssh", "..", "host0"], ["exec", "../x", "--all"],
                                   ["pool", "a,b"], ["provision", "."], ["logs", "export", ".."],
                                   ["up", "1host-1switch", "--name", "..", "--dry-run"],
-                                  ["run", "--testbed", "../x", "whatever"]])
+                                  ["run", "--testbed", "../x", "whatever"], ["cp", "..", "./f", "host0:/tmp/"]])
 def test_every_command_that_takes_a_testbed_name_checks_it(dirs, argv):
     r = subprocess.run([sys.executable, "-m", "testbed.cli", *argv], cwd=REPO, capture_output=True, text=True)
     assert r.returncode != 0 and "invalid name" in r.stderr, r.stderr

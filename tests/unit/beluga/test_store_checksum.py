@@ -56,6 +56,32 @@ def test_both_implementations_agree_so_hosts_with_and_without_isal_share_a_pool(
         assert out.returncode == 0, out.stderr
         impls.append(out.stdout.strip())
     assert impls[0] == impls[3] == "zlib"
+    assert impls[1] == impls[2] == _expected_default(), "the default is the fast path wherever ISA-L is installed"
+
+
+def _expected_default() -> str:
+    """What the store must pick without BELUGA_CRC_IMPL: ISA-L where the package is installed.
+    CI installs the test extra (isal), so there a silent fallback to zlib fails instead."""
+    try:
+        import isal.isal_zlib  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("CI=true but the isal package is missing: the test extra installs it (pyproject.toml)")
+        return "zlib"
+    return "isal"
+
+
+def test_the_fast_crc_path_is_the_one_in_use():
+    """The checks above pass with either implementation; this one says which ran."""
+    if os.environ.get("BELUGA_CRC_IMPL", "").lower() == "zlib":
+        assert C.IMPLEMENTATION == "zlib" and C.crc32 is zlib.crc32
+        return
+    want = _expected_default()
+    assert C.IMPLEMENTATION == want
+    if want == "isal":
+        from isal import isal_zlib
+
+        assert C.crc32 is isal_zlib.crc32
 
 
 def test_get_many_into_verifies_every_block_without_a_round_trip(store):

@@ -34,11 +34,18 @@ def running(pool_path):
         return t
 
     yield start
+    # Every thread is stopped; a service thread that crashed during the test fails it here
+    # (ServiceThread.stop re-raises what the thread died of) instead of passing silently.
+    crashed = []
     for t in threads:
+        if t._stop.is_set():
+            continue  # the test stopped it itself (and saw what stop() raised)
         try:
             t.stop()
-        except Exception:
-            pass
+        except Exception as e:  # noqa: BLE001 - collected, reported below
+            crashed.append(e)
+    if crashed:
+        raise AssertionError(f"{len(crashed)} service thread(s) crashed during the test") from crashed[0]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -113,7 +120,12 @@ def test_service_down_is_a_clear_bounded_error_and_clients_carry_on(running, poo
     c.put(name_key("before"), b"committed before the outage")
     svc.stop(clean=False)  # like a crash: the pool still says a service owns it
     t0 = time.monotonic()
-    with pytest.raises(ServiceUnavailableError, match="metadata service|cannot reach"):
+    said = {"cxl": r"metadata service did not answer request \d+ on client slot \d+ of .* within 0.5s "
+                   r"\(is `beluga serve` running\? it may have died; retry once it is back\)",
+            # the service closed the connection when it stopped: the client sees that before
+            # sending and connects afresh, to nobody
+            "tcp": r"cannot reach the metadata service at 127\.0\.0\.1:\d+: \[Errno 111\] Connection refused"}
+    with pytest.raises(ServiceUnavailableError, match=said[transport]):
         c.put(name_key("during"), b"needs the service")
     assert time.monotonic() - t0 < 10  # an error, not a hang
     # Committed blocks stay readable: a get reads the pool's lookup table, not the service.
@@ -150,7 +162,11 @@ def test_heartbeat_keeps_an_idle_client_alive(running, pool_path):
             BelugaClient(pool_path, heartbeat_interval_s=None) as silent:
         alive.put(name_key("a"), b"a")
         silent.put(name_key("s"), b"s")
-        time.sleep(1.5)
+        # Past the heartbeat timeout: the silent client's slot is reaped, the other one's never.
+        deadline = time.monotonic() + 30
+        while silent.slot in [c["slot"] for c in alive.service_stats()["clients"]]:
+            assert time.monotonic() < deadline, "the silent client was never reaped"
+            time.sleep(0.05)
         assert alive.get(name_key("a")) == b"a"
         silent.put(name_key("s2"), b"s2")  # reaped meanwhile, re-registered transparently
         assert silent.get(name_key("s")) == b"s"

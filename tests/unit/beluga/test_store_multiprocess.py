@@ -60,6 +60,18 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait(10)
 
 
+@pytest.fixture
+def reaper():
+    """Every worker and service process a test starts, killed when it ends, passed or not."""
+    started: list = []
+    yield started
+    for p in started:
+        if isinstance(p, ServiceProcess):
+            p.kill()
+        else:
+            kill(p)
+
+
 def parse_writer_logs(logdir: Path) -> tuple[set[bytes], set[bytes]]:
     acked, deleting = set(), set()
     for p in logdir.glob("*.writer.log"):
@@ -72,10 +84,11 @@ def parse_writer_logs(logdir: Path) -> tuple[set[bytes], set[bytes]]:
     return acked, deleting
 
 
-def test_chaos_kill_writers_readers_and_service(pool_path, tmp_path):
+def test_chaos_kill_writers_readers_and_service(pool_path, tmp_path, reaper):
     rng = random.Random(1234)
     make_pool(pool_path, size_bytes=128 << 20, max_clients=16)  # roomy: nothing is evicted, so nothing may vanish
     svc = ServiceProcess(pool_path, tmp_path, transport="both", extra=HB)
+    reaper.append(svc)
     svc.start()
     stop = tmp_path / "stop"
     logdir = tmp_path
@@ -92,6 +105,7 @@ def test_chaos_kill_writers_readers_and_service(pool_path, tmp_path):
         else:
             args = ["reader", pool_path, log, transport, stop, logdir]
         workers[name] = (args, spawn_worker(*args, log=logdir / f"{name}-{spawned}.stderr"))
+        reaper.append(workers[name][1])
 
     for i in range(3):
         spawn(f"w{i}", "writer")
@@ -158,10 +172,12 @@ def test_chaos_kill_writers_readers_and_service(pool_path, tmp_path):
     (tmp_path / "kills.json").write_text(json.dumps(kills))
 
 
-def test_writer_killed_mid_put_leaves_nothing_visible_and_space_is_reclaimed(service_process, pool_path, tmp_path):
+def test_writer_killed_mid_put_leaves_nothing_visible_and_space_is_reclaimed(service_process, pool_path, tmp_path,
+                                                                            reaper):
     service_process(extra=HB)
     ready = tmp_path / "stalled"
     proc = spawn_worker("stall", pool_path, ready, log=tmp_path / "stall.log")
+    reaper.append(proc)
     wait_for(ready.exists, 20, "the writer to stall mid-put")
     seg, slot = map(int, ready.read_text().split())
     with BelugaClient(pool_path) as c:
@@ -183,13 +199,14 @@ def test_writer_killed_mid_put_leaves_nothing_visible_and_space_is_reclaimed(ser
         assert c.get(name_key("after")) == expected(name_key("stalled"))
 
 
-def test_reader_killed_holding_a_lease_does_not_pin_space(service_process, pool_path, tmp_path):
+def test_reader_killed_holding_a_lease_does_not_pin_space(service_process, pool_path, tmp_path, reaper):
     service_process(extra=["--heartbeat-timeout", "1.0", "--lease-ttl", "600"])  # only death ends this lease
     key = name_key("held")
     with BelugaClient(pool_path) as c:
         c.put(key, b"h" * 10_000)
     ready = tmp_path / "held"
     proc = spawn_worker("hold", pool_path, key.hex(), ready, log=tmp_path / "hold.log")
+    reaper.append(proc)
     wait_for(ready.exists, 20, "the reader to take its lease")
     assert ready.read_text() == "held"
     with BelugaClient(pool_path) as c:
@@ -204,9 +221,10 @@ def test_reader_killed_holding_a_lease_does_not_pin_space(service_process, pool_
     assert st["blocks"] == 0 and st["segments"]["open"] == 0 and st["segments"]["sealed"] == 0
 
 
-def test_service_killed_clients_get_clear_errors_and_a_new_service_recovers(pool_path, tmp_path):
+def test_service_killed_clients_get_clear_errors_and_a_new_service_recovers(pool_path, tmp_path, reaper):
     make_pool(pool_path)
     svc = ServiceProcess(pool_path, tmp_path, transport="both", extra=HB)
+    reaper.append(svc)
     svc.start()
     c_pool = BelugaClient(pool_path, transport="cxl", rpc_timeout_s=0.5, heartbeat_interval_s=0.1)
     c_tcp = BelugaClient(pool_path, transport="tcp", rpc_timeout_s=0.5, heartbeat_interval_s=0.1)

@@ -107,8 +107,10 @@ class StoreMachine(RuleBasedStateMachine):
         self.views: list = []
 
     def teardown(self) -> None:
-        self.store.close()
-        os_unlink(self.path)
+        try:
+            self.store.close()
+        finally:  # a close that fails must not leave the pool file in /dev/shm
+            os_unlink(self.path)
 
     @rule(key=key_st, data=data_st)
     def put(self, key, data):

@@ -1,0 +1,195 @@
+"""Reset a running testbed to its state right after `up`, without rebooting a guest.
+
+In this order (each host in parallel where it can be):
+
+1. QEMU (QMP): a host that a hang left stopped is continued; every host's NIC link is
+   set up again (a `nic` fault may have taken it down; QMP cannot say, so always).
+2. Each guest (one SSH call, testbed/guest_reset.py): every process started after boot
+   is killed (the store's `beluga serve` and clients, programs, tests' processes), the
+   devices' poison lists are cleared through their own mailbox (Clear Poison), the trace
+   events are disabled and the trace buffers emptied, and /tmp, /dev/shm and the
+   testbed's run files in /run/beluga are emptied.
+3. The pool: its backing files are zeroed from this machine (holes punched: every
+   guest maps them with share=on and the CXL memory is emulated, so every host reads
+   zeros at once; processes that had the pool mapped are gone by then).
+
+What cannot be undone is reported in `ResetReport.not_undone`, never hidden: a host whose
+QEMU is gone (a `kill` fault) stays down (only `down` + `up` brings it back), and the
+guests' disks (files written outside /tmp, /dev/shm and /run/beluga) and kernel logs
+(dmesg) are not rolled back.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import paths, qmp, ssh
+from .par import map_parallel
+
+GUEST_SCRIPT = Path(__file__).with_name("guest_reset.py")
+GUEST_TIMEOUT_S = 60
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+ZERO_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class HostReset:
+    """What the reset did on one host."""
+    host: str
+    continued: bool = False  # it was stopped (a hang) and runs again
+    killed: tuple[str, ...] = ()  # "pid: command line" of every process stopped
+    poison_cleared: tuple[str, ...] = ()  # "memN dpa 0x..+0x.." of every range cleared
+    files_removed: int = 0
+
+
+@dataclass(frozen=True)
+class ResetReport:
+    """The outcome of a reset: per host, the pool, and what it could not undo."""
+    name: str
+    seconds: float
+    hosts: tuple[HostReset, ...]
+    pool_bytes_zeroed: int
+    not_undone: tuple[str, ...] = field(default=())
+
+    @property
+    def complete(self) -> bool:
+        """True when everything was undone."""
+        return not self.not_undone
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "seconds": self.seconds, "complete": self.complete,
+                "pool_bytes_zeroed": self.pool_bytes_zeroed, "not_undone": list(self.not_undone),
+                "hosts": [{"host": h.host, "continued": h.continued, "killed": list(h.killed),
+                           "poison_cleared": list(h.poison_cleared), "files_removed": h.files_removed}
+                          for h in self.hosts]}
+
+
+def _punch_hole(fd: int, size: int) -> int:
+    """fallocate(PUNCH_HOLE | KEEP_SIZE) over [0, size): 0, or the errno."""
+    import ctypes
+    import ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, size) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+def zero_file(path: Path) -> int:
+    """Make every byte of `path` zero, keeping its size; returns its size. Punches one hole
+    over the whole file (tmpfs frees the pages and every shared mapping reads zeros);
+    where the file system cannot punch holes, writes zeros over the parts that hold data."""
+    with paths.open_nofollow(path, "r+b") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 0
+        err = _punch_hole(fd, size)
+        if err == 0:
+            return size
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), str(path))
+        _write_zeros_over_data(fd, size)
+        return size
+
+
+def _write_zeros_over_data(fd: int, size: int) -> None:
+    zeros = bytes(ZERO_CHUNK)
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but holes from pos on
+                return
+            start = pos  # SEEK_DATA unsupported: everything is data
+        end = size
+        with contextlib.suppress(OSError):
+            end = min(size, os.lseek(fd, start, os.SEEK_HOLE))
+        while start < end:
+            n = min(ZERO_CHUNK, end - start)
+            os.pwrite(fd, zeros[:n], start)
+            start += n
+        pos = end
+
+
+def _qemu(h) -> tuple[bool, list[str]]:
+    """Continue a stopped guest and set its link up; (continued, problems)."""
+    problems: list[str] = []
+    continued = False
+    try:
+        st = qmp.execute(h.files.qmp, "query-status", timeout_s=5)
+        if not st.get("running"):
+            if st.get("status") in ("paused", "suspended", "debug"):
+                qmp.execute(h.files.qmp, "cont", timeout_s=5)
+                continued = True
+            else:
+                problems.append(f"{h.name}: the guest is {st.get('status')!r}, not running; a reset cannot resume it")
+        qmp.execute(h.files.qmp, "set_link", {"name": "nic0", "up": True}, timeout_s=5)
+    except Exception as e:  # noqa: BLE001 - reported per host
+        problems.append(f"{h.name}: QMP failed ({type(e).__name__}: {e}): a hang or a NIC fault may remain")
+    return continued, problems
+
+
+def _ssh_run(tb):
+    return lambda h, command, timeout_s: ssh.run(h.name, h.ssh_port, tb.key, command, timeout_s=timeout_s)
+
+
+def _guest(h, args: dict, run) -> tuple[dict | None, list[str]]:
+    words = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in args.items())
+    cmd = f"python3 -I -S -c {shlex.quote(GUEST_SCRIPT.read_text())} {words}"
+    r = run(h, cmd, GUEST_TIMEOUT_S)
+    if not r.ok:
+        return None, [f"{h.name}: the guest reset failed ({r.why}): its processes, poison and trace buffers "
+                      "were not reset"]
+    try:
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None, [f"{h.name}: the guest reset printed no result: {r.stdout[-200:]!r}"]
+    return out, [f"{h.name}: {p}" for p in out.get("not_undone", [])]
+
+
+def reset(tb, *, poison: bool = True, run=None) -> ResetReport:
+    """Reset testbed `tb` (a lifecycle.Testbed); see the module's docstring. `run(host,
+    command, timeout_s) -> ssh.Result` runs the guest part (default: a new SSH connection
+    per host; the API passes its kept connections)."""
+    run = run or _ssh_run(tb)
+    start = time.monotonic()
+    hosts = tb.hosts
+    not_undone: list[str] = []
+    dead = [h for h in hosts if not h.alive()]
+    for h in dead:
+        not_undone.append(f"{h.name}: QEMU is not running (killed?): a reset does not reboot a host; "
+                          f"'beluga-testbed down {tb.name}' and 'up' bring it back")
+    live = [h for h in hosts if h.alive()]
+    device_of = {d.serial: d.id for d in tb.topology.devices}
+
+    def one(h) -> tuple[HostReset, list[str]]:
+        continued, problems = _qemu(h)
+        out, more = _guest(h, {"poison": poison}, run)
+        problems += more
+        out = out or {}
+        cleared = tuple(f"{device_of.get(c.get('serial'), '?')} (guest {c['memdev']}) dpa {d:#x}+{n:#x}"
+                        for c in out.get("poison_cleared", []) for d, n in c["ranges"])
+        return HostReset(h.name, continued, tuple(f"{k['pid']}: {k['cmd']}" for k in out.get("killed", [])),
+                         cleared, out.get("files_removed", 0)), problems
+
+    results = map_parallel(one, live)
+    for _, problems in results:
+        not_undone += problems
+    zeroed = 0
+    for dev, f in sorted(tb.pool_files.items()):
+        try:
+            zeroed += zero_file(f)
+        except OSError as e:
+            not_undone.append(f"pool: {dev} ({f}) not zeroed: {e.strerror or e}")
+    by_host = {r.host: r for r, _ in results}
+    return ResetReport(tb.name, round(time.monotonic() - start, 3),
+                       tuple(by_host.get(h.name, HostReset(h.name)) for h in hosts), zeroed, tuple(not_undone))
