@@ -86,8 +86,11 @@ def test_beluga_native_forces_the_choice_and_a_missing_module_is_an_error(tmp_pa
             env["BELUGA_NATIVE"] = value
         if ci is not None:
             env["CI"] = ci
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
-                              cwd=tmp_path)
+        # -S: no site-packages, so no editable-install finder, which would find the
+        # repository's built module for `beluga._native` once the copy has none (as the
+        # guests run it: python3 with the package's folder only).
+        return subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env,
+                              timeout=60, cwd=tmp_path)
 
     assert run(None).stdout.strip() == "python"  # guests: nothing built, the Python path
     assert run("0").stdout.strip() == "python" and run("0", ci="true").stdout.strip() == "python"
