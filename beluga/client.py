@@ -3,11 +3,14 @@
 Data path: ``put`` asks the service for a slot (ALLOC), writes the block
 header (state WRITING), the data and then the header again (state COMPLETE,
 with the data checksum) straight into pool memory, and asks the service to
-COMMIT it; only then does any reader see it. ``get`` asks where a key lives
-(LOOKUP, taking a lease), reads header and data straight from pool memory,
-verifies key, generation, length and checksum, and re-reads the header to
-make sure the slot was not reused during the copy. Any mismatch is a counted,
-reported miss, never a torn block. Lease releases ride on the next request.
+COMMIT it; only then does any reader see it. ``get`` finds the key in the
+pool's lookup table (written only by the service; read seqlock-style, no
+round trip), reads header and data straight from pool memory, verifies key,
+generation, length and checksum, and re-reads the header to make sure the
+slot was not reused during the copy (beluga/readpath.py). Any mismatch is a
+counted, reported miss, never a torn block. The read is posted into the
+client's touch ring for the service's LRU order. Zero-copy views still ask
+the service (LOOKUP with a lease); lease releases ride on the next request.
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ from dataclasses import dataclass, fields
 from typing import Iterable, Sequence
 
 from . import layout as L
-from . import rpc
-from .checksum import checksum, copy_and_checksum
+from . import readpath, rpc
+from .checksum import CRC32, checksum, copy_and_checksum
 from .errors import (
     BelugaError, BlockTooLargeError, PoolFullError, ProtocolError, RequestRejectedError, ServiceUnavailableError,
     SessionExpiredError,
@@ -136,6 +139,9 @@ class BelugaClient:
                                rpc.STATUS_RESP.max_items(budget, with_messages=True))
         self._max_keys = min(rpc.KEYS_REQ.max_items(budget, with_messages=False),
                              rpc.LOOKUP_RESP.max_items(budget, with_messages=False))
+        self._table = (self.g.table_offset, self.g.table_buckets, self.g.table_seq_offset)
+        self._touch_head = 0
+        self._touch_seen = 0  # our touch head when the service last drained it (at our last request)
         with self._lock:
             self._register()
         self._hb_stop = threading.Event()
@@ -152,6 +158,9 @@ class BelugaClient:
         if self._slot is not None and slot != self._slot:
             self._releases.clear()  # leases of the old session died with it
         self._slot, self._epoch, self._seq = slot, epoch, seq
+        # The service starts draining our touch ring where its head is now.
+        self._touch_head = self._touch_seen = L.read_touch_head(self.buf, self.g, slot)
+        self._ring_at = (self.g.touch_ring_offset(slot), self.g.touch_head_offset(slot))
 
     @property
     def slot(self) -> int | None:
@@ -175,6 +184,7 @@ class BelugaClient:
                 releases = self._releases[: rpc.MAX_RELEASES_PER_REQUEST]
                 self._seq = (self._seq + 1) & 0xFFFFFFFFFFFFFFFF or 1
                 msg = rpc.encode_request(self._seq, self._nonce, self._slot, op, body, flags=flags, releases=releases)
+                touched = self._touch_head  # every request drains the touch rings first
                 self._counts["rpc_calls"] += 1
                 try:
                     raw = self.channel.call(msg, self._seq, self.rpc_timeout_s)
@@ -196,6 +206,7 @@ class BelugaClient:
                     self.channel.close()
                     continue
                 del self._releases[: len(releases)]
+                self._touch_seen = touched
                 if status == rpc.OK:
                     return resp
                 message = resp.decode("utf-8", errors="replace")
@@ -214,8 +225,9 @@ class BelugaClient:
             self._releases.append(lease)
 
     def flush_releases(self) -> None:
-        """Send pending lease releases now instead of with the next request."""
-        while self._releases:
+        """Send pending lease releases now instead of with the next request (and make sure the
+        service has applied the reads this client posted for its LRU order)."""
+        while self._releases or self._touch_seen != self._touch_head:
             self._call(rpc.OP_NOP)
 
     def close(self) -> None:
@@ -295,8 +307,11 @@ class BelugaClient:
             n = mv.nbytes
             hdr = L.BlockHeader(L.BLOCK_WRITING, n, a.generation, 0, self._slot, key).encode()
             buf[a.header_offset : a.header_offset + L.BLOCK_HEADER_BYTES] = hdr
-            buf[a.data_offset : a.data_offset + n] = mv
-            crc = checksum(algo, mv)
+            if algo == CRC32:
+                crc = readpath.copy_crc(buf[a.data_offset : a.data_offset + n], mv)  # one pass
+            else:
+                buf[a.data_offset : a.data_offset + n] = mv
+                crc = checksum(algo, mv)
             hdr = L.BlockHeader(L.BLOCK_COMPLETE, n, a.generation, crc, self._slot, key).encode()
             buf[a.header_offset : a.header_offset + L.BLOCK_HEADER_BYTES] = hdr
             commits.append((key, a.segment, a.slot, a.generation, n, crc))
@@ -329,13 +344,96 @@ class BelugaClient:
                 break
         return out
 
+    def _find(self, key: bytes):
+        """The table's entry for ``key`` -> (generation, where, length, crc), None (miss) or False (ask the service)."""
+        off, buckets, tseq = self._table
+        return readpath.probe(self.buf, off, buckets, tseq, key)
+
     def contains(self, key: bytes) -> bool:
-        return self._lookup([check_key(key)], 0)[0] is not None
+        key = check_key(key)
+        hit = self._find(key)
+        if hit is False:
+            return self._lookup([key], 0)[0] is not None
+        if hit is not None:
+            self._post_touches([(hit[1], hit[0])])  # a lookup counts as a use, as it always did
+        return hit is not None
 
     def lookup_prefix(self, keys: Sequence[bytes]) -> int:
         """How many leading keys are stored (vLLM's prefix-hit count); stops at the first miss."""
-        ks = [check_key(k) for k in keys]
-        return len(self._lookup(ks, rpc.LOOKUP_STOP_AT_MISS))
+        # Keys that are all 32-byte bytes objects go as they are (the reader checks them);
+        # anything else is checked and converted first (InvalidKeyError names the problem).
+        ks = keys if type(keys) in (list, tuple) else list(keys)
+        off, buckets, tseq = self._table
+        with self._lock:  # every hit is posted as a touch, as a LOOKUP always touched
+            if self._slot is not None:
+                try:
+                    n, self._touch_head, busy = readpath.probe_prefix(
+                        self.buf, off, buckets, tseq, ks, *self._ring_at, self._touch_head)
+                except ValueError:
+                    ks = [check_key(k) for k in ks]
+                    n, self._touch_head, busy = readpath.probe_prefix(
+                        self.buf, off, buckets, tseq, ks, *self._ring_at, self._touch_head)
+            else:  # between sessions: no ring of ours to post into
+                ks = [check_key(k) for k in ks]
+                n, busy = 0, False
+                for key in ks:
+                    hit = readpath.probe(self.buf, off, buckets, tseq, key)
+                    if not hit:
+                        busy = hit is False
+                        break
+                    n += 1
+        if busy:  # the table cannot answer now: the service does, for the rest
+            n += len(self._lookup(ks[n:], rpc.LOOKUP_STOP_AT_MISS))
+        return n
+
+    def _post_touches(self, touches: list[tuple[int, int]]) -> None:
+        """Tell the service (through our touch ring, no round trip) which blocks we read, for its LRU order."""
+        if touches and self._slot is not None:
+            with self._lock:
+                self._touch_head = L.post_touches(self.buf, self.g, self._slot, self._touch_head, touches)
+
+    def _read_one(self, key: bytes, dest):
+        """Find and read one block without a round trip.
+
+        -> (result, hit) where result is the bytes (``dest`` None) or READ_OK, a READ_* failure,
+        or None for a miss; hit is the table entry. A failure whose entry has changed since
+        (the block was replaced or its slot reused under us) is retried with the new entry.
+        """
+        off, buckets, tseq = self._table
+        buf = self.buf
+        g = self.g
+        hit = None
+        for _ in range(4):
+            prev = hit
+            hit = readpath.probe(buf, off, buckets, tseq, key)
+            if hit is None or hit is False:
+                return hit, None
+            if prev is not None and hit == prev:
+                break  # same entry, same failure: the committed bytes themselves are bad
+            gen, where, length, crc = hit
+            place = L.unpack_where(g, where, length)
+            if place is None:
+                return False, None  # not an entry this pool could have: let the service answer
+            if dest is None:
+                got = readpath.read_bytes(buf, place[0], place[1], key, gen, length, crc)
+                if not isinstance(got, int):
+                    return got, hit
+            else:
+                if length > dest.nbytes:
+                    raise ValueError(f"block for key {key.hex()[:16]}... has {length} bytes, "
+                                     f"the destination only {dest.nbytes}")
+                got = readpath.read_into(buf, dest, place[0], place[1], key, gen, length, crc)
+                if got == readpath.READ_OK:
+                    return got, hit
+        return got, hit
+
+    def _report_bad(self, key: bytes, generation: int) -> None:
+        self._counts["corrupt_misses"] += 1
+        self._counts["misses"] += 1
+        try:
+            self._call(rpc.OP_REPORT, rpc.REPORT_REQ.pack([(key, generation)]))
+        except BelugaError:
+            pass  # counting it locally is what matters; the report is advisory
 
     def _verify(self, key: bytes, loc: rpc.Location, data, crc: int | None = None) -> bool:
         """True if ``data`` (already copied or a view) is exactly the committed block ``loc``.
@@ -367,11 +465,58 @@ class BelugaClient:
 
     def get(self, key: bytes) -> bytes | None:
         """The block's bytes, or None on a miss (absent, or present but failing verification)."""
+        # The hot path of get_many for one key that hits and verifies at the first try
+        # (no lists, no retries); anything else takes get_many's path.
+        if type(key) is bytes and len(key) == L.KEY_BYTES:
+            off, buckets, tseq = self._table
+            buf = self.buf
+            hit = readpath.probe(buf, off, buckets, tseq, key)
+            if hit:
+                gen, where, length, crc = hit
+                place = L.unpack_where(self.g, where, length)
+                if place is not None:
+                    got = readpath.read_bytes(buf, place[0], place[1], key, gen, length, crc)
+                    if type(got) is bytes:
+                        counts = self._counts
+                        counts["gets"] += 1
+                        counts["hits"] += 1
+                        counts["get_bytes"] += length
+                        slot = self._slot
+                        if slot is not None:
+                            with self._lock:
+                                self._touch_head = L.post_touch(buf, self._ring_at[0], self._ring_at[1],
+                                                                self._touch_head, where, gen)
+                        return got
         return self.get_many([key])[0]
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        """The blocks' bytes (None for each miss), with one lookup round trip per batch."""
+        """The blocks' bytes (None for each miss), without a round trip (from the pool's lookup table)."""
         ks = [check_key(k) for k in keys]
+        out: list[bytes | None] = []
+        counts = self._counts
+        touches = []
+        for i, key in enumerate(ks):
+            got, hit = self._read_one(key, None)
+            if got is False:  # the table cannot answer now: the service does, for the rest
+                out.extend(self._get_many_rpc(ks[i:]))
+                break
+            counts["gets"] += 1
+            if got is None:
+                counts["misses"] += 1
+                out.append(None)
+            elif isinstance(got, int):
+                self._report_bad(key, hit[0])
+                out.append(None)
+            else:
+                counts["hits"] += 1
+                counts["get_bytes"] += len(got)
+                touches.append((hit[1], hit[0]))
+                out.append(got)
+        self._post_touches(touches)
+        return out
+
+    def _get_many_rpc(self, ks: list[bytes]) -> list[bytes | None]:
+        """get_many through the service (LOOKUP with leases): while the table is being rebuilt."""
         locs = self._lookup(ks, rpc.LOOKUP_LEASE)
         out: list[bytes | None] = []
         buf = self.buf
@@ -413,6 +558,30 @@ class BelugaClient:
             if dest.readonly:
                 raise ValueError("get_into needs a writable buffer")
             dests.append(dest)
+        result: list[int | None] = []
+        counts = self._counts
+        touches = []
+        for i, (key, dest) in enumerate(zip(ks, dests)):
+            got, hit = self._read_one(key, dest)
+            if got is False:  # the table cannot answer now: the service does, for the rest
+                result.extend(self._get_many_into_rpc(ks[i:], dests[i:]))
+                break
+            counts["gets"] += 1
+            if got is None:
+                counts["misses"] += 1
+                result.append(None)
+            elif got != readpath.READ_OK:
+                self._report_bad(key, hit[0])
+                result.append(None)
+            else:
+                counts["hits"] += 1
+                counts["get_bytes"] += hit[2]
+                touches.append((hit[1], hit[0]))
+                result.append(hit[2])
+        self._post_touches(touches)
+        return result
+
+    def _get_many_into_rpc(self, ks: list[bytes], dests: list[memoryview]) -> list[int | None]:
         locs = self._lookup(ks, rpc.LOOKUP_LEASE)
         for loc in locs:
             if loc is not None:

@@ -1,4 +1,4 @@
-"""On-pool format (layout version 1): geometry and the binary records.
+"""On-pool format (layout version 2): geometry and the binary records.
 
 All records are little-endian and fixed-size. Who writes what matters for
 CXL (non-coherent hosts must not share written cache lines) and for safety
@@ -9,8 +9,13 @@ CXL (non-coherent hosts must not share written cache lines) and for safety
 * host slots           -- per client: a client-written line + request buffer,
                           a service-written line + response buffer
 * segment table, index -- written only by the metadata service
+* lookup table         -- open-addressing hash table key -> block, written only
+                          by the service (each bucket seqlock-guarded), read by
+                          clients directly: a get needs no round trip
 * block headers        -- one per possible slot, in their own region, written
                           only by the client that holds the slot's reservation
+* touch rings          -- per host slot, client-written: the blocks it read,
+                          drained by the service into its LRU order
 * segments             -- block data only, written by the same client; keeping
                           headers out of segments lets a block fill a whole
                           segment (a 2 MiB KV block in a 2 MiB segment)
@@ -26,7 +31,7 @@ from . import checksum as _checksum
 from .errors import CorruptPoolError, LayoutVersionError, NotAPoolError, PoolTooSmallError
 
 MAGIC = b"BELUGAKV"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -43,6 +48,15 @@ HOST_LINES_BYTES = PAGE_BYTES
 CLIENT_LINE_OFFSET = 0
 SERVICE_LINE_OFFSET = 128
 """128 bytes apart: different cache lines (and not adjacent-line-prefetch pairs)."""
+TOUCH_HEAD_OFFSET = 256
+"""Client-written u64 in the host slot page: how many touches the client has posted in all."""
+TOUCH_RING_ENTRIES = 2048
+TOUCH_ENTRY_BYTES = 8
+TOUCH_RING_BYTES = TOUCH_RING_ENTRIES * TOUCH_ENTRY_BYTES
+"""Each host slot has a touch ring after its page (client-written): LRU touches of lease-free reads."""
+TABLE_BUCKET_BYTES = 64
+TABLE_LINE_OFFSET = 256
+"""Offset of the table line (u64 table sequence) inside the service area."""
 
 BLOCK_HEADER_BYTES = 128
 INDEX_ENTRY_BYTES = 64
@@ -59,8 +73,8 @@ MAX_CLIENTS_LIMIT = 1024
 #   magic 8s | version I | flags I | pool_size Q | segment_size Q | segment_count I |
 #   max_clients I | rpc_buffer I | slot_granularity I | max_slots_per_segment I |
 #   checksum_algo I | service_off Q | host_off Q | segtab_off Q | index_off Q |
-#   headers_off Q | segments_off Q | uuid 16s | formatted_unix_ns Q | crc I
-_SB = struct.Struct("<8sIIQQIIIIIIQQQQQQ16sQ")
+#   headers_off Q | segments_off Q | table_off Q | table_buckets Q | uuid 16s | formatted_unix_ns Q | crc I
+_SB = struct.Struct("<8sIIQQIIIIIIQQQQQQQQ16sQ")
 _SB_CRC = struct.Struct("<I")
 _SB_HEAD = struct.Struct("<8sI")  # magic + version: readable for every version
 
@@ -83,10 +97,13 @@ class Geometry:
     index_offset: int
     headers_offset: int
     segments_offset: int
+    table_offset: int
+    table_buckets: int
+    """More than 5/4 of all possible slots: the table never fills (load factor <= 0.8)."""
 
     @property
     def host_slot_bytes(self) -> int:
-        return HOST_LINES_BYTES + 2 * self.rpc_buffer_bytes
+        return HOST_LINES_BYTES + TOUCH_RING_BYTES + 2 * self.rpc_buffer_bytes
 
     @property
     def used_bytes(self) -> int:
@@ -100,8 +117,14 @@ class Geometry:
     def host_slot_offset(self, slot: int) -> int:
         return self.host_offset + slot * self.host_slot_bytes
 
-    def request_offset(self, slot: int) -> int:
+    def touch_ring_offset(self, slot: int) -> int:
         return self.host_slot_offset(slot) + HOST_LINES_BYTES
+
+    def touch_head_offset(self, slot: int) -> int:
+        return self.host_slot_offset(slot) + TOUCH_HEAD_OFFSET
+
+    def request_offset(self, slot: int) -> int:
+        return self.host_slot_offset(slot) + HOST_LINES_BYTES + TOUCH_RING_BYTES
 
     def response_offset(self, slot: int) -> int:
         return self.request_offset(slot) + self.rpc_buffer_bytes
@@ -117,6 +140,17 @@ class Geometry:
 
     def header_offset(self, segment: int, slot: int) -> int:
         return self.headers_offset + (segment * self.max_slots_per_segment + slot) * BLOCK_HEADER_BYTES
+
+    def bucket_offset(self, bucket: int) -> int:
+        return self.table_offset + bucket * TABLE_BUCKET_BYTES
+
+    @property
+    def table_seq_offset(self) -> int:
+        return self.service_offset + TABLE_LINE_OFFSET
+
+    def block_where(self, segment: int, slot: int) -> int:
+        """A block's global slot number (what the table and the touch rings store)."""
+        return segment * self.max_slots_per_segment + slot
 
     def slot_layout(self, data_slot_bytes: int) -> "SlotLayout":
         return slot_layout(self.segment_size_bytes, data_slot_bytes)
@@ -190,21 +224,32 @@ def compute_geometry(
     max_slots = segment_size_bytes // slot_granularity_bytes
     service_off = SUPERBLOCK_BYTES
     host_off = service_off + SERVICE_AREA_BYTES
-    host_slot_bytes = HOST_LINES_BYTES + 2 * rpc_buffer_bytes
+    host_slot_bytes = HOST_LINES_BYTES + TOUCH_RING_BYTES + 2 * rpc_buffer_bytes
     fixed_end = host_off + max_clients * host_slot_bytes
     align = min(segment_size_bytes, DAX_ALIGN_BYTES)
-    per_segment_meta = SEGMENT_ENTRY_BYTES + max_slots * (INDEX_ENTRY_BYTES + BLOCK_HEADER_BYTES)
 
-    def place(count: int) -> tuple[int, int, int, int]:
+    def place(count: int) -> tuple[int, int, int, int, int, int]:
         segtab = _round_up(fixed_end, PAGE_BYTES)
         index = _round_up(segtab + count * SEGMENT_ENTRY_BYTES, PAGE_BYTES)
-        headers = _round_up(index + count * max_slots * INDEX_ENTRY_BYTES, PAGE_BYTES)
+        table = _round_up(index + count * max_slots * INDEX_ENTRY_BYTES, PAGE_BYTES)
+        buckets = table_buckets_for(count * max_slots)
+        headers = _round_up(table + buckets * TABLE_BUCKET_BYTES, PAGE_BYTES)
         segments = _round_up(headers + count * max_slots * BLOCK_HEADER_BYTES, align)
-        return segtab, index, headers, segments
+        return segtab, index, headers, segments, table, buckets
 
-    count = max(0, (pool_size_bytes - fixed_end) // (segment_size_bytes + per_segment_meta))
-    while count > 0 and place(count)[3] + count * segment_size_bytes > pool_size_bytes:
-        count -= 1
+    def fits(count: int) -> bool:
+        return place(count)[3] + count * segment_size_bytes <= pool_size_bytes
+
+    # The largest count that fits (fits() is monotonic, the rounding makes the metadata
+    # per segment uneven): a binary search.
+    lo, hi = 0, max(0, (pool_size_bytes - fixed_end) // segment_size_bytes)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    count = lo
     if count < 1:
         need = place(1)[3] + segment_size_bytes
         raise PoolTooSmallError(
@@ -212,7 +257,7 @@ def compute_geometry(
             f"plus metadata for {max_clients} clients with {rpc_buffer_bytes}-byte RPC buffers needs at least "
             f"{need} bytes"
         )
-    segtab, index, headers, segments = place(count)
+    segtab, index, headers, segments, table, buckets = place(count)
     return Geometry(
         pool_size_bytes=pool_size_bytes,
         segment_size_bytes=segment_size_bytes,
@@ -228,7 +273,14 @@ def compute_geometry(
         index_offset=index,
         headers_offset=headers,
         segments_offset=segments,
+        table_offset=table,
+        table_buckets=buckets,
     )
+
+
+def table_buckets_for(possible_slots: int) -> int:
+    """Buckets for a table that can hold every possible slot at a load factor of at most 0.8."""
+    return possible_slots + possible_slots // 4 + 1
 
 
 @dataclass(frozen=True)
@@ -243,7 +295,7 @@ class Superblock:
             MAGIC, LAYOUT_VERSION, 0, g.pool_size_bytes, g.segment_size_bytes, g.segment_count, g.max_clients,
             g.rpc_buffer_bytes, g.slot_granularity_bytes, g.max_slots_per_segment, g.checksum_algorithm,
             g.service_offset, g.host_offset, g.segment_table_offset, g.index_offset, g.headers_offset,
-            g.segments_offset,
+            g.segments_offset, g.table_offset, g.table_buckets,
             self.uuid, self.formatted_unix_ns,
         )
         return body + _SB_CRC.pack(_checksum.meta_crc(body))
@@ -274,7 +326,7 @@ def decode_superblock(raw: bytes, *, where: str, actual_size_bytes: int) -> Supe
         )
     f = _SB.unpack(body)
     (_, _, _flags, pool_size, seg_size, seg_count, max_clients, rpc_buf, gran, max_slots, algo,
-     svc_off, host_off, segtab_off, index_off, hdrs_off, segs_off, uuid, formatted) = f
+     svc_off, host_off, segtab_off, index_off, hdrs_off, segs_off, table_off, buckets, uuid, formatted) = f
     try:
         expect = compute_geometry(
             pool_size, segment_size_bytes=seg_size, max_clients=max_clients, rpc_buffer_bytes=rpc_buf,
@@ -283,7 +335,7 @@ def decode_superblock(raw: bytes, *, where: str, actual_size_bytes: int) -> Supe
     except (ValueError, PoolTooSmallError) as exc:
         raise CorruptPoolError(f"{where}: superblock geometry is invalid: {exc}") from None
     recorded = Geometry(pool_size, seg_size, seg_count, max_clients, rpc_buf, gran, max_slots, algo,
-                        svc_off, host_off, segtab_off, index_off, hdrs_off, segs_off)
+                        svc_off, host_off, segtab_off, index_off, hdrs_off, segs_off, table_off, buckets)
     if recorded != expect:
         raise CorruptPoolError(
             f"{where}: superblock geometry is inconsistent (recorded {recorded}, but its parameters imply {expect})"
@@ -522,3 +574,129 @@ def block_header_matches(raw: bytes, key: bytes, generation: int, length_bytes: 
     return (magic == BLOCK_MAGIC and version == LAYOUT_VERSION and state == BLOCK_COMPLETE
             and gen == generation and length == length_bytes and dcrc == data_crc and hkey == key
             and crc == _checksum.meta_crc(memoryview(raw)[:_HEADER_BODY_BYTES]))
+
+
+# ---------------------------------------------------------------- lookup table (service-written, client-read)
+# An open-addressing (linear probing) hash table from key to block, so that a
+# client finds a block by reading pool memory instead of asking the service.
+# Each 64-byte bucket is written seqlock-style by the service (sequence word
+# odd while the body is being written) and carries a CRC of its body; a reader
+# reads the sequence word, the body and the sequence word again and accepts
+# the body only if both words are the same even value and the CRC matches.
+#   seq I | crc I | key 32s | generation Q | where Q | length I | data_crc I
+# ``where`` = global slot (segment * max_slots + slot) | slot size class in
+# granules << 40. generation 0 marks an empty bucket (generations start at 1).
+# The table line in the service area holds a u64 table sequence: odd while the
+# service rebuilds the whole table (recovery), and moved on by 2 before the
+# service relocates entries (a deletion's backward shift), so that a reader
+# whose probe ended in a miss can tell that an entry may have moved past it.
+TABLE_BUCKET = struct.Struct("<II32sQQII")
+assert TABLE_BUCKET.size == TABLE_BUCKET_BYTES
+_BUCKET_BODY = struct.Struct("<32sQQII")
+WHERE_SLOT_BITS = 40
+_WHERE_SLOT_MASK = (1 << WHERE_SLOT_BITS) - 1
+
+
+def bucket_home(key: bytes, buckets: int) -> int:
+    """First bucket probed for a key: keys are SHA-256 digests, so their first 8 bytes are uniform."""
+    return int.from_bytes(key[:8], "little") % buckets
+
+
+def pack_where(g: Geometry, segment: int, slot: int, data_slot_bytes: int) -> int:
+    return g.block_where(segment, slot) | (data_slot_bytes // g.slot_granularity_bytes) << WHERE_SLOT_BITS
+
+
+def unpack_where(g: Geometry, where: int, length_bytes: int) -> tuple[int, int] | None:
+    """(header offset, data offset) of a table entry's block, or None if ``where`` cannot be one of this pool's."""
+    gslot = where & _WHERE_SLOT_MASK
+    dslot = (where >> WHERE_SLOT_BITS) * g.slot_granularity_bytes
+    seg, slot = divmod(gslot, g.max_slots_per_segment)
+    if (seg >= g.segment_count or dslot == 0 or (slot + 1) * dslot > g.segment_size_bytes
+            or length_bytes > dslot):
+        return None
+    return g.header_offset(seg, slot), g.segment_offset(seg) + slot * dslot
+
+
+def write_bucket(buf, offset: int, key: bytes | None = None, generation: int = 0, where: int = 0,
+                 length_bytes: int = 0, data_crc: int = 0) -> None:
+    """The bucket's one writer (the service): sequence odd, body and CRC, sequence even. No key: empty."""
+    (seq,) = U32.unpack_from(buf, offset)
+    odd = (seq + 1 if seq % 2 == 0 else seq + 2) & 0xFFFFFFFF
+    if key is None:
+        body = bytes(_BUCKET_BODY.size)
+    else:
+        body = _BUCKET_BODY.pack(key, generation, where, length_bytes, data_crc)
+    U32.pack_into(buf, offset, odd)
+    buf[offset + 4 : offset + TABLE_BUCKET_BYTES] = U32.pack(_checksum.meta_crc(body) if key else 0) + body
+    U32.pack_into(buf, offset, (odd + 1) & 0xFFFFFFFF)
+
+
+def read_bucket(buf, offset: int):
+    """The bucket's one reader: None if empty, False if being written or damaged (try again),
+    else (key, generation, where, length, data_crc). ``beluga/_native.c`` reads it the same way."""
+    (s1,) = U32.unpack_from(buf, offset)
+    if s1 & 1:
+        return False
+    raw = bytes(buf[offset : offset + TABLE_BUCKET_BYTES])
+    if U32.unpack_from(buf, offset)[0] != s1:
+        return False
+    _, crc, key, gen, where, length, dcrc = TABLE_BUCKET.unpack(raw)
+    if gen == 0:
+        return None
+    if crc != _checksum.meta_crc(memoryview(raw)[8:]):
+        return False
+    return key, gen, where, length, dcrc
+
+
+def read_table_seq(buf, g: Geometry) -> int:
+    return U64.unpack_from(buf, g.table_seq_offset)[0]
+
+
+def write_table_seq(buf, g: Geometry, value: int) -> None:
+    U64.pack_into(buf, g.table_seq_offset, value & 0xFFFFFFFFFFFFFFFF)
+
+
+# ---------------------------------------------------------------- touch rings (client-written)
+# Lease-free reads tell the service what they read, for its LRU order: each
+# entry is (global slot u32, generation's low 32 bits u32), written into the
+# client's ring at head % entries before the head (u64 at TOUCH_HEAD_OFFSET of
+# its host slot page) moves on. The service drains rings before it decides
+# anything that depends on LRU order; a ring overrun loses only the oldest
+# touches (LRU order is soft state).
+TOUCH_ENTRY = struct.Struct("<II")
+
+
+def read_touch_head(buf, g: Geometry, slot: int) -> int:
+    return U64.unpack_from(buf, g.touch_head_offset(slot))[0]
+
+
+def post_touches(buf, g: Geometry, slot: int, head: int, touches) -> int:
+    """The ring's one writer (its client): entries first, then the head. -> the new head."""
+    ring = g.touch_ring_offset(slot)
+    for where, generation in touches:
+        TOUCH_ENTRY.pack_into(buf, ring + (head % TOUCH_RING_ENTRIES) * TOUCH_ENTRY_BYTES,
+                              where & 0xFFFFFFFF, generation & 0xFFFFFFFF)
+        head += 1
+    U64.pack_into(buf, g.touch_head_offset(slot), head)
+    return head
+
+
+def post_touch(buf, ring_offset: int, head_offset: int, head: int, where: int, generation: int) -> int:
+    """``post_touches`` of one touch, for a client that cached its ring's offsets (the get hot path)."""
+    TOUCH_ENTRY.pack_into(buf, ring_offset + (head % TOUCH_RING_ENTRIES) * TOUCH_ENTRY_BYTES,
+                          where & 0xFFFFFFFF, generation & 0xFFFFFFFF)
+    head += 1
+    U64.pack_into(buf, head_offset, head)
+    return head
+
+
+def read_touches(buf, g: Geometry, slot: int, tail: int) -> tuple[int, list[tuple[int, int]]]:
+    """The ring's one reader (the service): -> (head, touches posted since ``tail``, at most a ring's worth)."""
+    head = read_touch_head(buf, g, slot)
+    if head == tail:
+        return head, []
+    if head < tail or head - tail > TOUCH_RING_ENTRIES:
+        tail = max(0, head - TOUCH_RING_ENTRIES)  # overrun (or a reset head): keep the newest
+    ring = g.touch_ring_offset(slot)
+    out = [TOUCH_ENTRY.unpack_from(buf, ring + (i % TOUCH_RING_ENTRIES) * TOUCH_ENTRY_BYTES) for i in range(tail, head)]
+    return head, out

@@ -27,6 +27,7 @@ from . import layout as L
 from . import rpc
 from .errors import CorruptPoolError, ProtocolError, ServiceBusyError
 from .pool import Pool
+from .table import LookupTable
 from .tcpserver import TcpServer
 from .transport import reduce_timer_slack
 
@@ -191,6 +192,8 @@ class MetadataService:
         self._clients_total = -1
         self._req_seq_at = [self.g.host_slot_offset(s) + L.CLIENT_LINE_OFFSET + L.CL_REQ_SEQ
                             for s in range(self.g.max_clients)]
+        self.table = LookupTable(self.buf, self.g)
+        self._touch_tail: dict[int, int] = {}  # client slot -> touches of its ring already applied
         self._claim_service()
         # Lease ids must never repeat across restarts: a release of a pre-restart lease
         # must not end a lease granted by this instance.
@@ -297,6 +300,7 @@ class MetadataService:
                 _, req_seq, hb = _QQQ.unpack_from(self.buf, base + L.CLIENT_LINE_OFFSET)
                 # Liveness restarts now: a client gets a full timeout to show its heartbeat.
                 self.clients[slot] = _Client(slot, owner, epoch, hb, now, resp_seq, "resumed")
+                self._touch_tail[slot] = L.read_touch_head(self.buf, g, slot)  # LRU order is soft state
         if self._gen_high_water >= L.MAX_GENERATION:
             raise self._refuse(f"service area: generation_high_water {self._gen_high_water} is beyond 2^62, "
                                f"more allocations than any pool can have made", checksummed=False)
@@ -380,6 +384,7 @@ class MetadataService:
             elif seg.state != L.SEG_FREE and not seg.blocks:
                 self._seal(seg)
         heapq.heapify(self._free_segments)
+        self._rebuild_table()
         self._next_gen = max(max_gen, self._gen_high_water) + 1
         self._gen_high_water = self._next_gen
         self._new_generation()  # persists a fresh high-water mark
@@ -388,6 +393,42 @@ class MetadataService:
             "duplicate_keys": dup, "clients": len(self.clients),
             "duration_s": round(time.perf_counter() - t0, 6),
         }
+
+    # ------------------------------------------------------------ the lookup table clients read
+    def _publish(self, key: bytes, si: int, sl: int, blk: _Block) -> None:
+        self.table.publish(key, blk.generation, si, sl, self.segments[si].layout.data_slot_bytes, blk.length,
+                           blk.crc)
+
+    def _rebuild_table(self) -> None:
+        """Recovery: the table is written from the recovered index (never trusted from before)."""
+        entries = []
+        for key, (si, sl) in self.index.items():
+            blk = self.segments[si].blocks[sl]
+            entries.append((key, blk.generation, si, sl, self.segments[si].layout.data_slot_bytes, blk.length,
+                            blk.crc))
+        self.table.rebuild(entries)
+
+    def _drain_touches(self) -> None:
+        """Apply the reads clients posted in their touch rings to the LRU order (oldest first per client)."""
+        g = self.g
+        for slot in self.clients:
+            tail = self._touch_tail.get(slot, 0)
+            head = L.read_touch_head(self.buf, g, slot)
+            if head == tail:
+                continue
+            head, touches = L.read_touches(self.buf, g, slot, tail)
+            self._touch_tail[slot] = head
+            for where, gen_lo in touches:
+                si, sl = divmod(where, g.max_slots_per_segment)
+                if si >= len(self.segments):
+                    continue  # a client's scribble: ignore
+                blk = self.segments[si].blocks.get(sl)
+                if (blk is None or blk.state != L.ENTRY_COMMITTED or blk.zombie
+                        or blk.generation & 0xFFFFFFFF != gen_lo or self.index.get(blk.key) != (si, sl)):
+                    continue  # evicted, replaced or reused since it was read
+                self.index.move_to_end(blk.key)
+                self._touch += 1
+                blk.touch = self._touch
 
     # ------------------------------------------------------------ segment/slot state changes
     def _open(self, seg: _Segment, data_slot_bytes: int, owner: tuple[int, int]) -> None:
@@ -436,9 +477,13 @@ class MetadataService:
         if seg.state == L.SEG_SEALED and not seg.blocks:
             self._seal(seg)
 
-    def _unindex(self, key: bytes) -> None:
-        """Make a committed block invisible; its slot is reused only once no reader holds it."""
+    def _unindex(self, key: bytes, *, withdraw: bool = True) -> None:
+        """Make a committed block invisible; its slot is reused only once no reader holds it.
+
+        ``withdraw=False``: the caller overwrites the key's table entry itself (a replacement)."""
         si, sl = self.index.pop(key)
+        if withdraw:
+            self.table.withdraw(key)
         seg = self.segments[si]
         blk = seg.blocks[sl]
         if blk.leases:
@@ -481,6 +526,7 @@ class MetadataService:
             # was went back on the free list while this client took it, so the next ALLOC of
             # any client reopened it and wiped this client's reservation.)
             del self.index[key]
+            self.table.withdraw(key)  # readers stop finding it before its slot is handed out
             blk = seg.blocks.pop(sl)
             self._persist_entry(si, sl, None, blk.generation)
             heapq.heappush(seg.free, sl)
@@ -500,7 +546,8 @@ class MetadataService:
                 best, best_touch = seg, newest
         if best is not None:
             for sl, blk in list(best.blocks.items()):
-                self.index.pop(blk.key, None)
+                if self.index.pop(blk.key, None) is not None:
+                    self.table.withdraw(blk.key)
                 self.counters["evictions"] += 1
                 best.blocks.pop(sl)
                 self._persist_entry(best.index, sl, None, blk.generation)
@@ -592,8 +639,9 @@ class MetadataService:
         client.reservations.discard((si, sl))
         self._persist_entry(si, sl, blk)  # the commit point
         if key in self.index:
-            self._unindex(key)  # replaced: the old copy goes once no reader holds it
+            self._unindex(key, withdraw=False)  # replaced: the old copy goes once no reader holds it
         self.index[key] = (si, sl)
+        self._publish(key, si, sl, blk)  # readers find it from now on
         self._touch += 1
         blk.touch = self._touch
         self.counters["commits"] += 1
@@ -627,6 +675,7 @@ class MetadataService:
 
     def evict(self, count: int) -> int:
         """Evict up to ``count`` least recently used blocks that no reader holds."""
+        self._drain_touches()
         victims = []
         for key, (si, sl) in self.index.items():
             if len(victims) >= count:
@@ -650,6 +699,7 @@ class MetadataService:
         struct.pack_into("<Q", self.buf, base + L.SERVICE_LINE_OFFSET + L.SL_OWNER, nonce)
         c = _Client(slot, nonce, epoch, hb, self.clock(), req_seq, transport)
         self.clients[slot] = c
+        self._touch_tail[slot] = L.read_touch_head(self.buf, self.g, slot)
         self._pool_clients = None
         self.counters["clients_registered"] += 1
         return c
@@ -709,6 +759,7 @@ class MetadataService:
                 raise _Reject(rpc.UNKNOWN_SESSION,
                               f"client slot {req.slot} with this nonce is not registered (heartbeat timed out "
                               f"or slot reclaimed); register again")
+            self._drain_touches()  # reads posted before this request come first in LRU order
             for lid in req.releases:
                 entry = self.leases.get(lid)
                 if entry is not None and entry[0] == client.slot:  # only your own leases
@@ -870,6 +921,7 @@ class MetadataService:
 
     # ------------------------------------------------------------ stats and invariants
     def stats(self) -> dict:
+        self._drain_touches()
         seg_states = {name: 0 for name in L.SEG_STATE_NAMES.values()}
         reserved = zombies = committed_bytes = slots_total = slots_free = 0
         for seg in self.segments:
@@ -911,10 +963,13 @@ class MetadataService:
     def check_invariants(self) -> None:
         """Cross-check in-memory state against itself and the pool (tests call this)."""
         seen = set()
+        assert set(self.table.where) == set(self.index), "lookup table and index disagree"
         for key, (si, sl) in self.index.items():
             blk = self.segments[si].blocks[sl]
             assert blk.state == L.ENTRY_COMMITTED and blk.key == key and not blk.zombie, (key.hex(), si, sl)
             seen.add((si, sl))
+            rec = L.read_bucket(self.buf, self.g.bucket_offset(self.table.where[key]))
+            assert rec and rec[:2] == (key, blk.generation) and rec[3:] == (blk.length, blk.crc), (key.hex(), rec)
         for seg in self.segments:
             if seg.state == L.SEG_FREE:
                 assert not seg.blocks and seg.index in self._free_segments, seg.index
@@ -984,6 +1039,7 @@ class MetadataService:
             if hb != c.heartbeat:
                 c.heartbeat = hb
                 c.seen_at = now
+        self._drain_touches()
         return worked
 
     def _serve_pool_request(self, c: _Client, req_seq: int, now: float) -> bool:

@@ -31,7 +31,7 @@ from testbed import image, lifecycle, ssh  # noqa: E402
 
 # Targets as ratios to the floor. The absolute targets they replace (one host <= 8 s,
 # 4hosts-1switch <= 25 s) held on an idle machine and failed on a busy one of the same
-# kind; see README "Boot time" for the figures these ratios were set from.
+# kind; README "Measured figures" says how these ratios were chosen.
 TARGET_RATIOS = {"one_host_ssh_ready": 2.5, "topology_up_to_ready": 2.5}
 
 

@@ -57,7 +57,7 @@ def floor_argv(host_argv: list[str], initrd: Path, serial_log: Path) -> list[str
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", opts["-kernel"],
             "-initrd", str(initrd),
-            "-append", "console=ttyS0 rdinit=/floor",
+            "-append", "console=ttyS0 no_timer_check rdinit=/floor",  # as the hosts (qemucmd.py)
             "-serial", f"file:{serial_log}"]
 
 

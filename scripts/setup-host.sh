@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Host setup for beluga-testbed: system packages (QEMU >= 10, debootstrap,
-# e2fsprogs, ...) and a virtualenv at .venv with the package installed
-# editable. Idempotent: a second run only checks and takes seconds.
+# e2fsprogs, gcc and the Python headers, ...), a virtualenv at .venv with the
+# package installed editable, and the store's C read path (beluga/_native*.so).
+# Idempotent: a second run only checks and takes seconds.
 set -eEuo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,8 +14,9 @@ trap 'rc=$?; die "setup failed (exit $rc) at scripts/setup-host.sh:$LINENO: $BAS
 . scripts/apt-sources.sh
 
 QEMU_MIN_MAJOR=10
+# gcc, python3-dev: the store's C read path (beluga/_native.c).
 # chromium: the unit test that renders the scenario report in a real headless browser.
-APT_PACKAGES=(debootstrap e2fsprogs openssh-client redis-server python3-venv ca-certificates chromium)
+APT_PACKAGES=(debootstrap e2fsprogs openssh-client redis-server python3-venv python3-dev gcc ca-certificates chromium)
 QEMU_PACKAGES=(qemu-system-x86 qemu-utils)
 VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
@@ -31,10 +33,14 @@ for tool in debootstrap mkfs.ext4 ssh redis-server chromium; do
     command -v "$tool" >/dev/null 2>&1 || need_system=1
 done
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_system=1
+# The store's C read path: a compiler and the headers of the Python the virtualenv uses.
+command -v gcc >/dev/null 2>&1 || need_system=1
+python3 -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    2>/dev/null || need_system=1
 
 if [ "$need_system" = 1 ]; then
     . /etc/os-release 2>/dev/null || true
-    manual="install QEMU >= $QEMU_MIN_MAJOR (qemu-system-x86_64 and qemu-img), debootstrap, e2fsprogs, openssh-client, redis-server, chromium and python3 (>= 3.11) with venv, then run 'make setup' again"
+    manual="install QEMU >= $QEMU_MIN_MAJOR (qemu-system-x86_64 and qemu-img), debootstrap, e2fsprogs, openssh-client, redis-server, chromium, gcc and python3 (>= 3.11) with venv and its headers (python3-dev), then run 'make setup' again"
     case "${ID:-}:${VERSION_CODENAME:-}" in
         debian:bookworm|debian:trixie|debian:forky|debian:sid) ;;
         *) die "this system (${PRETTY_NAME:-unknown}) is not Debian 12 or later: automatic setup only knows Debian" "$manual" ;;
@@ -72,14 +78,20 @@ stamp="$VENV/.beluga-setup"
 want=$( (cat pyproject.toml; echo "$TORCH_SPEC") | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/beluga-testbed" ]; then
     say "✓ virtualenv $VENV is up to date"
-    exit 0
+else
+    say "• creating virtualenv $VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >&2
+    # torch first: the CPU build, so the package's torch range pulls nothing more.
+    "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC" >&2
+    # bench: Mooncake Store, a peer in `beluga bench` (tests/unit/beluga/test_store_bench.py runs it under CI).
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test,bench]' >&2
+    echo "$want" > "$stamp"
+    say "✓ virtualenv $VENV ($("$VENV/bin/python" --version))"
 fi
-say "• creating virtualenv $VENV"
-python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >&2
-# torch first: the CPU build, so the package's torch range pulls nothing more.
-"$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC" >&2
-# bench: Mooncake Store, a peer in `beluga bench` (tests/unit/beluga/test_store_bench.py runs it under CI).
-"$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test,bench]' >&2
-echo "$want" > "$stamp"
-say "✓ virtualenv $VENV ($("$VENV/bin/python" --version))"
+
+# The store's C read path (rebuilt only when beluga/_native.c is newer than the module).
+native=$("$VENV/bin/python" -m beluga.native_build) \
+    || die "building the store's C read path (beluga/_native.c) failed" \
+           "install gcc and python3-dev, then run 'make setup' again; the store also runs without it (BELUGA_NATIVE=0)"
+say "✓ store read path built (${native#"$PWD/"})"

@@ -20,6 +20,8 @@ KiB = 1024
 MiB = 1024 * KiB
 BATCH = 8
 """Blocks per call in the batched get (``get_many_into``; Redis: MGET): a 128-token prefix of 16-token blocks."""
+PREFIX = 64
+"""Keys per ``lookup_prefix`` in the prefix op: a 1024-token prompt of 16-token blocks, every key a hit."""
 
 
 def block_keys(block_bytes: int, count: int) -> list[bytes]:
@@ -364,6 +366,8 @@ def _op(state: _State, system: str, op: str, block_bytes: int):
             return get_batch
         if op == "lookup":
             return lambda k: (0, c.lookup_prefix([k]) == 1)
+        if op == "prefix":
+            return lambda ks: (0, c.lookup_prefix(ks) == len(ks))
         if op == "nop":
             from .. import rpc
 
@@ -392,6 +396,8 @@ def _run(state: _State, task: dict) -> dict:
     random.Random(1000 + state.wid).shuffle(order)
     if task["op"].endswith("_batch"):
         order = [order[j : j + BATCH] for j in range(0, len(order) - BATCH + 1, BATCH)]
+    elif task["op"] == "prefix":
+        order = [order[j : j + PREFIX] for j in range(0, len(order) - PREFIX + 1, PREFIX)]
     fn(order[0])  # warm the code path
     start_at = task["start_at"]
     while time.time() < start_at:

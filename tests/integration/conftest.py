@@ -40,8 +40,8 @@ def _needs_qemu_and_image():
     pytest.skip(why)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def isolated_dirs():
+@pytest.fixture(scope="package", autouse=True)  # not "session": its environment must not
+def isolated_dirs():                               # leak into the unit tests that run after it
     """State and pools in folders of this test run (short paths: unix sockets live there)."""
     state = Path(tempfile.mkdtemp(prefix="bt-state-", dir="/tmp"))
     pools = Path(tempfile.mkdtemp(prefix="bt-pools-", dir="/dev/shm"))

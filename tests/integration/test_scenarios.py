@@ -9,7 +9,8 @@ from .conftest import cli
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.mark.parametrize("name", ["functional/cross-host-put-get", "faults/writer-crash", "faults/poison"])
+@pytest.mark.parametrize("name", ["functional/cross-host-put-get", "faults/writer-crash", "faults/poison",
+                                  "examples/dax-records"])  # a user program from a shared folder, a host killed
 def test_builtin_scenario_passes_on_two_hosts(name, tmp_path):
     r = cli("run", name, "--topology", "2hosts-1switch", "--report-dir", str(tmp_path / "report"),
             check=False, timeout=1200)

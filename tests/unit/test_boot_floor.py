@@ -42,7 +42,7 @@ def test_the_floor_keeps_cpu_memory_and_kernel_and_drops_the_testbed(tmp_path):
     assert argv[0] == host[0]
     assert (opts["-cpu"], opts["-smp"], opts["-m"], opts["-kernel"]) == ("max,hypervisor=off", "1", "1024M", "/img/vmlinux")
     assert opts["-machine"] == "q35,accel=tcg"  # no cxl=on, no fixed memory windows
-    assert opts["-append"] == "console=ttyS0 rdinit=/floor"
+    assert opts["-append"] == "console=ttyS0 no_timer_check rdinit=/floor"
     joined = " ".join(argv)
     for gone in ("cxl-type3", "memory-backend-file", "virtio-blk", "netdev", "fw_cfg", "qmp"):
         assert gone not in joined

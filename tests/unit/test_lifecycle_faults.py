@@ -121,10 +121,15 @@ def test_ctrl_c_while_waiting_for_qemu_stops_every_qemu(fakes, monkeypatch):
     import threading
     monkeypatch.setenv("FAKE_QEMU_HANG", "host1")  # host1 never answers: up waits on it
 
+    late = []
+
     def interrupt_once_both_run():
-        deadline = time.monotonic() + 30
+        # Well inside up's 60 s QMP wait, with room for a loaded machine (CI with VMs
+        # running beside it took over 30 s to start the two stand-ins once).
+        deadline = time.monotonic() + 50
         while len(fakes.starts()) < 2 or not (fakes.state / "tb/host1/serial.sock").exists():
             if time.monotonic() > deadline:
+                late.append("the stand-in QEMUs did not start within 50 s: nothing to interrupt")
                 return
             time.sleep(0.02)
         _thread.interrupt_main()
@@ -132,7 +137,11 @@ def test_ctrl_c_while_waiting_for_qemu_stops_every_qemu(fakes, monkeypatch):
     t.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            up()
+            try:
+                up()
+            except Exception:
+                assert not late, late[0]
+                raise
     finally:
         t.join()
     assert len(fakes.starts()) == 2

@@ -85,6 +85,31 @@ def test_targets_are_ratios_from_the_same_run():
     assert not got["aggregate get 16 KiB grows from 1 to 2 clients"]["met"]
 
 
+def test_the_read_path_targets_are_evaluated_per_size():
+    """2.5 MiB gets against 0.85x memcpy, 2 clients against 1.6x one, puts against Redis, 64-key prefixes."""
+    def m(system, op, size, clients, **kw):
+        return {"system": system, "op": op, "block_bytes": size, "clients": clients, **kw}
+
+    big = 2621440
+    report = {
+        "config": {"sizes": [16384, 262144, big], "clients": [1, 2]},
+        "memcpy": {"1": 10.0},
+        "measurements": [
+            m("cxl", "get", 262144, 1, gbps=7.5), m("cxl", "get", big, 1, gbps=8.0), m("cxl", "get", big, 2, gbps=15.0),
+            m("cxl", "put", 262144, 1, p50_us=50.0), m("redis", "put", 262144, 1, p50_us=100.0),
+            m("cxl", "put", big, 1, p50_us=500.0), m("redis", "put", big, 1, p50_us=400.0),
+            m("cxl", "prefix", 16384, 1, p50_us=8.0, p99_us=20.0),
+        ],
+    }
+    got = {t["target"]: t for t in bench.evaluate(report)}
+    assert got["get 256 KiB >= 0.7x memcpy"]["met"]
+    assert not got["get 2.5 MiB >= 0.85x memcpy"]["met"] and got["get 2.5 MiB >= 0.85x memcpy"]["value"] == 0.8
+    assert got["aggregate get 2.5 MiB with 2 clients >= 1.6x 1 client"]["met"]  # 1.875
+    assert got["put 256 KiB p50 no slower than Redis"]["met"] and got["put 256 KiB p50 no slower than Redis"]["value"] == 2
+    assert not got["put 2.5 MiB p50 no slower than Redis"]["met"]
+    assert got["lookup_prefix of 64 keys p50 <= 10 us"]["met"] and got["lookup_prefix of 64 keys p50 <= 10 us"]["value"] == 8
+
+
 def test_bench_runs_end_to_end_and_writes_json_and_png(tmp_path, capsys, monkeypatch):
     # A machine that reports a 300 MiB L3 (DESIGN): 3 x L3 of blocks would not fit the pool, so the
     # default working set is capped to it, and every block put in the fill is still there to be read.
@@ -250,8 +275,9 @@ def test_a_working_set_asked_for_that_does_not_fit_names_the_pool_size_it_needs(
     with pytest.raises(sizing.WorkingSetError) as exc:
         sizing.plan_working_set(DEFAULT_SIZES, 1024 * MiB, l3_bytes=0, requested_bytes=900 * MiB, writers=5)
     message = str(exc.value)
+    segments = sizing.bench_geometry(1024 * MiB, max(DEFAULT_SIZES)).segment_count  # 238 in layout version 2
     assert message.startswith("--working-set 900 MiB per block size (sizes 16384,262144,2621440 bytes, 5 writers) "
-                              "does not fit a 1024 MiB pool (243 segments of 4 MiB): use --pool-size ")
+                              f"does not fit a 1024 MiB pool ({segments} segments of 4 MiB): use --pool-size ")
     need = int(message.split("--pool-size ")[1].split("M ")[0]) * MiB
     plan = sizing.plan_working_set(DEFAULT_SIZES, need, l3_bytes=0, requested_bytes=900 * MiB, writers=5)
     assert plan.per_size_bytes == 900 * MiB and not plan.capped

@@ -84,7 +84,7 @@ def test_the_fast_crc_path_is_the_one_in_use():
         assert C.crc32 is isal_zlib.crc32
 
 
-def test_get_many_into_verifies_every_block_with_one_lookup(store):
+def test_get_many_into_verifies_every_block_without_a_round_trip(store):
     c = store.client()
     keys = [name_key(f"m{i}") for i in range(4)]
     blocks = [os.urandom(1000 * (i + 1)) for i in range(3)]
@@ -92,7 +92,7 @@ def test_get_many_into_verifies_every_block_with_one_lookup(store):
     outs = [bytearray(5000) for _ in keys]
     calls = c.client_stats().rpc_calls
     assert c.get_many_into(keys, outs) == [1000, 2000, 3000, None]
-    assert c.client_stats().rpc_calls == calls + 1
+    assert c.client_stats().rpc_calls == calls  # found through the pool's lookup table
     assert all(bytes(o[: len(b)]) == b for o, b in zip(outs, blocks))
     # A damaged block in the batch is a miss (counted and reported), the others still load.
     loc = c._lookup([keys[1]], 0)[0]

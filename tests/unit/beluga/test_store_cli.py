@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from beluga import layout as L
 from beluga.cli import main, random_bytes
 
 from beluga_store_support import ServiceProcess, subprocess_env
@@ -22,7 +23,7 @@ def test_format_stat_serve_put_get_delete(pool_path, tmp_path):
               "--rpc-buffer", "16K", "--json")
     assert out.returncode == 0, out.stderr
     fmt = json.loads(out.stdout)
-    assert fmt["segment_count"] >= 20 and fmt["layout_version"] == 1 and fmt["devdax"] is False
+    assert fmt["segment_count"] >= 20 and fmt["layout_version"] == L.LAYOUT_VERSION and fmt["devdax"] is False
     again = run("format", pool_path)
     assert again.returncode == 2 and "already a Beluga pool" in again.stderr
 

@@ -14,6 +14,7 @@ import pytest
 
 import beluga.client as client_mod
 from beluga import layout as L
+from beluga import readpath
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(100, 132))
@@ -74,20 +75,29 @@ def test_slot_reused_while_a_view_is_checksummed_is_a_miss(reader, store, monkey
     assert (st.hits, st.misses, st.corrupt_misses) == (0, 1, 1)
 
 
+def _python_read_path(monkeypatch) -> None:
+    """Gets read through beluga.readpath; its Python implementation is the one with steps to hook
+    (the C one runs the same steps in one call, tested against it in test_store_readpath.py)."""
+    monkeypatch.setattr(readpath, "read_into", readpath.py_read_into)
+    monkeypatch.setattr(readpath, "read_bytes", readpath.py_read_bytes)
+
+
 def test_slot_reused_while_get_into_copies_and_checksums_is_a_miss(reader, store, monkeypatch):
     """get_into checksums while it copies; the header is read after that, so a writer that
     took the slot during the copy (header first) is seen, even if the bytes are still old."""
-    r, data, looked_up = reader
-    real = client_mod.copy_and_checksum
+    r, data, _ = reader
+    loc = r._lookup([KEY], 0)[0]  # where the block is (gets find it in the pool's table)
+    _python_read_path(monkeypatch)
+    real = readpath.copy_and_checksum
     calls = []
 
     def copy_during_reuse(algo, dest, src):
         value = real(algo, dest, src)
-        _reuse_slot(store.path, looked_up[-1])
+        _reuse_slot(store.path, loc)
         calls.append(value)
         return value
 
-    monkeypatch.setattr(client_mod, "copy_and_checksum", copy_during_reuse)
+    monkeypatch.setattr(readpath, "copy_and_checksum", copy_during_reuse)
     out = bytearray(len(data))
     assert r.get_into(KEY, out) is None
     assert out == data, "the copy itself happened (old bytes), yet it must not count as a hit"
@@ -100,15 +110,17 @@ def test_slot_reused_while_get_checksums_its_copy_is_a_miss(reader, store, monke
     """get copies first, then checks the header, then the checksum of its copy, then the
     header again: a reuse seen by that last read is a miss too (the client never returns
     bytes from a slot that changed hands while it was reading)."""
-    r, data, looked_up = reader
-    real_checksum = client_mod.checksum
+    r, data, _ = reader
+    loc = r._lookup([KEY], 0)[0]
+    _python_read_path(monkeypatch)
+    real_crc32 = readpath.crc32
 
-    def checksum_during_reuse(algo, buf):
-        value = real_checksum(algo, buf)
-        _reuse_slot(store.path, looked_up[-1])
-        return value
+    def checksum_during_reuse(buf, value=0):
+        result = real_crc32(buf, value)
+        _reuse_slot(store.path, loc)
+        return result
 
-    monkeypatch.setattr(client_mod, "checksum", checksum_during_reuse)
+    monkeypatch.setattr(readpath, "crc32", checksum_during_reuse)
     assert r.get(KEY) is None
     st = r.client_stats()
     assert (st.hits, st.misses, st.corrupt_misses) == (0, 1, 1)

@@ -45,14 +45,17 @@ def test_geometry_regions_are_ordered_aligned_and_inside_the_pool(pool_mib, seg_
     assert L.SUPERBLOCK_BYTES <= g.service_offset < g.host_offset
     assert g.host_offset + clients * g.host_slot_bytes <= g.segment_table_offset
     assert g.segment_table_offset + g.segment_count * L.SEGMENT_ENTRY_BYTES <= g.index_offset
-    assert g.index_offset + g.segment_count * g.max_slots_per_segment * L.INDEX_ENTRY_BYTES <= g.headers_offset
+    assert g.index_offset + g.segment_count * g.max_slots_per_segment * L.INDEX_ENTRY_BYTES <= g.table_offset
+    assert g.table_buckets * 4 >= g.segment_count * g.max_slots_per_segment * 5  # load factor <= 0.8, always
+    assert g.table_offset + g.table_buckets * L.TABLE_BUCKET_BYTES <= g.headers_offset
     assert g.headers_offset + g.segment_count * g.max_slots_per_segment * L.BLOCK_HEADER_BYTES <= g.segments_offset
     assert g.segments_offset % min(seg, L.DAX_ALIGN_BYTES) == 0
     assert g.used_bytes <= size
     # One more segment would not have fitted: the geometry does not waste a segment's worth of pool.
     leftover = size - g.used_bytes
+    table_per_segment = (g.max_slots_per_segment * 5 // 4 + 2) * L.TABLE_BUCKET_BYTES
     assert leftover < (seg + L.SEGMENT_ENTRY_BYTES + g.max_slots_per_segment * (L.INDEX_ENTRY_BYTES + L.BLOCK_HEADER_BYTES)
-                       + 3 * L.PAGE_BYTES + min(seg, L.DAX_ALIGN_BYTES))
+                       + table_per_segment + 4 * L.PAGE_BYTES + min(seg, L.DAX_ALIGN_BYTES))
     assert g.max_block_bytes == seg  # a block may fill a whole segment
 
 
@@ -138,12 +141,12 @@ def _patch_superblock(path: str, offset: int, fmt: str, value, *, fix_crc: bool)
 
 def test_other_layout_version_fails_with_clear_message(pool_path):
     make_pool(pool_path)
-    _patch_superblock(pool_path, 8, "<I", 2, fix_crc=True)
+    _patch_superblock(pool_path, 8, "<I", L.LAYOUT_VERSION + 1, fix_crc=True)
     before = _digest(pool_path)
     with pytest.raises(LayoutVersionError) as exc:
         Pool.open(pool_path)
     msg = str(exc.value)
-    assert "version 2" in msg and f"version {L.LAYOUT_VERSION}" in msg and "format" in msg
+    assert f"version {L.LAYOUT_VERSION + 1}" in msg and f"version {L.LAYOUT_VERSION}" in msg and "format" in msg
     assert _digest(pool_path) == before
 
 

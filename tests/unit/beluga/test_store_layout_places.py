@@ -43,24 +43,27 @@ def test_every_record_has_a_place_of_its_own(g):
         for slot in range(g.max_slots_per_segment):
             spans.append((g.index_entry_offset(s, slot), L.INDEX_ENTRY_BYTES))
             spans.append((g.header_offset(s, slot), L.BLOCK_HEADER_BYTES))
+    spans.append((g.table_offset, g.table_buckets * L.TABLE_BUCKET_BYTES))
     for c in range(g.max_clients):
         spans.append((g.host_slot_offset(c), L.HOST_LINES_BYTES))
+        spans.append((g.touch_ring_offset(c), L.TOUCH_RING_BYTES))
         spans.append((g.request_offset(c), g.rpc_buffer_bytes))
         spans.append((g.response_offset(c), g.rpc_buffer_bytes))
     spans.sort()
     for (a, n), (b, _) in zip(spans, spans[1:]):
         assert a + n <= b, f"record at {a:#x} ({n} bytes) overlaps the one at {b:#x}"
     assert spans[0][0] >= L.SUPERBLOCK_BYTES + L.SERVICE_AREA_BYTES and spans[-1][0] + spans[-1][1] <= g.pool_size_bytes
-    assert g.host_slot_bytes == L.HOST_LINES_BYTES + 2 * g.rpc_buffer_bytes  # request and response buffers
+    # the touch ring, the request and the response buffers
+    assert g.host_slot_bytes == L.HOST_LINES_BYTES + L.TOUCH_RING_BYTES + 2 * g.rpc_buffer_bytes
 
 
 def test_the_defaults_are_the_documented_ones():
     """docs/store.md: 2 MiB segments, 4 KiB granularity, 32 clients, 64 KiB RPC buffers:
-    a 1 GiB pool has 487 segments."""
+    a 1 GiB pool has 477 segments (layout version 2: the lookup table and touch rings take the rest)."""
     g = L.compute_geometry(1 << 30)
     assert (g.segment_size_bytes, g.slot_granularity_bytes, g.max_clients, g.rpc_buffer_bytes) == (
         2 * L.MiB, 4 * L.KiB, 32, 64 * L.KiB)
-    assert g.segment_count == 487 and g.max_slots_per_segment == 512
+    assert g.segment_count == 477 and g.max_slots_per_segment == 512
 
 
 @pytest.mark.parametrize("seg, clients, rpc", [(256 * L.KiB, 8, 16 * L.KiB), (2 * L.MiB, 32, 64 * L.KiB),

@@ -235,9 +235,10 @@ def test_service_killed_clients_get_clear_errors_and_a_new_service_recovers(pool
     for c in (c_pool, c_tcp):
         t0 = time.monotonic()
         with pytest.raises(ServiceUnavailableError) as exc:
-            c.get(name_key("b0"))
+            c.put(name_key("during"), b"needs the service")
         assert time.monotonic() - t0 < 10
         assert "metadata service" in str(exc.value)
+        assert c.get(name_key("b0")) == blocks[name_key("b0")]  # reads need no service
     # The CLI says the same, with exit status 2 instead of hanging.
     out = subprocess.run([sys.executable, "-m", "beluga.cli", "get", pool_path, "--name", "b0", "--timeout", "0.5"],
                          capture_output=True, text=True, env=subprocess_env(), timeout=60)
