@@ -341,6 +341,12 @@ def test_serial_numbers_from_zero_to_the_largest_are_allowed():
     assert [d.serial for d in t.devices] == [0, T.MAX_SERIAL]
 
 
+def test_a_topologys_kernel_section_is_checked_too():
+    n = len(BASE.splitlines())
+    assert errors(BASE + "kernel:\n  modules: /nonexistent/beluga-modules\n") == [
+        f"my.yaml:{n + 2}: kernel.modules: /nonexistent/beluga-modules: no such folder"]
+
+
 def test_host_count_defaults():
     t = T.parse(hosts("hosts:\n  count: 2\n"), "my.yaml")
     assert [(h.name, h.vcpus, h.memory_mib) for h in t.hosts] == [("host0", 1, 1024), ("host1", 1, 1024)]
