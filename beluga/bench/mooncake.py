@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .children import stop as stop_child
+
 WHEEL = "mooncake-transfer-engine-non-cuda"
 INSTALL_HINT = f"pip install -e '.[bench]' (the `{WHEEL}` wheel; `make setup` installs it)"
 OBJECT_NOT_FOUND = -704
@@ -81,17 +83,6 @@ def _tail(path: Path, lines: int = 3) -> str:
     except OSError:
         return ""
     return " | ".join(line.strip() for line in text[-lines:])
-
-
-def _stop(proc: subprocess.Popen | None) -> None:
-    """SIGTERM, then SIGKILL after 10 s."""
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 class MooncakeServer:
@@ -180,9 +171,9 @@ class MooncakeServer:
                 self.holder.wait(10)
             except subprocess.TimeoutExpired:
                 pass
-            _stop(self.holder)
+            stop_child(self.holder)
             self.holder.stdout.close()
-        _stop(self.master)
+        stop_child(self.master)
 
 
 class MooncakeClient:

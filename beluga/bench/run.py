@@ -46,6 +46,7 @@ from array import array
 from pathlib import Path
 
 from .. import layout as L
+from .children import stop as stop_child
 from .mooncake import MooncakeServer, MooncakeUnavailable
 from .sizing import POOL_MAX_CLIENTS, memcpy_buffer_bytes, plan_working_set, segment_bytes_for
 from .store import BATCH, PREFIX, KiB, MiB, RespClient, Workers, block_keys
@@ -174,18 +175,7 @@ class RedisServer:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        _stop_child(self.proc)
-
-
-def _stop_child(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL after 10 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_child(self.proc)
 
 
 class StoreService:
@@ -209,7 +199,7 @@ class StoreService:
         self.ready = json.loads(self.ready_file.read_text())
 
     def stop(self) -> None:
-        _stop_child(self.proc)
+        stop_child(self.proc)
         self.log.close()
 
 
