@@ -21,5 +21,21 @@ async def _execute(sock: Path, command: str, arguments: dict | None, timeout_s: 
 
 
 def execute(sock: Path, command: str, arguments: dict | None = None, *, timeout_s: float = 5.0) -> Any:
-    """Run one QMP command; raises qemu.qmp.ExecuteError for a QMP error reply."""
-    return asyncio.run(_execute(sock, command, arguments, timeout_s))
+    """Run one QMP command; raises qemu.qmp.ExecuteError for a QMP error reply.
+
+    Not asyncio.run: it puts its own SIGINT handler in place, which turns Ctrl-C into a
+    cancellation of the command, and a command that completes anyway returns normally:
+    the Ctrl-C was lost (`up` then waited out its QMP timeout instead of rolling back at
+    once; tests/unit/test_lifecycle_faults.py caught it). Here Ctrl-C stays a
+    KeyboardInterrupt, and the command's task is cancelled on the way out."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(_execute(sock, command, arguments, timeout_s))
+    finally:
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
