@@ -4,6 +4,7 @@ guest. Real processes, files, sockets and ports; the SSH probe is the only thing
 import json
 import os
 import shutil
+import signal as signal_mod
 import socket
 import stat
 import subprocess
@@ -133,6 +134,9 @@ def test_ctrl_c_while_waiting_for_qemu_stops_every_qemu(fakes, monkeypatch):
                 return
             time.sleep(0.02)
         _thread.interrupt_main()
+    # Ctrl-C as the CLI gets it: Python's own SIGINT handler. interrupt_main() does
+    # nothing when an earlier test of the session left SIGINT ignored or at SIG_DFL.
+    old_handler = signal_mod.signal(signal_mod.SIGINT, signal_mod.default_int_handler)
     t = threading.Thread(target=interrupt_once_both_run)
     t.start()
     try:
@@ -144,6 +148,7 @@ def test_ctrl_c_while_waiting_for_qemu_stops_every_qemu(fakes, monkeypatch):
                 raise
     finally:
         t.join()
+        signal_mod.signal(signal_mod.SIGINT, old_handler)
     assert len(fakes.starts()) == 2
     assert fakes.alive() == []
     assert not (fakes.state / "tb").exists()
