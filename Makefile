@@ -33,7 +33,7 @@ test-integration: image
 # Unit line coverage of the testbed's logic (docs/testing.md has the figures).
 coverage: setup
 	$(VENV)/bin/python -m coverage run --source=testbed -m pytest -q tests/unit -m "not integration"
-	$(VENV)/bin/python -m coverage report --include='testbed/provision.py,testbed/lifecycle.py,testbed/runner.py,testbed/cli.py,testbed/guest_pool.py'
+	$(VENV)/bin/python -m coverage report --include='testbed/provision.py,testbed/lifecycle.py,testbed/scenario/runner.py,testbed/cli.py,testbed/guest/pool.py'
 
 # Mutation testing (mutmut) of the store's client, service and layout, topology validation,
 # provisioning and the scenario expectations; about 55 min on a busy 2-core machine (docs/testing.md). Groups: scripts/mutate.py GROUP ...

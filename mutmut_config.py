@@ -45,7 +45,7 @@ GROUPS: dict[str, tuple[str, tuple[str, ...] | None, tuple[str, ...], float]] = 
         "verify.read", "provision", "_collect_at_boot", "_collect_at_boot.collect", "pool_table",
     ), ("tests/unit/test_provision.py",), 0.4),
     # The scenario expectations: each one's verdict and evidence on what a run recorded.
-    "expectations": ("testbed/runner.py", (
+    "expectations": ("testbed/scenario/runner.py", (
         "AllReadable.check_run", "NoTornReads.check_run", "NeverReturned.check", "NeverReturned.check_run",
         "GuestSaw.check_run", "Quarantined.check_run", "NoReservedSpace.check_run", "Evicted.check_run",
         "_program_hosts", "ExitCode.check_run", "OutputMatches.check_run", "FileWritten.check_run",

@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark the store against memcpy, Redis and TCP (not a test; minutes)",
                        description="Pool RPC vs TCP vs Redis vs memcpy, 1/2/4 clients, 16K/256K/2.5M blocks, "
                                    "and a transformers model's prefix KV through the pool; writes JSON and a PNG.")
-    from .bench.run import add_arguments
+    from benchmarks.store.run import add_arguments
 
     add_arguments(b)
     return p
@@ -291,7 +291,7 @@ def cmd_delete(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench.run import main_args
+    from benchmarks.store.run import main_args
 
     return main_args(args)
 

@@ -326,7 +326,7 @@ class Testbed:
         host (None), in parallel; one result per host. `check`: raise if it fails anywhere.
         `pool_env`: the BELUGA_* pool variables a program run gets (BELUGA_DAX, ...), as
         `exec --pool-env`; `env`: more variables (over those), each value quoted."""
-        from . import programs
+        from .scenario import programs
         if isinstance(argv, (str, bytes)) or not argv or not all(isinstance(a, str) for a in argv):
             raise TestbedError(f"argv must be a non-empty list of strings, got {argv!r}",
                                hint="e.g. ['ls', '-l', '/dev'], or ['sh', '-c', 'a | b'] for a shell line")
@@ -376,7 +376,7 @@ class Testbed:
                     shell: str | None = None, env: Mapping[str, str] | None = None,
                     host_env: Mapping[str, Mapping[str, str]] | None = None, timeout_s: float = 600,
                     background: bool = False, out_dir: str | Path | None = None):
-        """A user's program on hosts, as a scenario's `run` step (testbed/programs.py): argv
+        """A user's program on hosts, as a scenario's `run` step (testbed/scenario/programs.py): argv
         (or one `shell` line), the pool in its environment (BELUGA_DAX, BELUGA_POOL_SIZE,
         BELUGA_HOST_INDEX, ...) overridden by `env` and `host_env[host]`, stdout and stderr
         whole in `out_dir/<host>.stdout|.stderr` (default: a new temporary folder), a
@@ -384,7 +384,7 @@ class Testbed:
         ProgramResult per host (a foreground run is joined already). reset() kills a
         background one."""
         import tempfile
-        from . import programs
+        from .scenario import programs
         names_ = [h.name for h in self._hosts_states(hosts)]
         out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix=f"beluga-{self.name}-"))
         return programs.run_program(self._state, names_, list(argv) if argv is not None else None, shell,

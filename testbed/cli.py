@@ -189,7 +189,8 @@ def cmd_exec(args) -> int:
     hosts = lifecycle.resolve_hosts(tb, args.host, args.all)
     line = shlex.join(command) if len(command) > 1 else command[0]
     if args.pool_env:
-        from . import programs, ssh
+        from . import ssh
+        from .scenario import programs
         from .par import map_parallel
         results = map_parallel(lambda h: ssh.run(h.name, h.ssh_port, tb.key,
                                                  programs.exports(programs.pool_env(tb, h.name)) + line,
@@ -329,7 +330,8 @@ def cmd_image_key(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import runner, scenario
+    from . import scenario
+    from .scenario import runner
     if args.list:
         return cmd_scenario_list(args)
     if not args.scenario:

@@ -17,7 +17,7 @@ from .par import map_parallel
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST_DIR = "/opt/beluga"
-GUEST_DRIVER = Path(__file__).with_name("guest_store.py")
+GUEST_DRIVER = Path(__file__).parent / "guest" / "store.py"
 SERVE_LOG = "/var/log/beluga-serve.log"
 SERVE_READY = "/run/beluga/serve.ready"
 PY = f"PYTHONPATH={GUEST_DIR} python3"

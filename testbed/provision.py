@@ -15,7 +15,7 @@ from .log import TestbedError, step
 from .par import map_parallel
 from .topology import Topology
 
-GUEST_SCRIPT = Path(__file__).with_name("guest_pool.py")
+GUEST_SCRIPT = Path(__file__).parent / "guest" / "pool.py"
 POOL_ARGS_FILE = "pool-args.json"  # in the testbed's state folder; the guests read it through fw_cfg
 SIGNATURE_BYTES = 64
 ROUNDS = 2  # every interleave position is sampled this many times, in different strides

@@ -4,7 +4,7 @@ In this order (each host in parallel where it can be):
 
 1. QEMU (QMP): a host that a hang left stopped is continued; every host's NIC link is
    set up again (a `nic` fault may have taken it down; QMP cannot say, so always).
-2. Each guest (one SSH call, testbed/guest_reset.py): every process started after boot
+2. Each guest (one SSH call, testbed/guest/reset.py): every process started after boot
    is killed (the store's `beluga serve` and clients, programs, tests' processes), the
    devices' poison lists are cleared through their own mailbox (Clear Poison), the trace
    events are disabled and the trace buffers emptied, and /tmp, /dev/shm and the
@@ -32,7 +32,7 @@ from pathlib import Path
 from . import paths, qmp, ssh
 from .par import map_parallel
 
-GUEST_SCRIPT = Path(__file__).with_name("guest_reset.py")
+GUEST_SCRIPT = Path(__file__).parent / "guest" / "reset.py"
 GUEST_TIMEOUT_S = 60
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

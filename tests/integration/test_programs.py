@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from testbed import faults, lifecycle, programs, provision
+from testbed import faults, lifecycle, provision
+from testbed.scenario import programs
 
 from .conftest import REPO, cli
 

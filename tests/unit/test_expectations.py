@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from beluga.keys import name_key
-from testbed import runner, scenario
+from testbed import scenario
+from testbed.scenario import runner
 
 TEXT = """\
 apiVersion: beluga.testbed/v1alpha1

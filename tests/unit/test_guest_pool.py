@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from testbed import guest_pool as G
+from testbed.guest import pool as G
 
 MB = 1 << 20
 

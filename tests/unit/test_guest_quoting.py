@@ -3,7 +3,8 @@ word to the shell, never a command. The command lines run here in a real shell."
 import shlex
 import subprocess
 
-from testbed import deploy, runner, ssh
+from testbed import deploy, ssh
+from testbed.scenario import runner
 
 HOSTILE = "x:' /dev/null; touch {f}; echo '"
 

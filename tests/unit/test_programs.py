@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed import lifecycle, programs, ssh
+from testbed import lifecycle, ssh
+from testbed.scenario import programs
 from testbed import topology as T
 from testbed.log import TestbedError
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import runner
+from testbed.scenario import runner
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Measured in the page once it has laid out; the result lands in the dumped DOM.

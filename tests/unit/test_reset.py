@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed import cli, guest_reset, reset
+from testbed import cli, reset
+from testbed.guest import reset as guest_reset
 from testbed import ssh
 from testbed import topology as T
 from testbed.reset import HostReset, ResetReport

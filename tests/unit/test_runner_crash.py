@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from testbed import cli, lifecycle, runner, scenario
+from testbed import cli, lifecycle, scenario
+from testbed.scenario import runner
 
 SCENARIO = """\
 apiVersion: beluga.testbed/v1alpha1

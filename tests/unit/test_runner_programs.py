@@ -1,11 +1,12 @@
-"""The `run` and `join` steps drive testbed/programs.py's API (run_program -> handle,
+"""The `run` and `join` steps drive testbed/scenario/programs.py's API (run_program -> handle,
 handle.join -> {host: ProgramResult}); here that API is faked, the runner is real."""
 import json
 from types import SimpleNamespace
 
 import pytest
 
-from testbed import faults, lifecycle, runner, scenario
+from testbed import faults, lifecycle, scenario
+from testbed.scenario import runner
 
 TEXT = """\
 apiVersion: beluga.testbed/v1alpha1

@@ -4,7 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from testbed import runner, scenario, topology
+from testbed import scenario, topology
+from testbed.scenario import runner
 from testbed.log import TestbedError
 
 

@@ -4,7 +4,7 @@ well formed. Every error at once, `file:line: path: message`, did-you-mean where
 
 import pytest
 
-from testbed import cli, lifecycle
+from testbed import cli, lifecycle, topology
 from testbed import scenario as S
 from testbed.topology import load as load_topology
 
@@ -268,7 +268,7 @@ def test_a_topology_file_beside_the_scenario_is_found_from_anywhere(tmp_path, mo
     from pathlib import Path
     ours = tmp_path / "ci"
     ours.mkdir()
-    builtin = Path(S.__file__).parent / "topologies" / "2hosts-1switch.yaml"
+    builtin = Path(topology.__file__).parent / "topologies" / "2hosts-1switch.yaml"
     (ours / "my-topo.yaml").write_text(builtin.read_text().replace("name: 2hosts-1switch", "name: my-topo"))
     f = ours / "s.yaml"
     f.write_text(HEAD.replace("topology: 2hosts-1switch", "topology: my-topo.yaml"))

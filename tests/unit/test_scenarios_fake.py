@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from testbed import faults, lifecycle, runner, scenario
+from testbed import faults, lifecycle, scenario
+from testbed.scenario import runner
 
 NO_SLEEP = SimpleNamespace(sleep=lambda s: None, monotonic=time.monotonic, strftime=time.strftime)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from beluga.bench import run as bench
-from beluga.bench import sizing
-from beluga.bench.store import RespClient
+from benchmarks.store import run as bench
+from benchmarks.store import sizing
+from benchmarks.store.store import RespClient
 from beluga.keys import name_key
 
 MiB = 1024 * 1024
@@ -214,7 +214,7 @@ def test_bench_measures_mooncake_beside_the_store_and_stops_it(tmp_path, capsys)
 
 
 def test_bench_notes_a_mooncake_that_cannot_start_and_runs_on(tmp_path, capsys, monkeypatch):
-    from beluga.bench import mooncake
+    from benchmarks.store import mooncake
 
     # A master that exits at once (here: `false`), as a broken or missing binary would.
     monkeypatch.setattr(mooncake, "master_executable", lambda: shutil.which("false"))
@@ -230,7 +230,7 @@ def test_bench_notes_a_mooncake_that_cannot_start_and_runs_on(tmp_path, capsys, 
 
 
 def test_mooncake_absent_is_a_clear_error(monkeypatch):
-    from beluga.bench import mooncake
+    from benchmarks.store import mooncake
 
     monkeypatch.setattr(mooncake.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(mooncake.MooncakeUnavailable, match=r"mooncake-transfer-engine-non-cuda is not installed "
@@ -240,7 +240,7 @@ def test_mooncake_absent_is_a_clear_error(monkeypatch):
 
 def test_a_failed_task_leaves_no_answer_behind_for_the_next():
     """One worker fails, the other answers: the next task's answers are the next task's (not that one)."""
-    from beluga.bench.store import Workers
+    from benchmarks.store.store import Workers
 
     w = Workers(2, pool=None, redis_port=None)
     try:

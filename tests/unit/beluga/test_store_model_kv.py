@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from beluga.bench import kv  # noqa: E402
+from benchmarks.store import kv  # noqa: E402
 from beluga.keys import vllm_block_hashes  # noqa: E402
 from beluga.layout import MiB  # noqa: E402
 from beluga.tensor import put_kv_blocks  # noqa: E402

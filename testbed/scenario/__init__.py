@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from . import names, yamlcheck
-from .log import TestbedError
-from .topology import API_VERSION, Topology
-from .yamlcheck import Checker as _Checker
-from .yamlcheck import ConfigError, did_you_mean
+from .. import names, yamlcheck
+from ..log import TestbedError
+from ..topology import API_VERSION, Topology
+from ..yamlcheck import Checker as _Checker
+from ..yamlcheck import ConfigError, did_you_mean
 
-SCENARIOS_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+SCENARIOS_DIR = Path(__file__).resolve().parents[2] / "scenarios"
 ROLE_WORDS = ("service", "writers", "readers", "survivors", "all")
 DEFAULT_BLOCK_BYTES = 65536
 MAX_SECONDS = 24 * 3600  # a wait, hang or timeout longer than a day is a typo
@@ -330,7 +330,7 @@ class Scenario:
         """The shares as testbed/shares.py's Share objects (TestbedError, located, if one is bad)."""
         if not self.shares:
             return []
-        from . import shares as shares_mod
+        from .. import shares as shares_mod
         base = Path(self.source).resolve().parent
         out = [shares_mod.parse(spec, i, base, where=self._where(("shares", i)))
                for i, spec in enumerate(self.shares)]
@@ -570,7 +570,7 @@ def check(sc: Scenario, t: Topology) -> None:
                 hint = did_you_mean(x, known)
                 c.err(("roles", role), f"no host '{x}' in topology {t.name} ({hint}hosts: {', '.join(known)})")
     if sc.shares:
-        from . import shares as shares_mod
+        from .. import shares as shares_mod
         base, ok = Path(sc.source).resolve().parent, True
         for i, spec in enumerate(sc.shares):
             try:
@@ -648,7 +648,7 @@ def own_topology(sc: Scenario) -> str:
 def topology_of(sc: Scenario, topology_ref: str | None = None) -> Topology:
     """The topology `sc` runs on: `topology_ref` (`--topology`) or the scenario's own
     `topology:`, where a name that is no topology is the scenario's error, on that line."""
-    from . import topology as topo
+    from .. import topology as topo
     if topology_ref is None:
         try:
             topo.resolve(own_topology(sc))
@@ -698,13 +698,9 @@ def docs_tables() -> str:
 def _register_builtins() -> None:
     # The kinds live with what they do: faults in faults.py, steps and expectations in
     # runner.py (imported here so that parsing a file knows every kind).
-    from . import faults, runner  # noqa: F401
+    from .. import faults  # noqa: F401
+    from . import runner  # noqa: F401
 
 
 _register_builtins()
 
-
-if __name__ == "__main__":
-    # Run as a script this file is `__main__`; the kinds register in `testbed.scenario`.
-    from testbed import scenario as _registered
-    print(_registered.docs_tables(), end="")

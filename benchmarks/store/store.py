@@ -14,7 +14,7 @@ import os
 import socket
 import time
 
-from ..keys import name_key
+from beluga.keys import name_key
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -248,7 +248,7 @@ class _State:
     def client(self, transport: str):
         c = self.clients.get(transport)
         if c is None:
-            from ..client import BelugaClient
+            from beluga.client import BelugaClient
 
             c = BelugaClient(self.pool, transport=transport, rpc_timeout_s=30.0)
             if len(self.clients) == 0:
@@ -369,7 +369,7 @@ def _op(state: _State, system: str, op: str, block_bytes: int):
         if op == "prefix":
             return lambda ks: (0, c.lookup_prefix(ks) == len(ks))
         if op == "nop":
-            from .. import rpc
+            from beluga import rpc
 
             return lambda k: (c._call(rpc.OP_NOP), (0, True))[1]
     raise ValueError(f"unknown system/op {system}/{op}")

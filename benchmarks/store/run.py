@@ -15,11 +15,11 @@ What runs, all on this host and in this one invocation:
   copying processes as clients), Redis over loopback (Debian's redis-server,
   started and stopped here, with a lean RESP client that reads straight into
   the caller's buffer and polls its socket as the store's client polls the
-  pool), Mooncake Store over loopback (``beluga.bench.mooncake``: its master,
+  pool), Mooncake Store over loopback (``benchmarks.store.mooncake``: its master,
   a store node holding the working set, clients reading over its "tcp"
   transfer protocol into registered buffers), and the store's own TCP
   transport;
-* a real model's KV cache (`beluga.bench.kv`): TTFT with and without loading
+* a real model's KV cache (`benchmarks.store.kv`): TTFT with and without loading
   the prefix's KV blocks from the pool;
 * every measurement is repeated ``--rounds`` times, interleaved, and the
   medians are reported.
@@ -45,7 +45,7 @@ import time
 from array import array
 from pathlib import Path
 
-from .. import layout as L
+from beluga import layout as L
 from .children import stop as stop_child
 from .mooncake import MooncakeServer, MooncakeUnavailable
 from .sizing import POOL_MAX_CLIENTS, memcpy_buffer_bytes, plan_working_set, segment_bytes_for
@@ -107,7 +107,7 @@ def describe_machine() -> dict:
             versions[mod] = __import__(mod).__version__
         except Exception:
             versions[mod] = None
-    from ..checksum import IMPLEMENTATION
+    from beluga.checksum import IMPLEMENTATION
 
     redis = shutil.which("redis-server")
     redis_version = ""
@@ -205,7 +205,7 @@ class StoreService:
 
 def make_pool(path: str, size_bytes: int, max_block: int) -> L.Geometry:
     """Format a pool whose segments hold the largest block, and fault in all its pages."""
-    from ..pool import Pool, format_pool
+    from beluga.pool import Pool, format_pool
 
     res = format_pool(path, size_bytes=size_bytes, force=True, segment_size_bytes=segment_bytes_for(max_block),
                       max_clients=POOL_MAX_CLIENTS)
@@ -424,7 +424,7 @@ def run_model(pool: str, prefixes: list[int], *, rounds: int, say) -> dict:
         import transformers  # noqa: F401
     except ImportError as exc:
         return {"skipped": f"needs torch and transformers (pip install -e '.[test]'): {exc}"}
-    from ..client import BelugaClient
+    from beluga.client import BelugaClient
     from . import kv
 
     model = kv.build_model(kv.BENCH_MODEL)

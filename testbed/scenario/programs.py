@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from . import ssh
-from .log import TestbedError
+from .. import ssh
+from ..log import TestbedError
 
 GUEST_RUN_DIR = "/run/beluga/programs"  # in the guest (tmpfs): one folder per running program
 TAIL_BYTES = 4096  # what ProgramResult keeps of each stream (the files hold everything)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import layout as L
+from beluga import layout as L
 
 MiB = L.MiB
 MIN_WORKING_SET_BYTES = 96 * MiB

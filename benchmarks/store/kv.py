@@ -27,7 +27,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
-from ..keys import vllm_block_hashes
+from beluga.keys import vllm_block_hashes
 
 BLOCK_TOKENS = 16
 
@@ -87,7 +87,7 @@ def build_model(size: ModelSize, *, seed: int = 0):
 
 
 def kv_spec(model):
-    from ..tensor import KVBlockSpec
+    from beluga.tensor import KVBlockSpec
 
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -155,7 +155,7 @@ def publish_prefix(client, model, prefix_ids) -> int:
     """The producer: prefill ``prefix_ids`` once and store its full KV blocks in the pool. -> blocks stored."""
     import torch
 
-    from ..tensor import put_kv_blocks
+    from beluga.tensor import put_kv_blocks
 
     spec = kv_spec(model)
     keys = block_keys(prefix_ids, cache_salt_for(model))
@@ -180,7 +180,7 @@ def next_token_cached(client, model, ids):
     """Load the longest cached prefix from the pool, prefill the rest; -> (logits, seconds, blocks loaded, load seconds)."""
     import torch
 
-    from ..tensor import get_kv_blocks
+    from beluga.tensor import get_kv_blocks
 
     t0 = time.perf_counter()
     spec = kv_spec(model)

@@ -4,7 +4,7 @@ ended ok and every expectation was checked and held.
 
 The step and expectation kinds are defined here, each one frozen dataclass (its YAML
 fields) with the method that does it (`run` for a step, `check_run` for an expectation),
-registered in testbed/scenario.py's registry; the fault kinds live in testbed/faults.py.
+registered in testbed/scenario/__init__.py's registry; the fault kinds live in testbed/faults.py.
 """
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ from typing import Any
 
 import jinja2
 
-from . import deploy, lifecycle, provision, ssh
-from . import reset as reset_mod
-from . import scenario as S
-from .log import TestbedError, info
-from .par import map_parallel
-from .scenario import (Bool, Choice, Env, Expectation, Fault, Hosts, Int, Name, Regex, Scenario, Seconds, Step,
+from .. import deploy, lifecycle, provision, ssh
+from .. import reset as reset_mod
+from .. import scenario as S
+from ..log import TestbedError, info
+from ..par import map_parallel
+from ..scenario import (Bool, Choice, Env, Expectation, Fault, Hosts, Int, Name, Regex, Scenario, Seconds, Step,
                        StrList, Str, arg, check_block, check_set, expectation, step, steps_before)
-from .yamlcheck import did_you_mean
+from ..yamlcheck import did_you_mean
 
 TEMPLATES = Path(__file__).with_name("templates")
 TRACE_FILE = "/sys/kernel/tracing/trace"
@@ -80,7 +80,7 @@ class _Lines(io.StringIO):
 
 
 def start_program(tb, hosts: list[str], argv, shell, env: dict, timeout_s: float, background: bool, out_dir: Path):
-    """testbed/programs.py's run_program (the boundary the unit tests fake)."""
+    """testbed/scenario/programs.py's run_program (the boundary the unit tests fake)."""
     from . import programs
     return programs.run_program(tb, hosts, argv, shell, env, timeout_s, background, out_dir)
 
@@ -990,7 +990,7 @@ def _check_shares(tb, wanted: list, sc: Scenario) -> None:
     """A scenario run on a running testbed (`--testbed`) needs the folders it shares."""
     if not wanted:
         return
-    from . import shares as shares_mod
+    from .. import shares as shares_mod
     if lack := shares_mod.missing(tb, wanted):
         raise TestbedError(f"{sc.source}: testbed '{tb.name}' does not share " +
                            ", ".join(s.spec for s in lack),

@@ -6,7 +6,7 @@ runs as it would on one CPU-only machine, every part on 127.0.0.1:
 
 * ``mooncake_master`` (shipped in the wheel): the metadata service, which
   places objects in the segments that nodes mount;
-* one *holder* process (``python -m beluga.bench.mooncake hold``), a store
+* one *holder* process (``python -m benchmarks.store.mooncake hold``), a store
   client that mounts one global segment large enough for the whole working
   set and otherwise only serves it, as a Mooncake store node does;
 * the measuring workers: clients that mount no segment, so every get and put
@@ -118,7 +118,7 @@ class MooncakeServer:
             env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             with open(self.holder_log, "wb") as log:
                 self.holder = subprocess.Popen(
-                    [sys.executable, "-m", "beluga.bench.mooncake", "hold", self.address, str(segment_bytes)],
+                    [sys.executable, "-m", "benchmarks.store.mooncake", "hold", self.address, str(segment_bytes)],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env)
             self._wait_holder(deadline)
         except BaseException:
@@ -268,4 +268,4 @@ def _hold(master: str, segment_bytes: int) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "hold":
         sys.exit(_hold(sys.argv[2], int(sys.argv[3])))
-    sys.exit("usage: python -m beluga.bench.mooncake hold MASTER_ADDRESS SEGMENT_BYTES")
+    sys.exit("usage: python -m benchmarks.store.mooncake hold MASTER_ADDRESS SEGMENT_BYTES")
