@@ -64,6 +64,23 @@ def test_whole_store_works_without_torch(pool_path, tmp_path):
     assert "guest ok" in out.stdout and "tensor api needs torch: ok" in out.stdout
 
 
+def test_the_store_cli_works_without_the_benchmarks_package(pool_path):
+    """A guest gets the beluga package alone (no benchmarks/): the CLI still formats and
+    reports, and `beluga bench` says what is missing instead of a traceback."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["benchmarks"] = None  # as in a guest: 'import benchmarks' raises ImportError
+        from beluga import cli
+        assert cli.main(["format", {pool_path!r}, "--size", "8M", "--segment-size", "256K"]) == 0
+        sys.exit(cli.main(["bench", "--quick"]))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=subprocess_env(),
+                         timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "beluga bench: the benchmarks package is not installed here" in out.stderr
+
+
 def test_pool_access_is_mmap_only(pool_path, monkeypatch):
     """devdax refuses read()/write(): the pool code must never use them on the pool."""
     import os
