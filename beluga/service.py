@@ -15,7 +15,6 @@ import heapq
 import json
 import os
 import socket
-import struct
 import sys
 import threading
 import time
@@ -31,8 +30,6 @@ from .table import LookupTable
 from .tcpserver import TcpServer
 from .transport import reduce_timer_slack
 
-_QQQ = struct.Struct("<QQQ")
-_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -190,8 +187,6 @@ class MetadataService:
         self.recovery: dict[str, int | float] = {}
         self._pool_clients: tuple | None = None  # registered clients that use pool slots; rebuilt on change
         self._clients_total = -1
-        self._req_seq_at = [self.g.host_slot_offset(s) + L.CLIENT_LINE_OFFSET + L.CL_REQ_SEQ
-                            for s in range(self.g.max_clients)]
         self.table = LookupTable(self.buf, self.g)
         self._touch_tail: dict[int, int] = {}  # client slot -> touches of its ring already applied
         self._claim_service()
@@ -202,13 +197,12 @@ class MetadataService:
 
     # ------------------------------------------------------------ service area
     def _read_area(self) -> L.ServiceArea:
-        return L.ServiceArea.decode(self.buf[self.g.service_offset : self.g.service_offset + L.SERVICE_AREA.size])
+        return L.read_service_area(self.buf, self.g)
 
     def _write_area(self) -> None:
         area = L.ServiceArea(self.nonce, self._area_heartbeat, os.getpid(), self._restarts, self._gen_high_water,
                              self._started_unix_ns, socket.gethostname(), self._tcp_address)
-        raw = area.encode()
-        self.buf[self.g.service_offset : self.g.service_offset + len(raw)] = raw
+        L.write_service_area(self.buf, self.g, area)
 
     def _claim_service(self) -> None:
         area = self._read_area()
@@ -229,6 +223,11 @@ class MetadataService:
         self._gen_high_water = area.generation_high_water
         self._started_unix_ns = time.time_ns()
         self._write_area()
+
+    @property
+    def tcp_address(self) -> str:
+        """host:port that TCP clients find in the pool ("" without TCP)."""
+        return self._tcp_address
 
     def set_tcp_address(self, address: str) -> None:
         self._tcp_address = address
@@ -262,8 +261,7 @@ class MetadataService:
             owner_slot, owner_epoch = blk.owner
             entry = L.IndexEntry(blk.state, owner_slot, owner_epoch, blk.generation, blk.length, blk.crc,
                                  blk.key or bytes(L.KEY_BYTES))
-        off = self.g.index_entry_offset(seg, slot)
-        self.buf[off : off + L.INDEX_ENTRY_BYTES] = entry.encode()
+        L.write_index_entry(self.buf, self.g, seg, slot, entry)
 
     def _new_generation(self) -> int:
         gen = self._next_gen
@@ -291,13 +289,12 @@ class MetadataService:
         now = self.clock()
         g = self.g
         for slot in range(g.max_clients):
-            base = g.host_slot_offset(slot)
-            owner, resp_seq, epoch = _QQQ.unpack_from(self.buf, base + L.SERVICE_LINE_OFFSET)
+            owner, resp_seq, epoch = L.read_service_line(self.buf, g, slot)
             if epoch >= L.MAX_EPOCH:
                 raise self._refuse(f"client slot {slot}: service line: epoch {epoch} does not fit the 32-bit owner "
                                    f"epoch of segment and index records", checksummed=False)
             if owner:
-                _, req_seq, hb = _QQQ.unpack_from(self.buf, base + L.CLIENT_LINE_OFFSET)
+                hb = L.read_heartbeat(self.buf, g, slot)
                 # Liveness restarts now: a client gets a full timeout to show its heartbeat.
                 self.clients[slot] = _Client(slot, owner, epoch, hb, now, resp_seq, "resumed")
                 self._touch_tail[slot] = L.read_touch_head(self.buf, g, slot)  # LRU order is soft state
@@ -325,10 +322,7 @@ class MetadataService:
             seg.layout = lay
             seg.owner = (entry.owner_slot, entry.owner_epoch) if entry.state == L.SEG_OPEN else None
             self._by_class.setdefault(lay.data_slot_bytes, []).append(seg)
-            base = g.index_entry_offset(si, 0)
-            raw = self.buf[base : base + lay.slot_count * L.INDEX_ENTRY_BYTES]
-            for sl in range(lay.slot_count):
-                e = L.IndexEntry.decode(raw[sl * L.INDEX_ENTRY_BYTES : (sl + 1) * L.INDEX_ENTRY_BYTES])
+            for sl, e in enumerate(L.read_index_entries(self.buf, g, si, lay.slot_count)):
                 if e is None:
                     torn += 1  # a write cut short: never acknowledged, so it is as if it never happened
                     repairs.append((si, sl, 0))
@@ -613,8 +607,7 @@ class MetadataService:
             if length > lay.data_slot_bytes:
                 raise _Reject(rpc.BAD_REQUEST, f"commit: length {length} exceeds the slot's "
                                                f"{lay.data_slot_bytes} bytes")
-            hoff = self.g.header_offset(si, sl)
-            hdr = L.BlockHeader.decode(self.buf[hoff : hoff + L.BLOCK_HEADER_BYTES])
+            hdr = L.read_block_header(self.buf, self.g.header_offset(si, sl))
             expect = (L.BLOCK_COMPLETE, length, gen, crc, key)
             if hdr is None:
                 raise _Reject(rpc.BAD_HEADER, f"commit: block header of segment {si} slot {sl} is missing or "
@@ -689,14 +682,12 @@ class MetadataService:
 
     # ------------------------------------------------------------ clients
     def _grant(self, slot: int, nonce: int, transport: str) -> _Client:
-        base = self.g.host_slot_offset(slot)
-        _, req_seq, hb = _QQQ.unpack_from(self.buf, base + L.CLIENT_LINE_OFFSET)
-        _, _, epoch = _QQQ.unpack_from(self.buf, base + L.SERVICE_LINE_OFFSET)
-        epoch += 1
+        _, req_seq, hb = L.read_client_line(self.buf, self.g, slot)
+        epoch = L.read_epoch(self.buf, self.g, slot) + 1
         # resp_seq = the client line's current req_seq: nothing is pending for the new owner.
         # The owner nonce is written last; the claimant waits for it.
-        struct.pack_into("<QQ", self.buf, base + L.SERVICE_LINE_OFFSET + L.SL_RESP_SEQ, req_seq, epoch)
-        struct.pack_into("<Q", self.buf, base + L.SERVICE_LINE_OFFSET + L.SL_OWNER, nonce)
+        L.write_grant(self.buf, self.g, slot, resp_seq=req_seq, epoch=epoch)
+        L.publish_owner(self.buf, self.g, slot, nonce)
         c = _Client(slot, nonce, epoch, hb, self.clock(), req_seq, transport)
         self.clients[slot] = c
         self._touch_tail[slot] = L.read_touch_head(self.buf, self.g, slot)
@@ -718,10 +709,9 @@ class MetadataService:
         for seg in self.segments:
             if seg.state == L.SEG_OPEN and seg.owner == c.ident:
                 self._seal(seg)
-        base = self.g.host_slot_offset(slot)
         # Clear the claim before releasing ownership, so nobody can claim a half-released slot.
-        struct.pack_into("<Q", self.buf, base + L.CLIENT_LINE_OFFSET + L.CL_CLAIM, 0)
-        struct.pack_into("<Q", self.buf, base + L.SERVICE_LINE_OFFSET + L.SL_OWNER, 0)
+        L.publish_claim(self.buf, self.g, slot, 0)
+        L.publish_owner(self.buf, self.g, slot, 0)
         self.counters["clients_reaped"] += 1
         if reason:
             _log(f"client slot {slot} epoch {c.epoch} reaped: {reason}")
@@ -730,10 +720,7 @@ class MetadataService:
         for slot in range(self.g.max_clients):
             if slot in self.clients:
                 continue
-            base = self.g.host_slot_offset(slot)
-            claim = struct.unpack_from("<Q", self.buf, base + L.CLIENT_LINE_OFFSET + L.CL_CLAIM)[0]
-            owner = struct.unpack_from("<Q", self.buf, base + L.SERVICE_LINE_OFFSET + L.SL_OWNER)[0]
-            if claim == 0 and owner == 0:
+            if L.read_claim(self.buf, self.g, slot) == 0 and L.read_owner(self.buf, self.g, slot) == 0:
                 return slot
         return None
 
@@ -780,9 +767,9 @@ class MetadataService:
 
     def _op_hello(self, req: rpc.Request) -> bytes:
         try:
-            nonce, resume, _pid, _host = rpc.HELLO_REQ.unpack_from(req.body)
-        except struct.error:
-            raise _Reject(rpc.BAD_REQUEST, "hello: body is not nonce/slot/pid/host") from None
+            nonce, resume, _pid, _host = rpc.decode_hello(req.body)
+        except ProtocolError as exc:
+            raise _Reject(rpc.BAD_REQUEST, str(exc)) from None
         if nonce == 0:
             raise _Reject(rpc.BAD_REQUEST, "hello: nonce must not be 0")
         c = self.clients.get(resume)
@@ -905,9 +892,9 @@ class MetadataService:
 
     def _op_evict(self, client, req) -> bytes:
         try:
-            (count,) = rpc.EVICT_REQ.unpack_from(req.body)
-        except struct.error:
-            raise _Reject(rpc.BAD_REQUEST, "evict: body must be a u32 count") from None
+            count = rpc.decode_evict(req.body)
+        except ProtocolError as exc:
+            raise _Reject(rpc.BAD_REQUEST, str(exc)) from None
         return rpc.EVICT_RESP.pack(self.evict(count))
 
     def _op_stats(self, client, req) -> bytes:
@@ -978,8 +965,7 @@ class MetadataService:
             assert set(seg.free).isdisjoint(seg.blocks), seg.index
             assert len(seg.free) + len(seg.blocks) == seg.layout.slot_count, seg.index
             for sl, blk in seg.blocks.items():
-                e = L.IndexEntry.decode(self.buf[self.g.index_entry_offset(seg.index, sl):
-                                                 self.g.index_entry_offset(seg.index, sl) + L.INDEX_ENTRY_BYTES])
+                e = L.read_index_entry(self.buf, self.g, seg.index, sl)
                 if blk.state == L.ENTRY_COMMITTED and not blk.zombie:
                     assert (seg.index, sl) in seen, (seg.index, sl)
                     assert e is not None and e.state == L.ENTRY_COMMITTED and e.key == blk.key
@@ -1008,14 +994,14 @@ class MetadataService:
         worked = self._poll_claims_and_heartbeats() if claims else False
         if self.cfg.serve_cxl:
             buf = self.buf
-            req_at = self._req_seq_at
+            g = self.g
             pool_clients = self._pool_clients
             if pool_clients is None or len(self.clients) != self._clients_total:
                 # TCP clients never post requests in the pool: skip them on every pass.
                 pool_clients = self._pool_clients = tuple(c for c in self.clients.values() if c.transport != "tcp")
                 self._clients_total = len(self.clients)
             for c in pool_clients:
-                req_seq = _U64.unpack_from(buf, req_at[c.slot])[0]
+                req_seq = L.read_request_seq(buf, g, c.slot)
                 if req_seq != c.handled_seq:
                     worked |= self._serve_pool_request(c, req_seq, self.clock())
         return worked
@@ -1026,13 +1012,11 @@ class MetadataService:
         g = self.g
         buf = self.buf
         for slot in range(g.max_clients):
-            base = g.host_slot_offset(slot)
-            claim, _req_seq, hb = _QQQ.unpack_from(buf, base)
+            claim, _req_seq, hb = L.read_client_line(buf, g, slot)
             c = self.clients.get(slot)
             if c is None:
                 if claim and self.cfg.serve_cxl:
-                    owner = struct.unpack_from("<Q", buf, base + L.SERVICE_LINE_OFFSET)[0]
-                    if owner == 0:
+                    if L.read_owner(buf, g, slot) == 0:
                         self._grant(slot, claim, "cxl")
                         worked = True
                 continue
@@ -1044,15 +1028,11 @@ class MetadataService:
 
     def _serve_pool_request(self, c: _Client, req_seq: int, now: float) -> bool:
         g = self.g
-        roff = g.request_offset(c.slot)
         try:
-            length = rpc.request_length(self.buf[roff : roff + rpc.REQUEST_HEADER.size])
-            if length > g.rpc_buffer_bytes:
-                raise ProtocolError(f"request of {length} bytes exceeds the {g.rpc_buffer_bytes}-byte buffer")
-            req = rpc.decode_request(self.buf[roff : roff + length])
+            req = rpc.decode_request(L.read_request(self.buf, g, c.slot))
             if req.seq != req_seq:
                 raise ProtocolError(f"request buffer holds seq {req.seq}, the slot announced {req_seq}")
-        except (ProtocolError, struct.error) as exc:
+        except ProtocolError as exc:
             # Probably the client is rewriting the buffer right now; give it a moment.
             if c.bad_seq != req_seq:
                 c.bad_seq, c.bad_since = req_seq, now
@@ -1066,9 +1046,8 @@ class MetadataService:
         if len(resp) > g.rpc_buffer_bytes:
             resp = rpc.encode_response(req_seq, rpc.INTERNAL, b"response larger than the slot's buffer; "
                                                               b"send fewer items per request")
-        poff = g.response_offset(c.slot)
-        self.buf[poff : poff + len(resp)] = resp
-        struct.pack_into("<Q", self.buf, g.host_slot_offset(c.slot) + L.SERVICE_LINE_OFFSET + L.SL_RESP_SEQ, req_seq)
+        L.write_response(self.buf, g, c.slot, resp)
+        L.publish_response_seq(self.buf, g, c.slot, req_seq)  # payload first, then the sequence number
         c.handled_seq = req_seq
         return True
 
@@ -1082,7 +1061,7 @@ class MetadataService:
             raise ServiceBusyError(f"another metadata service (pid {area.pid} on {area.host or '?'}) took over "
                                    f"{self.pool.path}; this one stops")
         self._area_heartbeat += 1
-        struct.pack_into("<Q", self.buf, self.g.service_offset + L.SA_HEARTBEAT, self._area_heartbeat)
+        L.write_service_heartbeat(self.buf, self.g, self._area_heartbeat)
         for slot, c in list(self.clients.items()):
             if now - c.seen_at > self.cfg.heartbeat_timeout_s:
                 self.reap(slot, f"heartbeat stopped for {now - c.seen_at:.1f}s "

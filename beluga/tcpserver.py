@@ -31,13 +31,11 @@ import errno
 import os
 import selectors
 import socket
-import struct
 import time
 
 from . import rpc
 from .errors import ProtocolError
 
-_FRAME = struct.Struct("<I")
 _RECV_BYTES = 256 << 10
 FD_MARGIN = 8
 """File descriptors kept free beside the connections (pool, logs, the accept itself)."""
@@ -297,7 +295,7 @@ class TcpServer:
         for _ in range(max(1, self.cfg.tcp_frames_per_pass)):
             if len(buf) < 4:
                 break
-            (n,) = _FRAME.unpack_from(buf)
+            n = rpc.frame_length(buf)
             if n > self.max_frame_bytes:
                 self._refuse(conn, "closed_oversize_frame",
                              f"frame of {n} bytes exceeds the {self.max_frame_bytes}-byte RPC buffer")
@@ -310,10 +308,10 @@ class TcpServer:
             resp = self._dispatch(conn, msg)
             if resp is None:
                 return  # the connection was closed
-            if not self._send(conn, _FRAME.pack(len(resp)) + resp):
+            if not self._send(conn, rpc.frame(resp)):
                 return
         else:
-            if len(buf) >= 4 and len(buf) >= 4 + _FRAME.unpack_from(buf)[0]:
+            if len(buf) >= 4 and len(buf) >= 4 + rpc.frame_length(buf):
                 self._pending.add(conn)
         if self._open(conn):
             self._set_events(conn)
@@ -333,7 +331,7 @@ class TcpServer:
                 self.counters["refused_tcp_client_limit"] += 1
                 return rpc.encode_response(req.seq, rpc.NO_CLIENT_SLOT, refusal.encode())
             resp = svc.dispatch(req)
-            if rpc.RESPONSE_HEADER.unpack_from(resp)[2] == rpc.OK:
+            if rpc.response_status(resp) == rpc.OK:
                 conn.authenticated = True
             return resp
         client = svc.clients.get(req.slot)
@@ -345,8 +343,8 @@ class TcpServer:
         """Why a HELLO may not take a new host slot (None: it may, or it resumes its own)."""
         svc = self.service
         try:
-            nonce, resume, _pid, _host = rpc.HELLO_REQ.unpack_from(req.body)
-        except struct.error:
+            nonce, resume, _pid, _host = rpc.decode_hello(req.body)
+        except ProtocolError:
             return None  # the service answers it as malformed
         c = svc.clients.get(resume)
         if c is not None and c.nonce == nonce:
@@ -402,4 +400,4 @@ class TcpServer:
 
 def _closing_frame(message: str) -> bytes:
     resp = rpc.encode_response(0, rpc.CLOSING, message.encode()[: rpc.MAX_MESSAGE_BYTES * 2])
-    return _FRAME.pack(len(resp)) + resp
+    return rpc.frame(resp)

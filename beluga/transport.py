@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import select
 import socket
-import struct
 import threading
 import time
 
@@ -23,8 +22,6 @@ from . import rpc
 from .errors import ServiceUnavailableError, SessionExpiredError
 from .pool import Pool
 
-_FRAME = struct.Struct("<I")
-_Q = struct.Struct("<Q")
 
 
 _PR_SET_TIMERSLACK = 29
@@ -89,96 +86,68 @@ class CxlChannel:
         self.slot: int | None = None
         self.nonce = 0
 
-    def _line(self, slot: int) -> int:
-        return self.g.host_slot_offset(slot)
-
     def register(self, nonce: int, *, pid: int, host: str, timeout_s: float, resume_slot: int | None = None) -> tuple[int, int, int]:
         """Claim a free host slot; the service grants it. -> (slot, epoch, current request seq)."""
-        if resume_slot is not None and self._owner(resume_slot) == nonce:
-            return resume_slot, self._epoch(resume_slot), self._req_seq(resume_slot)
+        buf, g = self.buf, self.g
+        if resume_slot is not None and L.read_owner(buf, g, resume_slot) == nonce:
+            return resume_slot, L.read_epoch(buf, g, resume_slot), L.read_request_seq(buf, g, resume_slot)
         deadline = time.monotonic() + timeout_s
         n = self.g.max_clients
         start = int.from_bytes(os.urandom(2), "little") % n  # spread claimants over the slots
         for i in range(n):
             slot = (start + i) % n
-            base = self._line(slot)
-            if self._owner(slot) != 0 or _Q.unpack_from(self.buf, base + L.CL_CLAIM)[0] != 0:
+            if L.read_owner(buf, g, slot) != 0 or L.read_claim(buf, g, slot) != 0:
                 continue
-            struct.pack_into("<QI4x32s", self.buf, base + L.CL_HEARTBEAT, 0, pid, host.encode()[:32])
-            _Q.pack_into(self.buf, base + L.CL_CLAIM, nonce)
+            L.write_client_info(buf, g, slot, pid=pid, host=host)
+            L.publish_claim(buf, g, slot, nonce)
 
             def decided() -> bool:
-                return self._owner(slot) != 0 or _Q.unpack_from(self.buf, base + L.CL_CLAIM)[0] != nonce
+                return L.read_owner(buf, g, slot) != 0 or L.read_claim(buf, g, slot) != nonce
 
             if not self.backoff.wait(decided, deadline):
-                if _Q.unpack_from(self.buf, base + L.CL_CLAIM)[0] == nonce:
-                    _Q.pack_into(self.buf, base + L.CL_CLAIM, 0)  # withdraw, so the slot is not pinned
+                if L.read_claim(buf, g, slot) == nonce:
+                    L.publish_claim(buf, g, slot, 0)  # withdraw, so the slot is not pinned
                 raise ServiceUnavailableError(
                     f"no metadata service granted a client slot on {self.pool.path} within {timeout_s}s "
                     f"(is `beluga serve {self.pool.path}` running with the cxl transport?)"
                 )
-            if self._owner(slot) == nonce:
+            if L.read_owner(buf, g, slot) == nonce:
                 self.slot, self.nonce = slot, nonce
-                return slot, self._epoch(slot), self._req_seq(slot)
+                return slot, L.read_epoch(buf, g, slot), L.read_request_seq(buf, g, slot)
             # Lost the race for this slot to another claimant: try the next one.
         raise ServiceUnavailableError(
             f"no free client slot on {self.pool.path}: all {n} are in use or being claimed "
             f"(format the pool with more --max-clients)"
         )
 
-    def _owner(self, slot: int) -> int:
-        return _Q.unpack_from(self.buf, self._line(slot) + L.SERVICE_LINE_OFFSET + L.SL_OWNER)[0]
-
-    def _epoch(self, slot: int) -> int:
-        return _Q.unpack_from(self.buf, self._line(slot) + L.SERVICE_LINE_OFFSET + L.SL_EPOCH)[0]
-
-    def _req_seq(self, slot: int) -> int:
-        return _Q.unpack_from(self.buf, self._line(slot) + L.CL_REQ_SEQ)[0]
-
     def max_message_bytes(self) -> int:
         return self.g.rpc_buffer_bytes
 
-    def _offsets(self, slot: int) -> tuple[int, int, int, int, int]:
-        """(owner word, req seq word, resp seq word, request buffer, response buffer) of a slot."""
-        cached = self._offsets_cache
-        if cached is None or cached[0] != slot:
-            base = self._line(slot)
-            cached = self._offsets_cache = (slot, (
-                base + L.SERVICE_LINE_OFFSET + L.SL_OWNER, base + L.CL_REQ_SEQ,
-                base + L.SERVICE_LINE_OFFSET + L.SL_RESP_SEQ, self.g.request_offset(slot),
-                self.g.response_offset(slot)))
-        return cached[1]
-
-    _offsets_cache: tuple | None = None
-
     def call(self, message: bytes, seq: int, timeout_s: float) -> bytes:
         slot = self.slot
-        buf = self.buf
-        owner_at, req_seq_at, resp_seq_at, roff, poff = self._offsets(slot)
-        if _Q.unpack_from(buf, owner_at)[0] != self.nonce:
+        buf, g = self.buf, self.g
+        if L.read_owner(buf, g, slot) != self.nonce:
             # Reaped while we were away: writing would scribble on another client's slot.
             raise SessionExpiredError(f"client slot {slot} on {self.pool.path} was reclaimed by the service")
-        buf[roff : roff + len(message)] = message
-        _Q.pack_into(buf, req_seq_at, seq)  # publish: payload first, then the sequence number
-        unpack = _Q.unpack_from
+        L.write_request(buf, g, slot, message)
+        L.publish_request_seq(buf, g, slot, seq)  # payload first, then the sequence number
+        read_response_seq = L.read_response_seq
         # The answer often lands within a few microseconds: look before setting up the wait.
-        ok = unpack(buf, resp_seq_at)[0] == seq or self.backoff.wait(
-            lambda: unpack(buf, resp_seq_at)[0] == seq, time.monotonic() + timeout_s)
+        ok = read_response_seq(buf, g, slot) == seq or self.backoff.wait(
+            lambda: read_response_seq(buf, g, slot) == seq, time.monotonic() + timeout_s)
         if not ok:
             raise ServiceUnavailableError(
                 f"metadata service did not answer request {seq} on client slot {slot} of {self.pool.path} "
                 f"within {timeout_s}s (is `beluga serve` running? it may have died; retry once it is back)"
             )
-        length = rpc.response_length(buf[poff : poff + rpc.RESPONSE_HEADER.size])
-        return bytes(buf[poff : poff + min(length, self.g.rpc_buffer_bytes)])
+        return L.read_response(buf, g, slot)
 
     def heartbeat(self) -> bool:
         """Bump our heartbeat counter; False once the slot is no longer ours."""
         slot = self.slot
-        if slot is None or self._owner(slot) != self.nonce:
+        if slot is None or L.read_owner(self.buf, self.g, slot) != self.nonce:
             return False
-        at = self._line(slot) + L.CL_HEARTBEAT
-        _Q.pack_into(self.buf, at, (_Q.unpack_from(self.buf, at)[0] + 1) & 0xFFFFFFFFFFFFFFFF)
+        L.write_heartbeat(self.buf, self.g, slot, L.read_heartbeat(self.buf, self.g, slot) + 1)
         return True
 
     def close(self) -> None:
@@ -203,7 +172,7 @@ class TcpChannel:
     def _resolve(self) -> tuple[str, int]:
         addr = self.address
         if not addr:
-            area = L.ServiceArea.decode(self.pool.buf[self.g.service_offset : self.g.service_offset + L.SERVICE_AREA.size])
+            area = L.read_service_area(self.pool.buf, self.g)
             addr = area.tcp_address if area.nonce else ""
             if not addr:
                 raise ServiceUnavailableError(
@@ -249,14 +218,14 @@ class TcpChannel:
         sock = self._connect(timeout_s)
         try:
             sock.settimeout(timeout_s)
-            sock.sendall(_FRAME.pack(len(message)) + message)
+            sock.sendall(rpc.frame(message))
             head = self._recv_exact(sock, 4)
-            (n,) = _FRAME.unpack(head)
+            n = rpc.frame_length(head)
             if n > self.g.rpc_buffer_bytes:
                 raise EOFError(f"the service sent a {n}-byte frame, more than the {self.g.rpc_buffer_bytes}-byte "
                                f"RPC buffer")
             resp = self._recv_exact(sock, n)
-            if len(resp) >= rpc.RESPONSE_HEADER.size and rpc.RESPONSE_HEADER.unpack_from(resp)[2] == rpc.CLOSING:
+            if rpc.response_status(resp) == rpc.CLOSING:
                 raise EOFError(resp[rpc.RESPONSE_HEADER.size :].decode("utf-8", errors="replace"))
             return resp
         except TimeoutError:
