@@ -29,7 +29,8 @@ from .errors import (
 )
 from .keys import check_key
 from .pool import Pool
-from .transport import CxlChannel, LocalChannel, TcpChannel
+from .cxlrpc import CxlChannel
+from .tcprpc import TcpChannel
 
 
 _SESSION_BOUND_OPS = (rpc.OP_COMMIT, rpc.OP_ABORT)
@@ -672,3 +673,36 @@ def local_client(service, **kwargs) -> BelugaClient:
     """A client wired straight to an in-process service (no thread, no polling): tests."""
     kwargs.setdefault("heartbeat_interval_s", None)
     return BelugaClient(service.pool, transport=LocalChannel(service), **kwargs)
+
+
+class LocalChannel:
+    """Hands requests straight to a MetadataService object in this process (tests; no transport)."""
+
+    name = "local"
+
+    def __init__(self, service) -> None:
+        self.service = service
+        self.pool = service.pool
+        self.slot: int | None = None
+
+    def register(self, nonce: int, *, pid: int, host: str, timeout_s: float, resume_slot: int | None = None) -> tuple[int, int, int]:
+        body = rpc.HELLO_REQ.pack(nonce, rpc.NO_SLOT if resume_slot is None else resume_slot, pid, host.encode()[:32])
+        seq, status, resp = rpc.decode_response(
+            self.service.handle(rpc.encode_request(0, nonce, rpc.NO_SLOT, rpc.OP_HELLO, body)))
+        if status != rpc.OK:
+            raise ServiceUnavailableError(f"registration refused: {resp.decode(errors='replace')}")
+        slot, epoch = rpc.HELLO_RESP.unpack(resp)
+        self.slot = slot
+        return slot, epoch, 0
+
+    def max_message_bytes(self) -> int:
+        return self.pool.geometry.rpc_buffer_bytes
+
+    def call(self, message: bytes, seq: int, timeout_s: float) -> bytes:
+        return self.service.handle(message)
+
+    def heartbeat(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.slot = None

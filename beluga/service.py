@@ -27,8 +27,8 @@ from . import rpc
 from .errors import CorruptPoolError, ProtocolError, ServiceBusyError
 from .pool import Pool
 from .table import LookupTable
-from .tcpserver import TcpServer
-from .transport import reduce_timer_slack
+from .cxlrpc import CxlServer, reduce_timer_slack
+from .tcprpc import TcpServer
 
 
 
@@ -69,7 +69,7 @@ class ServiceConfig:
     """A gap this long between two passes of the serve loop is the service's own stall (a GC pause,
     a descheduled or stopped process, slow pool memory): client heartbeat deadlines move by the gap,
     so clients are never reaped for time in which the service could not watch them."""
-    # Limits on TCP clients (see beluga/tcpserver.py and docs/store.md). Frames are capped at the
+    # Limits on TCP clients (see beluga/tcprpc.py and docs/store.md). Frames are capped at the
     # pool's RPC buffer size (`beluga format --rpc-buffer`).
     tcp_max_connections: int = 64
     """Open TCP connections at most (lowered to what the file limit, RLIMIT_NOFILE, leaves room for)."""
@@ -185,8 +185,7 @@ class MetadataService:
         self._tcp_address = ""
         self.started_at = clock()
         self.recovery: dict[str, int | float] = {}
-        self._pool_clients: tuple | None = None  # registered clients that use pool slots; rebuilt on change
-        self._clients_total = -1
+        self.cxl = CxlServer(self)
         self.table = LookupTable(self.buf, self.g)
         self._touch_tail: dict[int, int] = {}  # client slot -> touches of its ring already applied
         self._claim_service()
@@ -402,7 +401,7 @@ class MetadataService:
                             blk.crc))
         self.table.rebuild(entries)
 
-    def _drain_touches(self) -> None:
+    def drain_touches(self) -> None:
         """Apply the reads clients posted in their touch rings to the LRU order (oldest first per client)."""
         g = self.g
         for slot in self.clients:
@@ -668,7 +667,7 @@ class MetadataService:
 
     def evict(self, count: int) -> int:
         """Evict up to ``count`` least recently used blocks that no reader holds."""
-        self._drain_touches()
+        self.drain_touches()
         victims = []
         for key, (si, sl) in self.index.items():
             if len(victims) >= count:
@@ -681,7 +680,7 @@ class MetadataService:
         return len(victims)
 
     # ------------------------------------------------------------ clients
-    def _grant(self, slot: int, nonce: int, transport: str) -> _Client:
+    def grant(self, slot: int, nonce: int, transport: str) -> _Client:
         _, req_seq, hb = L.read_client_line(self.buf, self.g, slot)
         epoch = L.read_epoch(self.buf, self.g, slot) + 1
         # resp_seq = the client line's current req_seq: nothing is pending for the new owner.
@@ -691,14 +690,14 @@ class MetadataService:
         c = _Client(slot, nonce, epoch, hb, self.clock(), req_seq, transport)
         self.clients[slot] = c
         self._touch_tail[slot] = L.read_touch_head(self.buf, self.g, slot)
-        self._pool_clients = None
+        self.cxl.clients_changed()
         self.counters["clients_registered"] += 1
         return c
 
     def reap(self, slot: int, reason: str) -> None:
         """Forget a client: end its leases and reservations, drop its segments, free its slot."""
         c = self.clients.pop(slot)
-        self._pool_clients = None
+        self.cxl.clients_changed()
         for lid in list(c.leases):
             self._drop_lease(lid)
         for si, sl in list(c.reservations):
@@ -746,7 +745,7 @@ class MetadataService:
                 raise _Reject(rpc.UNKNOWN_SESSION,
                               f"client slot {req.slot} with this nonce is not registered (heartbeat timed out "
                               f"or slot reclaimed); register again")
-            self._drain_touches()  # reads posted before this request come first in LRU order
+            self.drain_touches()  # reads posted before this request come first in LRU order
             for lid in req.releases:
                 entry = self.leases.get(lid)
                 if entry is not None and entry[0] == client.slot:  # only your own leases
@@ -778,7 +777,7 @@ class MetadataService:
             if slot is None:
                 raise _Reject(rpc.NO_CLIENT_SLOT, f"no free client slot: all {self.g.max_clients} are in use "
                                                   f"(format the pool with more --max-clients)")
-            c = self._grant(slot, nonce, "tcp")
+            c = self.grant(slot, nonce, "tcp")
         return rpc.HELLO_RESP.pack(c.slot, c.epoch)
 
     def _op_nop(self, client, req) -> bytes:
@@ -908,7 +907,7 @@ class MetadataService:
 
     # ------------------------------------------------------------ stats and invariants
     def stats(self) -> dict:
-        self._drain_touches()
+        self.drain_touches()
         seg_states = {name: 0 for name in L.SEG_STATE_NAMES.values()}
         reserved = zombies = committed_bytes = slots_total = slots_free = 0
         for seg in self.segments:
@@ -983,73 +982,8 @@ class MetadataService:
 
     # ------------------------------------------------------------ the loop
     def poll_pool(self, *, claims: bool = True) -> bool:
-        """One pass over the host slots. True if it did work.
-
-        Requests of registered clients are checked on every pass (one 8-byte read
-        per client); with ``claims`` every slot is also checked for a new claim
-        and every client's heartbeat counter is read. The serve loop asks for
-        that part only every ``claim_scan_interval_s``: registration and liveness
-        are not latency-critical, and skipping the free slots keeps a pass short.
-        """
-        worked = self._poll_claims_and_heartbeats() if claims else False
-        if self.cfg.serve_cxl:
-            buf = self.buf
-            g = self.g
-            pool_clients = self._pool_clients
-            if pool_clients is None or len(self.clients) != self._clients_total:
-                # TCP clients never post requests in the pool: skip them on every pass.
-                pool_clients = self._pool_clients = tuple(c for c in self.clients.values() if c.transport != "tcp")
-                self._clients_total = len(self.clients)
-            for c in pool_clients:
-                req_seq = L.read_request_seq(buf, g, c.slot)
-                if req_seq != c.handled_seq:
-                    worked |= self._serve_pool_request(c, req_seq, self.clock())
-        return worked
-
-    def _poll_claims_and_heartbeats(self) -> bool:
-        now = self.clock()
-        worked = False
-        g = self.g
-        buf = self.buf
-        for slot in range(g.max_clients):
-            claim, _req_seq, hb = L.read_client_line(buf, g, slot)
-            c = self.clients.get(slot)
-            if c is None:
-                if claim and self.cfg.serve_cxl:
-                    if L.read_owner(buf, g, slot) == 0:
-                        self._grant(slot, claim, "cxl")
-                        worked = True
-                continue
-            if hb != c.heartbeat:
-                c.heartbeat = hb
-                c.seen_at = now
-        self._drain_touches()
-        return worked
-
-    def _serve_pool_request(self, c: _Client, req_seq: int, now: float) -> bool:
-        g = self.g
-        try:
-            req = rpc.decode_request(L.read_request(self.buf, g, c.slot))
-            if req.seq != req_seq:
-                raise ProtocolError(f"request buffer holds seq {req.seq}, the slot announced {req_seq}")
-        except ProtocolError as exc:
-            # Probably the client is rewriting the buffer right now; give it a moment.
-            if c.bad_seq != req_seq:
-                c.bad_seq, c.bad_since = req_seq, now
-                return False
-            if now - c.bad_since < self.cfg.bad_request_grace_s:
-                return False
-            self.counters["bad_requests"] += 1
-            resp = rpc.encode_response(req_seq, rpc.BAD_REQUEST, f"malformed request: {exc}".encode())
-        else:
-            resp = self.dispatch(req, pool_slot=c.slot)
-        if len(resp) > g.rpc_buffer_bytes:
-            resp = rpc.encode_response(req_seq, rpc.INTERNAL, b"response larger than the slot's buffer; "
-                                                              b"send fewer items per request")
-        L.write_response(self.buf, g, c.slot, resp)
-        L.publish_response_seq(self.buf, g, c.slot, req_seq)  # payload first, then the sequence number
-        c.handled_seq = req_seq
-        return True
+        """One pass of the pool transport (``CxlServer.poll``). True if it did work."""
+        return self.cxl.poll(claims=claims)
 
     def housekeeping(self, *, force: bool = False) -> None:
         now = self.clock()
