@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 
 from . import checksum as _checksum
 from . import rpc as _rpc
@@ -117,6 +118,11 @@ class Geometry:
 
     def host_slot_offset(self, slot: int) -> int:
         return self.host_offset + slot * self.host_slot_bytes
+
+    @cached_property
+    def host_slot_offsets(self) -> tuple[int, ...]:
+        """``host_slot_offset`` of every slot, computed once: the RPC words are polled in tight loops."""
+        return tuple(self.host_slot_offset(s) for s in range(self.max_clients))
 
     def touch_ring_offset(self, slot: int) -> int:
         return self.host_slot_offset(slot) + HOST_LINES_BYTES
@@ -302,6 +308,12 @@ class Superblock:
         return body + _SB_CRC.pack(_checksum.meta_crc(body))
 
 
+def write_superblock(buf, superblock: Superblock) -> None:
+    """The superblock's one writer (``format_pool``, once); ``decode_superblock`` is its reader."""
+    raw = superblock.encode()
+    buf[: len(raw)] = raw
+
+
 def decode_superblock(raw: bytes, *, where: str, actual_size_bytes: int) -> Superblock:
     """Validate and decode; the order of checks decides which error the user sees."""
     if len(raw) < _SB_HEAD.size:
@@ -440,17 +452,26 @@ _GRANT = struct.Struct("<QQ")  # resp_seq | epoch: written before the owner word
 #   service: touches  read_touch_head                       read_touches
 
 
+_U64_AT = U64.unpack_from
+_CLAIM_AT = CLIENT_LINE_OFFSET + CL_CLAIM
+_REQ_SEQ_AT = CLIENT_LINE_OFFSET + CL_REQ_SEQ
+_HEARTBEAT_AT = CLIENT_LINE_OFFSET + CL_HEARTBEAT
+_OWNER_AT = SERVICE_LINE_OFFSET + SL_OWNER
+_RESP_SEQ_AT = SERVICE_LINE_OFFSET + SL_RESP_SEQ
+_EPOCH_AT = SERVICE_LINE_OFFSET + SL_EPOCH
+
+
 def _client_line(g: Geometry, slot: int) -> int:
-    return g.host_slot_offset(slot) + CLIENT_LINE_OFFSET
+    return g.host_slot_offsets[slot] + CLIENT_LINE_OFFSET
 
 
 def _service_line(g: Geometry, slot: int) -> int:
-    return g.host_slot_offset(slot) + SERVICE_LINE_OFFSET
+    return g.host_slot_offsets[slot] + SERVICE_LINE_OFFSET
 
 
 # client line (client-written, service-read)
 def read_claim(buf, g: Geometry, slot: int) -> int:
-    return U64.unpack_from(buf, _client_line(g, slot) + CL_CLAIM)[0]
+    return _U64_AT(buf, g.host_slot_offsets[slot] + _CLAIM_AT)[0]
 
 
 def write_client_info(buf, g: Geometry, slot: int, *, pid: int, host: str) -> None:
@@ -476,16 +497,16 @@ def read_client_info(buf, g: Geometry, slot: int) -> tuple[int, int, str]:
 
 
 def read_request_seq(buf, g: Geometry, slot: int) -> int:
-    return U64.unpack_from(buf, _client_line(g, slot) + CL_REQ_SEQ)[0]
+    return _U64_AT(buf, g.host_slot_offsets[slot] + _REQ_SEQ_AT)[0]
 
 
 def publish_request_seq(buf, g: Geometry, slot: int, seq: int) -> None:
     """Makes the request that ``write_request`` wrote visible to the service."""
-    U64.pack_into(buf, _client_line(g, slot) + CL_REQ_SEQ, seq)
+    U64.pack_into(buf, g.host_slot_offsets[slot] + _REQ_SEQ_AT, seq)
 
 
 def read_heartbeat(buf, g: Geometry, slot: int) -> int:
-    return U64.unpack_from(buf, _client_line(g, slot) + CL_HEARTBEAT)[0]
+    return _U64_AT(buf, g.host_slot_offsets[slot] + _HEARTBEAT_AT)[0]
 
 
 def write_heartbeat(buf, g: Geometry, slot: int, value: int) -> None:
@@ -499,11 +520,11 @@ def read_service_line(buf, g: Geometry, slot: int) -> tuple[int, int, int]:
 
 
 def read_owner(buf, g: Geometry, slot: int) -> int:
-    return U64.unpack_from(buf, _service_line(g, slot) + SL_OWNER)[0]
+    return _U64_AT(buf, g.host_slot_offsets[slot] + _OWNER_AT)[0]
 
 
 def read_epoch(buf, g: Geometry, slot: int) -> int:
-    return U64.unpack_from(buf, _service_line(g, slot) + SL_EPOCH)[0]
+    return _U64_AT(buf, g.host_slot_offsets[slot] + _EPOCH_AT)[0]
 
 
 def write_grant(buf, g: Geometry, slot: int, *, resp_seq: int, epoch: int) -> None:
@@ -517,12 +538,12 @@ def publish_owner(buf, g: Geometry, slot: int, nonce: int) -> None:
 
 
 def read_response_seq(buf, g: Geometry, slot: int) -> int:
-    return U64.unpack_from(buf, _service_line(g, slot) + SL_RESP_SEQ)[0]
+    return _U64_AT(buf, g.host_slot_offsets[slot] + _RESP_SEQ_AT)[0]
 
 
 def publish_response_seq(buf, g: Geometry, slot: int, seq: int) -> None:
     """Makes the response that ``write_response`` wrote visible to the client."""
-    U64.pack_into(buf, _service_line(g, slot) + SL_RESP_SEQ, seq)
+    U64.pack_into(buf, g.host_slot_offsets[slot] + _RESP_SEQ_AT, seq)
 
 
 # request and response buffers (RPC payload)
