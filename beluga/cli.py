@@ -178,7 +178,7 @@ def cmd_serve(args) -> int:
 
     def ready(svc) -> None:
         line = json.dumps({"event": "ready", "pid": os.getpid(), "pool": args.pool, "transport": args.transport,
-                           "tcp_address": svc._tcp_address, "recovery": svc.recovery}, sort_keys=True)
+                           "tcp_address": svc.tcp_address, "recovery": svc.recovery}, sort_keys=True)
         print(line, flush=True)
         if args.ready_file:
             tmp = args.ready_file + ".tmp"

@@ -29,7 +29,8 @@ from .errors import (
 )
 from .keys import check_key
 from .pool import Pool
-from .transport import CxlChannel, LocalChannel, TcpChannel
+from .cxlrpc import CxlChannel
+from .tcprpc import TcpChannel
 
 
 _SESSION_BOUND_OPS = (rpc.OP_COMMIT, rpc.OP_ABORT)
@@ -82,7 +83,7 @@ class BlockView:
 
     def release(self) -> None:
         if self.lease:
-            self._client._queue_release(self.lease)
+            self._client.queue_release(self.lease)
             self.lease = 0
         try:
             self.data.release()
@@ -220,7 +221,8 @@ class BelugaClient:
                                                    f"({rpc.STATUS_NAMES.get(status, status)}): {message}")
             raise AssertionError("unreachable")
 
-    def _queue_release(self, lease: int) -> None:
+    def queue_release(self, lease: int) -> None:
+        """Release a lease with the next request (BlockView.release)."""
         with self._lock:
             self._releases.append(lease)
 
@@ -305,15 +307,15 @@ class BelugaClient:
         buf = self.buf
         for (key, mv), a in zip(batch, allocs):
             n = mv.nbytes
-            hdr = L.BlockHeader(L.BLOCK_WRITING, n, a.generation, 0, self._slot, key).encode()
-            buf[a.header_offset : a.header_offset + L.BLOCK_HEADER_BYTES] = hdr
+            L.write_block_header(buf, a.header_offset, L.BlockHeader(L.BLOCK_WRITING, n, a.generation, 0, self._slot, key))
             if algo == CRC32:
                 crc = readpath.copy_crc(buf[a.data_offset : a.data_offset + n], mv)  # one pass
             else:
                 buf[a.data_offset : a.data_offset + n] = mv
                 crc = checksum(algo, mv)
-            hdr = L.BlockHeader(L.BLOCK_COMPLETE, n, a.generation, crc, self._slot, key).encode()
-            buf[a.header_offset : a.header_offset + L.BLOCK_HEADER_BYTES] = hdr
+            # Publication: the COMPLETE header (its data CRC) is written only after the data.
+            L.write_block_header(buf, a.header_offset,
+                                 L.BlockHeader(L.BLOCK_COMPLETE, n, a.generation, crc, self._slot, key))
             commits.append((key, a.segment, a.slot, a.generation, n, crc))
         rows, errors, _ = rpc.STATUS_RESP.unpack(self._call(rpc.OP_COMMIT, rpc.COMMIT_REQ.pack(commits)))
         bad = [(i, r[0]) for i, r in enumerate(rows) if r[0] != rpc.OK]
@@ -333,6 +335,15 @@ class BelugaClient:
                 pass  # the reservation TTL reclaims them anyway
 
     # ------------------------------------------------------------ lookups
+    def locate(self, key: bytes) -> rpc.Location | None:
+        """Where the service says the committed block of ``key`` lives (a LOOKUP round trip, no lease),
+        or None: for tools that look at the bytes in place (the guests' fault scan)."""
+        return self._lookup([check_key(key)], 0)[0]
+
+    def ping(self) -> None:
+        """One round trip that does nothing (NOP): measures the transport."""
+        self._call(rpc.OP_NOP)
+
     def _lookup(self, keys: Sequence[bytes], flags: int) -> list[rpc.Location | None]:
         out: list[rpc.Location | None] = []
         for i in range(0, len(keys), self._max_keys):
@@ -446,14 +457,14 @@ class BelugaClient:
         """
         buf = self.buf
         h = loc.header_offset
-        raw = bytes(buf[h : h + L.BLOCK_HEADER_BYTES])
+        raw = L.read_header_bytes(buf, h)
         if not L.block_header_matches(raw, key, loc.generation, loc.length_bytes, loc.data_crc):
             return False
         if crc is None:
             crc = checksum(self._algo, data)
         if crc != loc.data_crc:
             return False
-        return bytes(buf[h : h + L.BLOCK_HEADER_BYTES]) == raw
+        return L.read_header_bytes(buf, h) == raw
 
     def _corrupt(self, key: bytes, loc: rpc.Location) -> None:
         self._counts["corrupt_misses"] += 1
@@ -528,7 +539,7 @@ class BelugaClient:
                 out.append(None)
                 continue
             data = bytes(buf[loc.data_offset : loc.data_offset + loc.length_bytes])
-            self._queue_release(loc.lease)
+            self.queue_release(loc.lease)
             if not self._verify(key, loc, data):
                 self._corrupt(key, loc)
                 out.append(None)
@@ -585,7 +596,7 @@ class BelugaClient:
         locs = self._lookup(ks, rpc.LOOKUP_LEASE)
         for loc in locs:
             if loc is not None:
-                self._queue_release(loc.lease)
+                self.queue_release(loc.lease)
         result: list[int | None] = []
         buf = self.buf
         counts = self._counts
@@ -620,7 +631,7 @@ class BelugaClient:
             return None
         data = self.buf[loc.data_offset : loc.data_offset + loc.length_bytes]
         if not self._verify(key, loc, data):
-            self._queue_release(loc.lease)
+            self.queue_release(loc.lease)
             self._corrupt(key, loc)
             return None
         self._counts["hits"] += 1
@@ -662,3 +673,36 @@ def local_client(service, **kwargs) -> BelugaClient:
     """A client wired straight to an in-process service (no thread, no polling): tests."""
     kwargs.setdefault("heartbeat_interval_s", None)
     return BelugaClient(service.pool, transport=LocalChannel(service), **kwargs)
+
+
+class LocalChannel:
+    """Hands requests straight to a MetadataService object in this process (tests; no transport)."""
+
+    name = "local"
+
+    def __init__(self, service) -> None:
+        self.service = service
+        self.pool = service.pool
+        self.slot: int | None = None
+
+    def register(self, nonce: int, *, pid: int, host: str, timeout_s: float, resume_slot: int | None = None) -> tuple[int, int, int]:
+        body = rpc.HELLO_REQ.pack(nonce, rpc.NO_SLOT if resume_slot is None else resume_slot, pid, host.encode()[:32])
+        seq, status, resp = rpc.decode_response(
+            self.service.handle(rpc.encode_request(0, nonce, rpc.NO_SLOT, rpc.OP_HELLO, body)))
+        if status != rpc.OK:
+            raise ServiceUnavailableError(f"registration refused: {resp.decode(errors='replace')}")
+        slot, epoch = rpc.HELLO_RESP.unpack(resp)
+        self.slot = slot
+        return slot, epoch, 0
+
+    def max_message_bytes(self) -> int:
+        return self.pool.geometry.rpc_buffer_bytes
+
+    def call(self, message: bytes, seq: int, timeout_s: float) -> bytes:
+        return self.service.handle(message)
+
+    def heartbeat(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.slot = None

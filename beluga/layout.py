@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 
 from . import checksum as _checksum
-from .errors import CorruptPoolError, LayoutVersionError, NotAPoolError, PoolTooSmallError
+from . import rpc as _rpc
+from .errors import CorruptPoolError, LayoutVersionError, NotAPoolError, PoolTooSmallError, ProtocolError
 
 MAGIC = b"BELUGAKV"
 LAYOUT_VERSION = 2
@@ -116,6 +118,11 @@ class Geometry:
 
     def host_slot_offset(self, slot: int) -> int:
         return self.host_offset + slot * self.host_slot_bytes
+
+    @cached_property
+    def host_slot_offsets(self) -> tuple[int, ...]:
+        """``host_slot_offset`` of every slot, computed once: the RPC words are polled in tight loops."""
+        return tuple(self.host_slot_offset(s) for s in range(self.max_clients))
 
     def touch_ring_offset(self, slot: int) -> int:
         return self.host_slot_offset(slot) + HOST_LINES_BYTES
@@ -301,6 +308,12 @@ class Superblock:
         return body + _SB_CRC.pack(_checksum.meta_crc(body))
 
 
+def write_superblock(buf, superblock: Superblock) -> None:
+    """The superblock's one writer (``format_pool``, once); ``decode_superblock`` is its reader."""
+    raw = superblock.encode()
+    buf[: len(raw)] = raw
+
+
 def decode_superblock(raw: bytes, *, where: str, actual_size_bytes: int) -> Superblock:
     """Validate and decode; the order of checks decides which error the user sees."""
     if len(raw) < _SB_HEAD.size:
@@ -381,6 +394,20 @@ class ServiceArea:
                    addr.rstrip(b"\0").decode(errors="replace"))
 
 
+def read_service_area(buf, g: Geometry) -> ServiceArea:
+    return ServiceArea.decode(buf[g.service_offset : g.service_offset + SERVICE_AREA.size])
+
+
+def write_service_area(buf, g: Geometry, area: ServiceArea) -> None:
+    raw = area.encode()
+    buf[g.service_offset : g.service_offset + len(raw)] = raw
+
+
+def write_service_heartbeat(buf, g: Geometry, value: int) -> None:
+    """The service area's heartbeat word alone (the service's liveness, bumped every housekeeping pass)."""
+    U64.pack_into(buf, g.service_offset + SA_HEARTBEAT, value & 0xFFFFFFFFFFFFFFFF)
+
+
 # ---------------------------------------------------------------- host slot lines
 #   client line (client-written): claim_nonce Q | req_seq Q | heartbeat Q | pid I | pad 4 | host 32s
 CLIENT_LINE = struct.Struct("<QQQI4x32s")
@@ -395,6 +422,158 @@ SL_EPOCH = 16
 MAX_EPOCH = (1 << 32) - 1
 """Epochs are stored in 32 bits in segment and index records; the next grant adds one."""
 U64 = struct.Struct("<Q")
+_CLIENT_INFO = struct.Struct("<QI4x32s")  # heartbeat | pid | pad | host: written with a claim
+_GRANT = struct.Struct("<QQ")  # resp_seq | epoch: written before the owner word
+
+# Publication points (what a non-coherent pool must write back, and what a reader must
+# invalidate, in this order). Every one is a payload written by one call and a word that
+# makes it visible written by a separate, later call; a consumer reads the visible word
+# first and the payload after it, each through the accessor named here:
+#
+#   what              payload (written first)              visible word (written last)
+#   ----------------  -----------------------------------  ------------------------------
+#   claim             write_client_info                     publish_claim
+#   grant             write_grant                           publish_owner
+#   request           write_request                         publish_request_seq
+#   response          write_response                        publish_response_seq
+#   block             write_block_header(WRITING) + data    write_block_header(COMPLETE)
+#   commit            block header COMPLETE (client)        write_index_entry(COMMITTED)
+#   table bucket      write_bucket_body                     close_bucket (even sequence)
+#   table relocation  publish_table_seq (before moving)     write_bucket ...
+#   touch ring        write_touch_entry                     publish_touch_head
+#
+#   consumer          visible word (read first)             payload (read after)
+#   ----------------  -----------------------------------  ------------------------------
+#   service: claim    read_claim                            read_client_line
+#   client: grant     read_owner                            read_epoch, read_request_seq
+#   service: request  read_request_seq                      read_request
+#   client: response  read_response_seq                     read_response
+#   reader: bucket    read_bucket (sequence, body, sequence)
+#   service: touches  read_touch_head                       read_touches
+
+
+_U64_AT = U64.unpack_from
+_CLAIM_AT = CLIENT_LINE_OFFSET + CL_CLAIM
+_REQ_SEQ_AT = CLIENT_LINE_OFFSET + CL_REQ_SEQ
+_HEARTBEAT_AT = CLIENT_LINE_OFFSET + CL_HEARTBEAT
+_OWNER_AT = SERVICE_LINE_OFFSET + SL_OWNER
+_RESP_SEQ_AT = SERVICE_LINE_OFFSET + SL_RESP_SEQ
+_EPOCH_AT = SERVICE_LINE_OFFSET + SL_EPOCH
+
+
+def _client_line(g: Geometry, slot: int) -> int:
+    return g.host_slot_offsets[slot] + CLIENT_LINE_OFFSET
+
+
+def _service_line(g: Geometry, slot: int) -> int:
+    return g.host_slot_offsets[slot] + SERVICE_LINE_OFFSET
+
+
+# client line (client-written, service-read)
+def read_claim(buf, g: Geometry, slot: int) -> int:
+    return _U64_AT(buf, g.host_slot_offsets[slot] + _CLAIM_AT)[0]
+
+
+def write_client_info(buf, g: Geometry, slot: int, *, pid: int, host: str) -> None:
+    """A claimant's payload: heartbeat 0, pid and host name; ``publish_claim`` follows."""
+    _CLIENT_INFO.pack_into(buf, _client_line(g, slot) + CL_HEARTBEAT, 0, pid, host.encode()[:32])
+
+
+def publish_claim(buf, g: Geometry, slot: int, nonce: int) -> None:
+    """The claim word: a nonce asks the service for the slot; 0 withdraws (or, by the service, clears) it."""
+    U64.pack_into(buf, _client_line(g, slot) + CL_CLAIM, nonce)
+
+
+def read_client_line(buf, g: Geometry, slot: int) -> tuple[int, int, int]:
+    """-> (claim nonce, request seq, heartbeat)."""
+    claim, req_seq, heartbeat, _pid, _host = CLIENT_LINE.unpack_from(buf, _client_line(g, slot))
+    return claim, req_seq, heartbeat
+
+
+def read_client_info(buf, g: Geometry, slot: int) -> tuple[int, int, str]:
+    """-> (heartbeat, pid, host) of the client line (reports)."""
+    _claim, _req_seq, heartbeat, pid, host = CLIENT_LINE.unpack_from(buf, _client_line(g, slot))
+    return heartbeat, pid, host.rstrip(b"\0").decode(errors="replace")
+
+
+def read_request_seq(buf, g: Geometry, slot: int) -> int:
+    return _U64_AT(buf, g.host_slot_offsets[slot] + _REQ_SEQ_AT)[0]
+
+
+def publish_request_seq(buf, g: Geometry, slot: int, seq: int) -> None:
+    """Makes the request that ``write_request`` wrote visible to the service."""
+    U64.pack_into(buf, g.host_slot_offsets[slot] + _REQ_SEQ_AT, seq)
+
+
+def read_heartbeat(buf, g: Geometry, slot: int) -> int:
+    return _U64_AT(buf, g.host_slot_offsets[slot] + _HEARTBEAT_AT)[0]
+
+
+def write_heartbeat(buf, g: Geometry, slot: int, value: int) -> None:
+    U64.pack_into(buf, _client_line(g, slot) + CL_HEARTBEAT, value & 0xFFFFFFFFFFFFFFFF)
+
+
+# service line (service-written, client-read)
+def read_service_line(buf, g: Geometry, slot: int) -> tuple[int, int, int]:
+    """-> (owner nonce, response seq, epoch)."""
+    return SERVICE_LINE.unpack_from(buf, _service_line(g, slot))
+
+
+def read_owner(buf, g: Geometry, slot: int) -> int:
+    return _U64_AT(buf, g.host_slot_offsets[slot] + _OWNER_AT)[0]
+
+
+def read_epoch(buf, g: Geometry, slot: int) -> int:
+    return _U64_AT(buf, g.host_slot_offsets[slot] + _EPOCH_AT)[0]
+
+
+def write_grant(buf, g: Geometry, slot: int, *, resp_seq: int, epoch: int) -> None:
+    """A grant's payload (``publish_owner`` follows): nothing pending, the new epoch."""
+    _GRANT.pack_into(buf, _service_line(g, slot) + SL_RESP_SEQ, resp_seq, epoch)
+
+
+def publish_owner(buf, g: Geometry, slot: int, nonce: int) -> None:
+    """The owner word: the claimant with this nonce holds the slot; 0 releases it."""
+    U64.pack_into(buf, _service_line(g, slot) + SL_OWNER, nonce)
+
+
+def read_response_seq(buf, g: Geometry, slot: int) -> int:
+    return _U64_AT(buf, g.host_slot_offsets[slot] + _RESP_SEQ_AT)[0]
+
+
+def publish_response_seq(buf, g: Geometry, slot: int, seq: int) -> None:
+    """Makes the response that ``write_response`` wrote visible to the client."""
+    U64.pack_into(buf, g.host_slot_offsets[slot] + _RESP_SEQ_AT, seq)
+
+
+# request and response buffers (RPC payload)
+def write_request(buf, g: Geometry, slot: int, message: bytes) -> None:
+    """The request payload (client-written); ``publish_request_seq`` follows."""
+    off = g.request_offset(slot)
+    buf[off : off + len(message)] = message
+
+
+def read_request(buf, g: Geometry, slot: int) -> bytes:
+    """The request in a slot's buffer, as long as its header says (ProtocolError if it is not one,
+    or is longer than the buffer); the caller checks its CRC and seq (it may still be being written)."""
+    off = g.request_offset(slot)
+    length = _rpc.request_length(buf[off : off + _rpc.REQUEST_HEADER.size])
+    if length > g.rpc_buffer_bytes:
+        raise ProtocolError(f"request of {length} bytes exceeds the {g.rpc_buffer_bytes}-byte buffer")
+    return bytes(buf[off : off + length])
+
+
+def write_response(buf, g: Geometry, slot: int, message: bytes) -> None:
+    """The response payload (service-written); ``publish_response_seq`` follows."""
+    off = g.response_offset(slot)
+    buf[off : off + len(message)] = message
+
+
+def read_response(buf, g: Geometry, slot: int) -> bytes:
+    """The response in a slot's buffer (at most the buffer's size: the decoder refuses a cut one)."""
+    off = g.response_offset(slot)
+    length = _rpc.response_length(buf[off : off + _rpc.RESPONSE_HEADER.size])
+    return bytes(buf[off : off + min(length, g.rpc_buffer_bytes)])
 
 
 # ---------------------------------------------------------------- segment table (service-written)
@@ -528,6 +707,24 @@ class IndexEntry:
         return cls(state, owner, epoch, gen, length, dcrc, key)
 
 
+def write_index_entry(buf, g: Geometry, segment: int, slot: int, entry: IndexEntry) -> None:
+    """The entry's one writer (the service). Writing a COMMITTED entry is a block's commit point."""
+    off = g.index_entry_offset(segment, slot)
+    buf[off : off + INDEX_ENTRY_BYTES] = entry.encode()
+
+
+def read_index_entry(buf, g: Geometry, segment: int, slot: int) -> "IndexEntry | None":
+    """None if torn (see ``IndexEntry.decode``)."""
+    return read_index_entries(buf, g, segment, slot + 1)[slot]
+
+
+def read_index_entries(buf, g: Geometry, segment: int, count: int) -> "list[IndexEntry | None]":
+    """The first ``count`` entries of a segment in one read (recovery, reports)."""
+    base = g.index_entry_offset(segment, 0)
+    raw = bytes(buf[base : base + count * INDEX_ENTRY_BYTES])
+    return [IndexEntry.decode(raw[i * INDEX_ENTRY_BYTES : (i + 1) * INDEX_ENTRY_BYTES]) for i in range(count)]
+
+
 # ---------------------------------------------------------------- block headers (client-written)
 BLOCK_MAGIC = 0x484B4C42  # "BLKH"
 BLOCK_WRITING = 1
@@ -576,6 +773,21 @@ def block_header_matches(raw: bytes, key: bytes, generation: int, length_bytes: 
             and crc == _checksum.meta_crc(memoryview(raw)[:_HEADER_BODY_BYTES]))
 
 
+def write_block_header(buf, offset: int, header: BlockHeader) -> None:
+    """The header's one writer (the client holding the slot's reservation). A put writes it
+    WRITING, then the data, then COMPLETE: the COMPLETE header publishes the data."""
+    buf[offset : offset + BLOCK_HEADER_BYTES] = header.encode()
+
+
+def read_header_bytes(buf, offset: int) -> bytes:
+    """A block header as it is in the pool now (readers compare two reads, ``block_header_matches``)."""
+    return bytes(buf[offset : offset + BLOCK_HEADER_BYTES])
+
+
+def read_block_header(buf, offset: int) -> "BlockHeader | None":
+    return BlockHeader.decode(read_header_bytes(buf, offset))
+
+
 # ---------------------------------------------------------------- lookup table (service-written, client-read)
 # An open-addressing (linear probing) hash table from key to block, so that a
 # client finds a block by reading pool memory instead of asking the service.
@@ -620,14 +832,31 @@ def unpack_where(g: Geometry, where: int, length_bytes: int) -> tuple[int, int] 
 def write_bucket(buf, offset: int, key: bytes | None = None, generation: int = 0, where: int = 0,
                  length_bytes: int = 0, data_crc: int = 0) -> None:
     """The bucket's one writer (the service): sequence odd, body and CRC, sequence even. No key: empty."""
+    odd = open_bucket(buf, offset)
+    write_bucket_body(buf, offset, key, generation, where, length_bytes, data_crc)
+    close_bucket(buf, offset, odd)
+
+
+def open_bucket(buf, offset: int) -> int:
+    """Seqlock step 1: the bucket's sequence word becomes odd (readers keep off). -> that odd value."""
     (seq,) = U32.unpack_from(buf, offset)
     odd = (seq + 1 if seq % 2 == 0 else seq + 2) & 0xFFFFFFFF
+    U32.pack_into(buf, offset, odd)
+    return odd
+
+
+def write_bucket_body(buf, offset: int, key: bytes | None, generation: int = 0, where: int = 0,
+                      length_bytes: int = 0, data_crc: int = 0) -> None:
+    """Seqlock step 2, the payload: CRC and body (no key: an empty bucket)."""
     if key is None:
         body = bytes(_BUCKET_BODY.size)
     else:
         body = _BUCKET_BODY.pack(key, generation, where, length_bytes, data_crc)
-    U32.pack_into(buf, offset, odd)
     buf[offset + 4 : offset + TABLE_BUCKET_BYTES] = U32.pack(_checksum.meta_crc(body) if key else 0) + body
+
+
+def close_bucket(buf, offset: int, odd: int) -> None:
+    """Seqlock step 3, the publication: the sequence word becomes even again."""
     U32.pack_into(buf, offset, (odd + 1) & 0xFFFFFFFF)
 
 
@@ -649,11 +878,23 @@ def read_bucket(buf, offset: int):
 
 
 def read_table_seq(buf, g: Geometry) -> int:
-    return U64.unpack_from(buf, g.table_seq_offset)[0]
+    return read_table_seq_at(buf, g.table_seq_offset)
+
+
+def read_table_seq_at(buf, offset: int) -> int:
+    """``read_table_seq`` for a reader that cached the word's offset (the probe's signature)."""
+    return U64.unpack_from(buf, offset)[0]
 
 
 def write_table_seq(buf, g: Geometry, value: int) -> None:
+    """Odd: the table is being rebuilt; moved on by 2: entries are about to be relocated."""
     U64.pack_into(buf, g.table_seq_offset, value & 0xFFFFFFFFFFFFFFFF)
+
+
+def clear_table(buf, g: Geometry) -> None:
+    """Every bucket empty at once (a rebuild, with the table sequence odd meanwhile)."""
+    buf[g.table_offset : g.table_offset + g.table_buckets * TABLE_BUCKET_BYTES] = bytes(
+        g.table_buckets * TABLE_BUCKET_BYTES)
 
 
 # ---------------------------------------------------------------- touch rings (client-written)
@@ -674,19 +915,28 @@ def post_touches(buf, g: Geometry, slot: int, head: int, touches) -> int:
     """The ring's one writer (its client): entries first, then the head. -> the new head."""
     ring = g.touch_ring_offset(slot)
     for where, generation in touches:
-        TOUCH_ENTRY.pack_into(buf, ring + (head % TOUCH_RING_ENTRIES) * TOUCH_ENTRY_BYTES,
-                              where & 0xFFFFFFFF, generation & 0xFFFFFFFF)
+        write_touch_entry(buf, ring, head, where, generation)
         head += 1
-    U64.pack_into(buf, g.touch_head_offset(slot), head)
+    publish_touch_head(buf, g.touch_head_offset(slot), head)
     return head
+
+
+def write_touch_entry(buf, ring_offset: int, index: int, where: int, generation: int) -> None:
+    """A touch's payload: entry ``index`` (mod the ring) of the ring at ``ring_offset``."""
+    TOUCH_ENTRY.pack_into(buf, ring_offset + (index % TOUCH_RING_ENTRIES) * TOUCH_ENTRY_BYTES,
+                          where & 0xFFFFFFFF, generation & 0xFFFFFFFF)
+
+
+def publish_touch_head(buf, head_offset: int, head: int) -> None:
+    """Makes the entries before ``head`` visible to the service."""
+    U64.pack_into(buf, head_offset, head)
 
 
 def post_touch(buf, ring_offset: int, head_offset: int, head: int, where: int, generation: int) -> int:
     """``post_touches`` of one touch, for a client that cached its ring's offsets (the get hot path)."""
-    TOUCH_ENTRY.pack_into(buf, ring_offset + (head % TOUCH_RING_ENTRIES) * TOUCH_ENTRY_BYTES,
-                          where & 0xFFFFFFFF, generation & 0xFFFFFFFF)
+    write_touch_entry(buf, ring_offset, head, where, generation)
     head += 1
-    U64.pack_into(buf, head_offset, head)
+    publish_touch_head(buf, head_offset, head)
     return head
 
 

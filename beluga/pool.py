@@ -207,8 +207,7 @@ def format_pool(
         _zero(mm, L.SUPERBLOCK_BYTES, geometry.segments_offset)
         _sync(mm, info.is_devdax)
         sb = L.Superblock(geometry=geometry, uuid=os.urandom(16), formatted_unix_ns=time.time_ns())
-        raw = sb.encode()
-        mm[: len(raw)] = raw
+        L.write_superblock(mm, sb)
         _sync(mm, info.is_devdax)
     finally:
         mm.close()

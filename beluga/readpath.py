@@ -61,7 +61,7 @@ def py_probe(buf, table_off: int, buckets: int, tseq_off: int, key: bytes):
     read_bucket = L.read_bucket
     size = L.TABLE_BUCKET_BYTES
     for _attempt in range(TABLE_RETRIES):
-        seq = L.U64.unpack_from(buf, tseq_off)[0]
+        seq = L.read_table_seq_at(buf, tseq_off)
         if seq & 1:
             return False  # the service is rebuilding the table
         i = home
@@ -72,7 +72,7 @@ def py_probe(buf, table_off: int, buckets: int, tseq_off: int, key: bytes):
                 if spins >= BUCKET_SPINS:
                     return False
             if r is None:
-                if L.U64.unpack_from(buf, tseq_off)[0] == seq:
+                if L.read_table_seq_at(buf, tseq_off) == seq:
                     return None
                 break  # an entry may have moved past us: probe again
             if r[0] == key:
@@ -109,8 +109,7 @@ def py_copy_crc(dest, src) -> int:
     return crc32(src) & 0xFFFFFFFF
 
 
-def _header(buf, off: int) -> bytes:
-    return bytes(buf[off : off + L.BLOCK_HEADER_BYTES])
+_header = L.read_header_bytes
 
 
 def _check_span(buf, header_off: int, data_off: int, length: int) -> None:

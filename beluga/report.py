@@ -7,8 +7,6 @@ the report is a snapshot for humans and tests, not a lock-step view.
 """
 from __future__ import annotations
 
-import struct
-
 from . import layout as L
 from .pool import Pool
 
@@ -16,15 +14,13 @@ from .pool import Pool
 def pool_report(pool: Pool) -> dict:
     g = pool.geometry
     buf = pool.buf
-    area = L.ServiceArea.decode(buf[g.service_offset : g.service_offset + L.SERVICE_AREA.size])
+    area = L.read_service_area(buf, g)
     clients = []
     for slot in range(g.max_clients):
-        base = g.host_slot_offset(slot)
-        owner, _, epoch = struct.unpack_from("<QQQ", buf, base + L.SERVICE_LINE_OFFSET)
+        owner, _, epoch = L.read_service_line(buf, g, slot)
         if owner:
-            _, req_seq, hb, pid, host = L.CLIENT_LINE.unpack_from(buf, base)
-            clients.append({"slot": slot, "epoch": epoch, "pid": pid, "heartbeat": hb,
-                            "host": host.rstrip(b"\0").decode(errors="replace")})
+            hb, pid, host = L.read_client_info(buf, g, slot)
+            clients.append({"slot": slot, "epoch": epoch, "pid": pid, "heartbeat": hb, "host": host})
     seg_states = {name: 0 for name in L.SEG_STATE_NAMES.values()}
     committed = reserved = committed_bytes = torn = 0
     classes: dict[int, int] = {}
@@ -43,9 +39,7 @@ def pool_report(pool: Pool) -> dict:
         if entry.state == L.SEG_FREE:
             continue
         classes[entry.data_slot_bytes] = classes.get(entry.data_slot_bytes, 0) + 1
-        for sl in range(entry.slot_count):
-            off = g.index_entry_offset(si, sl)
-            e = L.IndexEntry.decode(buf[off : off + L.INDEX_ENTRY_BYTES])
+        for sl, e in enumerate(L.read_index_entries(buf, g, si, entry.slot_count)):
             problem = L.index_entry_problem(e, entry.data_slot_bytes) if e is not None else None
             if e is None:
                 torn += 1

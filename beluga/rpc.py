@@ -231,6 +231,42 @@ EVICT_REQ = struct.Struct("<I")
 EVICT_RESP = struct.Struct("<I")
 
 
+def decode_hello(body: bytes) -> tuple[int, int, int, bytes]:
+    """-> (nonce, resume slot, pid, host) of a HELLO body; ProtocolError if it is not one."""
+    try:
+        return HELLO_REQ.unpack_from(body)
+    except struct.error:
+        raise ProtocolError("hello: body is not nonce/slot/pid/host") from None
+
+
+def decode_evict(body: bytes) -> int:
+    """-> the count of an EVICT body; ProtocolError if it is not one."""
+    try:
+        return EVICT_REQ.unpack_from(body)[0]
+    except struct.error:
+        raise ProtocolError("evict: body must be a u32 count") from None
+
+
+def response_status(raw) -> int | None:
+    """The status of an encoded response (None if it is shorter than a response header)."""
+    if len(raw) < RESPONSE_HEADER.size:
+        return None
+    return RESPONSE_HEADER.unpack_from(raw)[2]
+
+
+# TCP framing: every message is prefixed with its length.
+FRAME_PREFIX = struct.Struct("<I")
+
+
+def frame(message: bytes) -> bytes:
+    return FRAME_PREFIX.pack(len(message)) + message
+
+
+def frame_length(raw) -> int:
+    """The length a frame prefix at the start of ``raw`` (at least 4 bytes) announces."""
+    return FRAME_PREFIX.unpack_from(raw)[0]
+
+
 class Allocation(NamedTuple):
     segment: int
     slot: int

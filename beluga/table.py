@@ -83,9 +83,7 @@ class LookupTable:
         seq = L.read_table_seq(self.buf, self.g)
         odd = seq + 1 if seq % 2 == 0 else seq + 2
         L.write_table_seq(self.buf, self.g, odd)
-        start = self.g.table_offset
-        self.buf[start : start + self.g.table_buckets * L.TABLE_BUCKET_BYTES] = bytes(
-            self.g.table_buckets * L.TABLE_BUCKET_BYTES)
+        L.clear_table(self.buf, self.g)
         self.slots = [None] * self.g.table_buckets
         self.where = {}
         for e in entries:

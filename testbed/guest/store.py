@@ -75,7 +75,7 @@ def get(args):
 def locate(args):
     c = client(args)
     key, _ = block(args["set"], args["index"], args["size"])
-    loc = c._lookup([key], 0)[0]  # the service's answer: where the committed block lives
+    loc = c.locate(key)  # the service's answer: where the committed block lives
     c.close()
     if loc is None:
         raise SystemExit(f"block {args['set']}/{args['index']} is not in the store")
@@ -107,9 +107,7 @@ def _committed_blocks(pool):
         if seg is None or seg.state == L.SEG_FREE:
             continue
         lay = g.slot_layout(seg.data_slot_bytes)
-        for sl in range(seg.slot_count):
-            off = g.index_entry_offset(si, sl)
-            e = L.IndexEntry.decode(buf[off:off + L.INDEX_ENTRY_BYTES])
+        for sl, e in enumerate(L.read_index_entries(buf, g, si, seg.slot_count)):
             if e is not None and e.state == L.ENTRY_COMMITTED:
                 out.append((g.segment_offset(si) + lay.data_offset(sl), e.length_bytes, e.key))
     return out

@@ -37,7 +37,7 @@ def test_whole_store_works_without_torch(pool_path, tmp_path):
     script = textwrap.dedent(f"""
         import sys, threading
         sys.modules["torch"] = None  # any 'import torch' now raises ImportError
-        import beluga, beluga.cli, beluga.client, beluga.service, beluga.transport, beluga.report
+        import beluga, beluga.cli, beluga.client, beluga.service, beluga.cxlrpc, beluga.tcprpc, beluga.report
         from beluga.pool import format_pool
         from beluga.service import ServiceConfig, ServiceThread
         from beluga.client import BelugaClient

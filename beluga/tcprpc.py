@@ -1,4 +1,7 @@
-"""The metadata service's TCP side: length-prefixed frames, one selector, no blocking.
+"""The TCP transport, both halves: the same messages as CXL-RPC, each prefixed with its length.
+
+``TcpChannel`` is the client's side (heartbeats still go to the pool); ``TcpServer``
+is the service's: length-prefixed frames, one selector, no blocking.
 
 It runs inside the service's single-threaded loop, so nothing here may wait
 on a client. The listener is on 127.0.0.1 by default, but any local process
@@ -29,15 +32,17 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import selectors
 import socket
-import struct
 import time
 
+from . import layout as L
 from . import rpc
-from .errors import ProtocolError
+from .cxlrpc import CxlChannel
+from .errors import ProtocolError, ServiceUnavailableError
+from .pool import Pool
 
-_FRAME = struct.Struct("<I")
 _RECV_BYTES = 256 << 10
 FD_MARGIN = 8
 """File descriptors kept free beside the connections (pool, logs, the accept itself)."""
@@ -297,7 +302,7 @@ class TcpServer:
         for _ in range(max(1, self.cfg.tcp_frames_per_pass)):
             if len(buf) < 4:
                 break
-            (n,) = _FRAME.unpack_from(buf)
+            n = rpc.frame_length(buf)
             if n > self.max_frame_bytes:
                 self._refuse(conn, "closed_oversize_frame",
                              f"frame of {n} bytes exceeds the {self.max_frame_bytes}-byte RPC buffer")
@@ -310,10 +315,10 @@ class TcpServer:
             resp = self._dispatch(conn, msg)
             if resp is None:
                 return  # the connection was closed
-            if not self._send(conn, _FRAME.pack(len(resp)) + resp):
+            if not self._send(conn, rpc.frame(resp)):
                 return
         else:
-            if len(buf) >= 4 and len(buf) >= 4 + _FRAME.unpack_from(buf)[0]:
+            if len(buf) >= 4 and len(buf) >= 4 + rpc.frame_length(buf):
                 self._pending.add(conn)
         if self._open(conn):
             self._set_events(conn)
@@ -333,7 +338,7 @@ class TcpServer:
                 self.counters["refused_tcp_client_limit"] += 1
                 return rpc.encode_response(req.seq, rpc.NO_CLIENT_SLOT, refusal.encode())
             resp = svc.dispatch(req)
-            if rpc.RESPONSE_HEADER.unpack_from(resp)[2] == rpc.OK:
+            if rpc.response_status(resp) == rpc.OK:
                 conn.authenticated = True
             return resp
         client = svc.clients.get(req.slot)
@@ -345,8 +350,8 @@ class TcpServer:
         """Why a HELLO may not take a new host slot (None: it may, or it resumes its own)."""
         svc = self.service
         try:
-            nonce, resume, _pid, _host = rpc.HELLO_REQ.unpack_from(req.body)
-        except struct.error:
+            nonce, resume, _pid, _host = rpc.decode_hello(req.body)
+        except ProtocolError:
             return None  # the service answers it as malformed
         c = svc.clients.get(resume)
         if c is not None and c.nonce == nonce:
@@ -402,4 +407,119 @@ class TcpServer:
 
 def _closing_frame(message: str) -> bytes:
     resp = rpc.encode_response(0, rpc.CLOSING, message.encode()[: rpc.MAX_MESSAGE_BYTES * 2])
-    return _FRAME.pack(len(resp)) + resp
+    return rpc.frame(resp)
+
+
+class TcpChannel:
+    """Length-prefixed messages over TCP (loopback or a guest network), for comparison."""
+
+    name = "tcp"
+
+    def __init__(self, pool: Pool, address: str | None = None, *, connect_timeout_s: float = 2.0) -> None:
+        self.pool = pool
+        self.g = pool.geometry
+        self.address = address
+        self.connect_timeout_s = connect_timeout_s
+        self.sock: socket.socket | None = None
+        self.slot: int | None = None
+        self.nonce = 0
+        self._hb = CxlChannel(pool)  # heartbeats live in the pool whatever the transport
+
+    def _resolve(self) -> tuple[str, int]:
+        addr = self.address
+        if not addr:
+            area = L.read_service_area(self.pool.buf, self.g)
+            addr = area.tcp_address if area.nonce else ""
+            if not addr:
+                raise ServiceUnavailableError(
+                    f"no TCP address for the metadata service of {self.pool.path}: none is running with "
+                    f"--transport tcp/both (or give the address explicitly)"
+                )
+        host, _, port = addr.rpartition(":")
+        try:
+            return host.strip("[]"), int(port)
+        except ValueError:
+            raise ServiceUnavailableError(f"TCP address {addr!r} is not host:port") from None
+
+    def _connect(self, timeout_s: float) -> socket.socket:
+        if self.sock is not None and self._stale(self.sock):
+            # Between our calls nothing may arrive: readable means the service closed the
+            # connection (idle timeout, restart) or left a CLOSING notice. Start afresh.
+            self._drop()
+        if self.sock is None:
+            host, port = self._resolve()
+            try:
+                s = socket.create_connection((host, port), timeout=min(timeout_s, self.connect_timeout_s))
+            except OSError as exc:
+                raise ServiceUnavailableError(f"cannot reach the metadata service at {host}:{port}: {exc}") from None
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = s
+        return self.sock
+
+    def register(self, nonce: int, *, pid: int, host: str, timeout_s: float, resume_slot: int | None = None) -> tuple[int, int, int]:
+        body = rpc.HELLO_REQ.pack(nonce, rpc.NO_SLOT if resume_slot is None else resume_slot, pid, host.encode()[:32])
+        msg = rpc.encode_request(0, nonce, rpc.NO_SLOT, rpc.OP_HELLO, body)
+        seq, status, resp = rpc.decode_response(self.call(msg, 0, timeout_s))
+        if status != rpc.OK:
+            raise ServiceUnavailableError(f"registration refused: {resp.decode(errors='replace')}")
+        slot, epoch = rpc.HELLO_RESP.unpack(resp)
+        self.slot, self.nonce = slot, nonce
+        self._hb.slot, self._hb.nonce = slot, nonce
+        return slot, epoch, 0
+
+    def max_message_bytes(self) -> int:
+        return self.g.rpc_buffer_bytes  # same limits as the pool transport: identical batching
+
+    def call(self, message: bytes, seq: int, timeout_s: float) -> bytes:
+        sock = self._connect(timeout_s)
+        try:
+            sock.settimeout(timeout_s)
+            sock.sendall(rpc.frame(message))
+            head = self._recv_exact(sock, 4)
+            n = rpc.frame_length(head)
+            if n > self.g.rpc_buffer_bytes:
+                raise EOFError(f"the service sent a {n}-byte frame, more than the {self.g.rpc_buffer_bytes}-byte "
+                               f"RPC buffer")
+            resp = self._recv_exact(sock, n)
+            if rpc.response_status(resp) == rpc.CLOSING:
+                raise EOFError(resp[rpc.RESPONSE_HEADER.size :].decode("utf-8", errors="replace"))
+            return resp
+        except TimeoutError:
+            self._drop()
+            raise ServiceUnavailableError(
+                f"metadata service over TCP did not answer request {seq} within {timeout_s}s") from None
+        except (OSError, EOFError) as exc:
+            self._drop()
+            raise ServiceUnavailableError(
+                f"metadata service over TCP dropped request {seq}: {exc or type(exc).__name__}") from None
+
+    @staticmethod
+    def _stale(sock: socket.socket) -> bool:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+
+    @staticmethod
+    def _recv_exact(sock: socket.socket, n: int) -> bytes:
+        parts, got = [], 0
+        while got < n:
+            chunk = sock.recv(n - got)
+            if not chunk:
+                raise EOFError("connection closed by the service")
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
+    def _drop(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            finally:
+                self.sock = None
+
+    def heartbeat(self) -> bool:
+        return self._hb.heartbeat()
+
+    def close(self) -> None:
+        self._drop()
+        self._hb.slot = None
