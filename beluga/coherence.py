@@ -221,7 +221,7 @@ def writeback(buf, off: int, n: int, what: str | None = None) -> None:
     if _models:
         hit = _find(buf, off, n)
         if hit is not None:
-            hit[0].writeback(hit[1], n)
+            hit[0].writeback(hit[1], n, what)
             return
     if _native is not None:
         _native.writeback(buf, off, n)
@@ -426,7 +426,7 @@ class _Model:
     def stamp(self) -> int:
         return (self.host << _HOST_SHIFT) | self.epoch
 
-    def writeback(self, off: int, n: int) -> None:
+    def writeback(self, off: int, n: int, what: str | None) -> None:
         np = self.np
         s = self._span(off, n)
         c, clean = self._cache[s], self._clean[s]
@@ -435,27 +435,23 @@ class _Model:
             return
         sh = self._shared[s]
         theirs = (sh[dirty] != clean[dirty]) & (c[dirty] != sh[dirty])
-        if theirs.any():
-            row, word = np.argwhere(theirs)[0]
-            line = s.start + int(dirty[row])
-            self._report(CLOBBER, line * LINE_BYTES + int(word) * 8, None,
-                         "this writeback overwrites bytes another host wrote back since this host fetched the line",
-                         int(theirs.any(axis=1).sum()))
         sh[dirty] = c[dirty]
         stamp = self.stamp()
         self._stamps[s][dirty] = stamp
         self._mine[s][dirty] = stamp
         clean[dirty] = c[dirty]
+        if theirs.any():
+            row, word = np.argwhere(theirs)[0]
+            line = s.start + int(dirty[row])
+            self._report(CLOBBER, line * LINE_BYTES + int(word) * 8, what,
+                         "this writeback overwrote bytes another host wrote back since this host fetched the line",
+                         int(theirs.any(axis=1).sum()))
 
     def invalidate(self, off: int, n: int, what: str | None) -> None:
         np = self.np
         s = self._span(off, n)
         c, clean, sh = self._cache[s], self._clean[s], self._shared[s]
         dirty = (c != clean).any(axis=1)
-        if dirty.any():
-            line = s.start + int(np.flatnonzero(dirty)[0])
-            self._report(LOST_WRITE, line * LINE_BYTES, what,
-                         "invalidated a line whose writes were never written back (they are lost)", int(dirty.sum()))
         for _ in range(8):  # a writeback on another host may be copying these lines right now
             before = self._stamps[s].copy()
             c[:] = sh
@@ -464,6 +460,10 @@ class _Model:
         clean[:] = c
         self._mine[s] = before
         self._acquire(before)
+        if dirty.any():
+            line = s.start + int(np.flatnonzero(dirty)[0])
+            self._report(LOST_WRITE, line * LINE_BYTES, what,
+                         "invalidated a line whose writes were never written back (they are lost)", int(dirty.sum()))
 
     def _acquire(self, stamps) -> None:
         """Fetching a line stamped (H, e) shows that H's writebacks before its fence e are complete."""
