@@ -125,7 +125,7 @@ def _load_native():
     if os.environ.get(ENV_FLUSH, "").strip() == "none":
         return None, f"{ENV_FLUSH}=none"
     if os.environ.get("BELUGA_NATIVE", "").strip() == "0":
-        return None, "BELUGA_NATIVE=0 (acting as a host without the C module)"
+        return None, "BELUGA_NATIVE=0: acting as a host without the C module"
     try:
         from . import _native  # noqa: PLC0415 - optional, built by `make setup`
     except ImportError:
