@@ -221,7 +221,8 @@ def writeback(buf, off: int, n: int, what: str | None = None) -> None:
     if _models:
         hit = _find(buf, off, n)
         if hit is not None:
-            hit[0].writeback(hit[1], n, what)
+            with hit[0].lock:
+                hit[0].writeback(hit[1], n, what)
             return
     if _native is not None:
         _native.writeback(buf, off, n)
@@ -235,7 +236,8 @@ def invalidate(buf, off: int, n: int, what: str | None = None) -> None:
     if _models:
         hit = _find(buf, off, n)
         if hit is not None:
-            hit[0].invalidate(hit[1], n, what)
+            with hit[0].lock:
+                hit[0].invalidate(hit[1], n, what)
             return
     if _native is not None:
         _native.invalidate(buf, off, n)
@@ -247,7 +249,8 @@ def fence(what: str | None = None) -> None:
     if _skip("fence", what):
         return
     for m in list(_models):
-        m.fence()
+        with m.lock:
+            m.fence()
     if _native is not None:
         _native.fence()
     else:
@@ -259,7 +262,8 @@ def note_read(buf, off: int, n: int, what: str) -> None:
     if _models:
         hit = _find(buf, off, n)
         if hit is not None:
-            hit[0].check_read(hit[1], n, what)
+            with hit[0].lock:
+                hit[0].check_read(hit[1], n, what)
 
 
 def note_publish(buf, word_off: int | None, payload: Iterable[tuple[int, int]], what: str) -> None:
@@ -273,7 +277,8 @@ def note_publish(buf, word_off: int | None, payload: Iterable[tuple[int, int]], 
                 if word_off is not None:
                     w = _find(buf, word_off, 1)
                     word = w[1] if w is not None and w[0] is hit[0] else None
-                hit[0].check_publish(word, hit[1], n, what)
+                with hit[0].lock:
+                    hit[0].check_publish(word, hit[1], n, what)
 
 
 def publish(buf, word_off: int, word_len: int, payload: Iterable[tuple[int, int]], what: str) -> None:
@@ -318,8 +323,12 @@ def _address(buf) -> tuple[int, int] | None:
 
 def _find(buf, off: int, n: int):
     """(model, pool offset) of ``buf[off]`` when ``buf`` is (part of) a sanitized pool's cache."""
-    if isinstance(buf, _Model):
-        return buf, off
+    if type(buf) is memoryview:  # the store passes pool.buf itself: no address needed
+        for m in _models:
+            if buf.obj is m.cache and buf.nbytes == m.size:
+                if off < 0 or n < 0 or off + n > m.size:
+                    raise ValueError(f"coherence: range {off}+{n} is outside the {m.size}-byte pool {m.pool_path}")
+                return m, off
     where = _address(buf)
     if where is None:
         return None
@@ -347,6 +356,17 @@ def table_path(pool_path: str, is_devdax: bool) -> str:
     if is_devdax:
         return f"/dev/shm/beluga-coherence-{os.path.basename(pool_path)}"
     return pool_path + ".coherence"
+
+
+SMALL_LINES = 8
+"""Ranges of up to this many lines are checked line by line in Python (NumPy's per-call cost is higher)."""
+_UNWRITTEN = "published while this payload line holds writes not written back: other hosts read the old bytes"
+_UNFENCED = "published before a fence ordered this payload line's writeback: the word may reach memory first"
+
+
+def _stale_detail(host: int) -> str:
+    return (f"this host's cached copy is stale: host {host} wrote back newer content, and this host has seen a "
+            f"later publication of it, but did not invalidate the line since")
 
 
 class _Model:
@@ -379,7 +399,13 @@ class _Model:
         self._mine = self._stamps.copy()  # the stamp of the copy this host holds
         self._seen = np.zeros(_MAX_HOSTS, dtype=np.uint64)  # per host: the last fence epoch known complete
         self.epoch = 1
+        self.lock = threading.Lock()  # a client's heartbeat thread flushes too; one host, one model state
         self.buf = memoryview(self.cache)
+        # Byte and stamp views for ranges of a few lines, where NumPy's per-call cost dominates.
+        self._views = [memoryview(self.cache), memoryview(shared), memoryview(self._clean).cast("B"),
+                       memoryview(self._table_mm)[_TABLE_HEAD: _TABLE_HEAD + self.lines * 8].cast("Q"),
+                       memoryview(self._mine).cast("B").cast("Q")]
+        self._cmv, self._smv, self._lmv, self._stq, self._mq = self._views
 
     def _open_table(self, uuid: bytes):
         fd = os.open(self.table_file, os.O_RDWR | os.O_CREAT, 0o666)
@@ -409,6 +435,9 @@ class _Model:
             if self in _models:
                 _models.remove(self)
         self.buf.release()
+        for v in self._views:
+            v.release()
+        del self._views, self._cmv, self._smv, self._lmv, self._stq, self._mq
         del self._shared, self._cache, self._clean, self._stamps, self._mine
         for mm in (self._table_mm, self.cache):
             try:
@@ -429,6 +458,8 @@ class _Model:
     def writeback(self, off: int, n: int, what: str | None) -> None:
         np = self.np
         s = self._span(off, n)
+        if s.stop - s.start <= SMALL_LINES:
+            return self._writeback_small(s, what)
         c, clean = self._cache[s], self._clean[s]
         dirty = np.flatnonzero((c != clean).any(axis=1))
         if not dirty.size:
@@ -447,9 +478,33 @@ class _Model:
                          "this writeback overwrote bytes another host wrote back since this host fetched the line",
                          int(theirs.any(axis=1).sum()))
 
+    def _writeback_small(self, s: slice, what: str | None) -> None:
+        cmv, smv, lmv = self._cmv, self._smv, self._lmv
+        stamp = self.stamp()
+        clobbered = []
+        for line in range(s.start, s.stop):
+            a, b = line * LINE_BYTES, (line + 1) * LINE_BYTES
+            mine = cmv[a:b]
+            if mine == lmv[a:b]:
+                continue  # clean: nothing to write back
+            theirs, clean = bytes(smv[a:b]), bytes(lmv[a:b])
+            if theirs != clean:
+                new = bytes(mine)
+                clobbered += [a + i for i in range(LINE_BYTES) if theirs[i] != clean[i] and new[i] != theirs[i]]
+            smv[a:b] = mine
+            self._stq[line] = stamp
+            self._mq[line] = stamp
+            lmv[a:b] = mine
+        if clobbered:
+            self._report(CLOBBER, clobbered[0], what,
+                         "this writeback overwrote bytes another host wrote back since this host fetched the line",
+                         len({c // LINE_BYTES for c in clobbered}))
+
     def invalidate(self, off: int, n: int, what: str | None) -> None:
         np = self.np
         s = self._span(off, n)
+        if s.stop - s.start <= SMALL_LINES:
+            return self._invalidate_small(s, what)
         c, clean, sh = self._cache[s], self._clean[s], self._shared[s]
         dirty = (c != clean).any(axis=1)
         for _ in range(8):  # a writeback on another host may be copying these lines right now
@@ -464,6 +519,28 @@ class _Model:
             line = s.start + int(np.flatnonzero(dirty)[0])
             self._report(LOST_WRITE, line * LINE_BYTES, what,
                          "invalidated a line whose writes were never written back (they are lost)", int(dirty.sum()))
+
+    def _invalidate_small(self, s: slice, what: str | None) -> None:
+        cmv, smv, lmv, stq = self._cmv, self._smv, self._lmv, self._stq
+        lost = []
+        for line in range(s.start, s.stop):
+            a, b = line * LINE_BYTES, (line + 1) * LINE_BYTES
+            if cmv[a:b] != lmv[a:b]:
+                lost.append(line)
+            for _ in range(8):  # a writeback on another host may be copying this line right now
+                before = stq[line]
+                cmv[a:b] = smv[a:b]
+                if stq[line] == before and cmv[a:b] == smv[a:b]:
+                    break
+            lmv[a:b] = cmv[a:b]
+            self._mq[line] = before
+            if before:
+                host, epoch = before >> _HOST_SHIFT, before & _EPOCH_MASK
+                if epoch - 1 > self._seen[host]:
+                    self._seen[host] = epoch - 1
+        if lost:
+            self._report(LOST_WRITE, lost[0] * LINE_BYTES, what,
+                         "invalidated a line whose writes were never written back (they are lost)", len(lost))
 
     def _acquire(self, stamps) -> None:
         """Fetching a line stamped (H, e) shows that H's writebacks before its fence e are complete."""
@@ -487,6 +564,20 @@ class _Model:
     def check_read(self, off: int, n: int, what: str) -> None:
         np = self.np
         s = self._span(off, n)
+        if s.stop - s.start <= SMALL_LINES:
+            stq, mq = self._stq, self._mq
+            for line in range(s.start, s.stop):
+                st = stq[line]
+                if st == mq[line]:
+                    continue
+                host = st >> _HOST_SHIFT
+                if host == self.host or st & _EPOCH_MASK > self._seen[host]:
+                    continue
+                a, b = line * LINE_BYTES, (line + 1) * LINE_BYTES
+                if self._cmv[a:b] != self._smv[a:b]:
+                    self._report(STALE_READ, max(off, a), what, _stale_detail(host), 1)
+                    return
+            return
         now = self._stamps[s]
         differ = np.flatnonzero(now != self._mine[s])
         if not differ.size:
@@ -502,14 +593,28 @@ class _Model:
             line = int(stale[0])
             start = max(off, line * LINE_BYTES)
             host = int(self._stamps[line]) >> _HOST_SHIFT
-            self._report(STALE_READ, start, what,
-                         f"this host's cached copy is stale: host {host} wrote back newer content, and this host "
-                         f"has seen a later publication of it, but did not invalidate the line since",
-                         int(stale.size))
+            self._report(STALE_READ, start, what, _stale_detail(host), int(stale.size))
 
     def check_publish(self, word_off: int | None, off: int, n: int, what: str) -> None:
         np = self.np
         s = self._span(off, n)
+        if s.stop - s.start <= SMALL_LINES:
+            word_line = -1 if word_off is None else word_off // LINE_BYTES
+            stamp = self.stamp()
+            dirty, pending = [], []
+            for line in range(s.start, s.stop):
+                if line == word_line:
+                    continue
+                a, b = line * LINE_BYTES, (line + 1) * LINE_BYTES
+                if self._cmv[a:b] != self._lmv[a:b]:
+                    dirty.append(line)
+                elif self._mq[line] == stamp:
+                    pending.append(line)
+            if dirty:
+                self._report(NOT_WRITTEN_BACK, max(off, dirty[0] * LINE_BYTES), what, _UNWRITTEN, len(dirty))
+            elif pending:
+                self._report(NOT_FENCED, max(off, pending[0] * LINE_BYTES), what, _UNFENCED, len(pending))
+            return
         lines = np.arange(s.start, s.stop)
         if word_off is not None:
             lines = lines[lines != word_off // LINE_BYTES]  # written back with the word itself, in one piece
@@ -518,16 +623,12 @@ class _Model:
         dirty = lines[(self._cache[lines] != self._clean[lines]).any(axis=1)]
         if dirty.size:
             line = int(dirty[0])
-            self._report(NOT_WRITTEN_BACK, max(off, line * LINE_BYTES), what,
-                         "published while this payload line holds writes not written back: other hosts read the "
-                         "old bytes", int(dirty.size))
+            self._report(NOT_WRITTEN_BACK, max(off, line * LINE_BYTES), what, _UNWRITTEN, int(dirty.size))
             return
         pending = lines[self._mine[lines] == np.uint64(self.stamp())]
         if pending.size:
             line = int(pending[0])
-            self._report(NOT_FENCED, max(off, line * LINE_BYTES), what,
-                         "published before a fence ordered this payload line's writeback: the word may reach "
-                         "memory first", int(pending.size))
+            self._report(NOT_FENCED, max(off, line * LINE_BYTES), what, _UNFENCED, int(pending.size))
 
     def _report(self, kind: str, offset: int, what: str | None, detail: str, lines: int) -> None:
         stack = tuple(f for f in traceback.format_stack()[-16:] if f"{os.sep}coherence.py" not in f)[-12:]

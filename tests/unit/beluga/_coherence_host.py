@@ -43,6 +43,9 @@ def serve() -> None:
                 result = None
             elif op == "reports":
                 result = [r.as_dict() for r in coherence.reports()]
+            elif op == "small":  # ranges up to n lines take the line-by-line path
+                coherence.SMALL_LINES = cmd["n"]
+                result = None
             elif op == "close":
                 pool.close()
                 result = None

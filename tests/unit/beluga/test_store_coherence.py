@@ -46,12 +46,17 @@ class Host:
         self.proc.wait(timeout=10)
 
 
-@pytest.fixture
-def two_hosts(pool_path, tmp_path):
+@pytest.fixture(params=["by-line", "numpy"])
+def two_hosts(request, pool_path, tmp_path, monkeypatch):
+    """Host A (this process, mode check: raises) and host B (a child, check-collect). The model
+    checks short ranges line by line and long ones with NumPy: each test runs on both paths."""
     make_pool(pool_path)
     report = str(tmp_path / "b.jsonl")
     a = Pool.open(pool_path, coherence="check", coherence_report=str(tmp_path / "a.jsonl"))
     b = Host(pool_path, report=report)
+    if request.param == "numpy":
+        monkeypatch.setattr(C, "SMALL_LINES", 0)
+        b.call("small", n=0)
     C.clear_reports()
     try:
         yield a, b, report
