@@ -461,19 +461,23 @@ class _Model:
         if s.stop - s.start <= SMALL_LINES:
             return self._writeback_small(s, what)
         c, clean = self._cache[s], self._clean[s]
-        dirty = np.flatnonzero((c != clean).any(axis=1))
-        if not dirty.size:
+        mask = (c != clean).any(axis=1)
+        # A block's data is dirty throughout: then slices (views) instead of gathers and scatters.
+        dirty = slice(None) if mask.all() else np.flatnonzero(mask)
+        if not isinstance(dirty, slice) and not dirty.size:
             return
         sh = self._shared[s]
-        theirs = (sh[dirty] != clean[dirty]) & (c[dirty] != sh[dirty])
-        sh[dirty] = c[dirty]
+        c_d, sh_d, clean_d = c[dirty], sh[dirty], clean[dirty]
+        theirs = sh_d != clean_d
+        theirs = theirs & (c_d != sh_d) if theirs.any() else None
+        sh[dirty] = c_d
         stamp = self.stamp()
         self._stamps[s][dirty] = stamp
         self._mine[s][dirty] = stamp
-        clean[dirty] = c[dirty]
-        if theirs.any():
+        clean[dirty] = c_d
+        if theirs is not None and theirs.any():
             row, word = np.argwhere(theirs)[0]
-            line = s.start + int(dirty[row])
+            line = s.start + int(np.arange(s.stop - s.start)[dirty][row])
             self._report(CLOBBER, line * LINE_BYTES + int(word) * 8, what,
                          "this writeback overwrote bytes another host wrote back since this host fetched the line",
                          int(theirs.any(axis=1).sum()))
