@@ -73,6 +73,8 @@ ENV_REPORT = "BELUGA_COHERENCE_REPORT"
 ENV_TABLE = "BELUGA_COHERENCE_TABLE"
 ENV_REMOVE = "BELUGA_COHERENCE_REMOVE"
 ENV_FLUSH = "BELUGA_FLUSH"
+ENV_SCOPE = "BELUGA_COHERENCE_SCOPE"
+SCOPES = ("all", "metadata")
 
 STALE_READ = "stale-read"
 """A read returned this host's cached copy of a line that another host had written back newer content to."""
@@ -325,16 +327,16 @@ def _find(buf, off: int, n: int):
     """(model, pool offset) of ``buf[off]`` when ``buf`` is (part of) a sanitized pool's cache."""
     if type(buf) is memoryview:  # the store passes pool.buf itself: no address needed
         for m in _models:
-            if buf.obj is m.cache and buf.nbytes == m.size:
-                if off < 0 or n < 0 or off + n > m.size:
-                    raise ValueError(f"coherence: range {off}+{n} is outside the {m.size}-byte pool {m.pool_path}")
+            if buf.obj is m.cache and buf.nbytes == m.pool_size:
+                if off < 0 or n < 0 or off + n > m.pool_size:
+                    raise ValueError(f"coherence: range {off}+{n} is outside the {m.pool_size}-byte pool {m.pool_path}")
                 return m, off
     where = _address(buf)
     if where is None:
         return None
     addr, size = where
     for m in _models:
-        if m.base <= addr < m.base + m.size:
+        if m.base <= addr < m.base + m.pool_size:
             if off < 0 or n < 0 or off + n > size:
                 raise ValueError(f"coherence: range {off}+{n} is outside the {size}-byte buffer")
             return m, addr - m.base + off
@@ -373,23 +375,40 @@ class _Model:
     """One host's private, non-coherent cache over one shared pool mapping."""
 
     def __init__(self, shared: mmap.mmap, size: int, *, pool_path: str, is_devdax: bool, geometry: L.Geometry,
-                 uuid: bytes, mode: str, report_path: str | None) -> None:
+                 uuid: bytes, mode: str, report_path: str | None, scope: str) -> None:
         import numpy as np
 
         if size % LINE_BYTES:
             raise ValueError(f"coherence: pool {pool_path} is {size} bytes, not a whole number of 64-byte lines")
         self.np = np
-        self.size = size
-        self.lines = size // LINE_BYTES
+        self.pool_size = size
+        self.scope = scope
+        if scope == "metadata":
+            # Only what lies before the block data is modelled; a device splits its mapping in 2 MiB units.
+            unit = L.DAX_ALIGN_BYTES if is_devdax else mmap.PAGESIZE
+            limit = min(size, -(-geometry.segments_offset // unit) * unit)
+        else:
+            limit = size
+        self.size = limit  # the modelled bytes: [0, limit)
+        self.lines = limit // LINE_BYTES
         self.pool_path = pool_path
         self.geometry = geometry
         self.mode = mode
         self.report_path = report_path
         self.hostname = socket.gethostname()
-        self.cache = mmap.mmap(-1, size)
+        if limit == size:
+            self.cache = mmap.mmap(-1, size)
+        else:
+            # One buffer for the store: private pages over [0, limit), the shared pool after it.
+            fd = os.open(pool_path, os.O_RDWR)
+            try:
+                self.cache = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+            _private_over(_address(self.cache)[0], limit)
         self.shared = shared
-        self._shared = np.frombuffer(shared, dtype=np.uint64).reshape(self.lines, 8)
-        self._cache = np.frombuffer(self.cache, dtype=np.uint64).reshape(self.lines, 8)
+        self._shared = np.frombuffer(shared, dtype=np.uint64, count=limit // 8).reshape(self.lines, 8)
+        self._cache = np.frombuffer(self.cache, dtype=np.uint64, count=limit // 8).reshape(self.lines, 8)
         self.base = self._cache.ctypes.data
         self._cache[:] = self._shared
         self._clean = self._cache.copy()  # each line as last fetched or written back: differs = dirty
@@ -402,7 +421,7 @@ class _Model:
         self.lock = threading.Lock()  # a client's heartbeat thread flushes too; one host, one model state
         self.buf = memoryview(self.cache)
         # Byte and stamp views for ranges of a few lines, where NumPy's per-call cost dominates.
-        self._views = [memoryview(self.cache), memoryview(shared), memoryview(self._clean).cast("B"),
+        self._views = [memoryview(self.cache)[:limit], memoryview(shared)[:limit], memoryview(self._clean).cast("B"),
                        memoryview(self._table_mm)[_TABLE_HEAD: _TABLE_HEAD + self.lines * 8].cast("Q"),
                        memoryview(self._mine).cast("B").cast("Q")]
         self._cmv, self._smv, self._lmv, self._stq, self._mq = self._views
@@ -448,9 +467,10 @@ class _Model:
     # -- the model
 
     def _span(self, off: int, n: int) -> slice:
-        if off < 0 or n < 0 or off + n > self.size:
-            raise ValueError(f"coherence: range {off}+{n} is outside the {self.size}-byte pool {self.pool_path}")
-        return slice(off // LINE_BYTES, (off + n + LINE_BYTES - 1) // LINE_BYTES)
+        if off < 0 or n < 0 or off + n > self.pool_size:
+            raise ValueError(f"coherence: range {off}+{n} is outside the {self.pool_size}-byte pool {self.pool_path}")
+        start = min(off // LINE_BYTES, self.lines)  # past the modelled part (scope metadata): nothing to do
+        return slice(start, min((off + n + LINE_BYTES - 1) // LINE_BYTES, self.lines))
 
     def stamp(self) -> int:
         return (self.host << _HOST_SHIFT) | self.epoch
@@ -652,15 +672,40 @@ class _Model:
 
 
 def attach(shared: mmap.mmap, size: int, *, pool_path: str, is_devdax: bool, geometry: L.Geometry, uuid: bytes,
-           mode: str, report_path: str | None = None) -> _Model:
-    """A private cache over ``shared`` (see the module docstring); ``.buf`` is what the store uses."""
+           mode: str, report_path: str | None = None, scope: str | None = None) -> _Model:
+    """A private cache over ``shared`` (see the module docstring); ``.buf`` is what the store uses.
+
+    ``scope`` (default $BELUGA_COHERENCE_SCOPE, else "all"): "metadata" models only the
+    regions before the block data (the rest of ``.buf`` is the shared pool itself), for
+    hosts that cannot hold two private copies of the whole pool (the testbed's guests)."""
     if mode not in MODES or mode == "off":
         raise ValueError(f"coherence mode {mode!r}: expected check or check-collect")
+    scope = scope or os.environ.get(ENV_SCOPE, "").strip() or "all"
+    if scope not in SCOPES:
+        raise ValueError(f"{ENV_SCOPE}={scope!r}: expected one of {', '.join(SCOPES)}")
     m = _Model(shared, size, pool_path=pool_path, is_devdax=is_devdax, geometry=geometry, uuid=uuid, mode=mode,
-               report_path=report_path if report_path is not None else (os.environ.get(ENV_REPORT) or None))
+               report_path=report_path if report_path is not None else (os.environ.get(ENV_REPORT) or None),
+               scope=scope)
     with _lock:
         _models.append(m)
     return m
+
+
+_MAP_FIXED = 0x10  # Linux; Python's mmap module does not export it
+
+
+def _private_over(addr: int, length: int) -> None:
+    """Replace [addr, addr+length) of a mapping by private zero pages (mmap MAP_FIXED)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    got = libc.mmap(addr, length, mmap.PROT_READ | mmap.PROT_WRITE,
+                    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0)
+    if got != addr:
+        err = ctypes.get_errno()
+        raise OSError(err, f"coherence: cannot map private pages over the pool's metadata: {os.strerror(err)}")
 
 
 def read_reports(path: str) -> list[dict]:

@@ -381,7 +381,8 @@ def test_a_sanitized_store_runs_the_service_drivers_and_programs_under_it(guests
     r = runner.Run(sc, fake.tb, fake.tmp / "out")
     r.deploy()
     assert "host3" not in fake.coherence, "deploy clears the reports of an earlier run"
-    want = "BELUGA_COHERENCE=check-collect BELUGA_COHERENCE_REPORT=/run/beluga/coherence.jsonl PYTHONPATH="
+    want = ("BELUGA_COHERENCE=check-collect BELUGA_COHERENCE_REPORT=/run/beluga/coherence.jsonl "
+            "BELUGA_COHERENCE_SCOPE=metadata PYTHONPATH=")
     serve = [c for _, c in fake.commands if "beluga.cli serve" in c and not c.startswith("pkill")]
     stat = [c for _, c in fake.commands if "guest_store.py stat" in c]
     assert serve and want in serve[0] and stat and all(want in c for c in stat)
@@ -389,6 +390,7 @@ def test_a_sanitized_store_runs_the_service_drivers_and_programs_under_it(guests
     monkeypatch.setattr(runner, "start_program",
                         lambda tb, hosts, argv, shell, env, *a: seen.update(env) or SimpleNamespace(join=lambda *_: {}))
     sc.steps[2].run(r, runner.StepRecord(index=2, name="prog", kind="run", line=1))
-    assert seen == {"BELUGA_COHERENCE": "check-collect", "BELUGA_COHERENCE_REPORT": "/run/beluga/coherence.jsonl"}
+    assert seen == {"BELUGA_COHERENCE": "check-collect", "BELUGA_COHERENCE_REPORT": "/run/beluga/coherence.jsonl",
+                    "BELUGA_COHERENCE_SCOPE": "metadata"}
     plain = runner.Run(scenario.parse(TEXT + "  - no_torn_reads: {}\n", "ev.yaml"), fake.tb, fake.tmp / "out2")
     assert plain.store_env == {}

@@ -338,3 +338,34 @@ def test_without_the_module_the_store_says_it_cannot_flush(tmp_path, env, why):
     method, inval, fence, can, line = run_probe(tmp_path, **env)
     assert (method, inval, fence, can) == ("none", "none", "none", "False")
     assert line.startswith(f"cache flushes: none ({why}") and "safe only on a coherent pool" in line
+
+
+def test_scope_metadata_models_the_metadata_and_leaves_the_block_data_shared(pool_path, monkeypatch):
+    """For hosts too small for two private copies of the pool (the testbed's guests)."""
+    make_pool(pool_path)
+    monkeypatch.setenv("BELUGA_COHERENCE_SCOPE", "metadata")
+    a = Pool.open(pool_path, coherence="check")
+    b = Host(pool_path)  # inherits the scope from the environment
+    try:
+        g = a.geometry
+        assert a.coherence.size < g.segments_offset + 4096 and a.coherence.pool_size == len(a.buf)
+        entry, data = g.index_entry_offset(0, 1), g.segment_offset(1) + 64
+        a.buf[entry : entry + 4] = b"meta"
+        a.buf[data : data + 4] = b"data"
+        b.call("invalidate", off=entry, n=4)
+        b.call("invalidate", off=data, n=4)
+        assert b.call("read", off=entry, n=4) == bytes(4).hex(), "metadata: private until written back"
+        assert b.call("read", off=data, n=4) == b"data".hex(), "block data: the shared pool itself"
+        C.writeback(a.buf, entry, 4)
+        C.writeback(a.buf, data, 4)
+        C.fence()
+        C.note_publish(a.buf, None, [(data, 4)], "data is not checked")
+        b.call("invalidate", off=entry, n=4)
+        assert b.call("read", off=entry, n=4) == b"meta".hex()
+        assert b.call("reports") == []
+    finally:
+        b.close()
+        a.close()
+    with pytest.raises(ValueError, match="BELUGA_COHERENCE_SCOPE='some': expected one of all, metadata"):
+        monkeypatch.setenv("BELUGA_COHERENCE_SCOPE", "some")
+        Pool.open(pool_path, coherence="check")
