@@ -343,7 +343,7 @@ def _find(buf, off: int, n: int):
     return None
 
 
-_TABLE = struct.Struct("<8sIIQ16s")  # magic, version, next host id, lines, pool uuid
+_TABLE = struct.Struct("<8sIIIQ16s")  # magic, version, next host id, openers, lines (whole pool), pool uuid
 _TABLE_MAGIC = b"BLGCOH01"
 _TABLE_HEAD = 4096
 _HOST_SHIFT = 52
@@ -427,27 +427,61 @@ class _Model:
         self._cmv, self._smv, self._lmv, self._stq, self._mq = self._views
 
     def _open_table(self, uuid: bytes):
-        fd = os.open(self.table_file, os.O_RDWR | os.O_CREAT, 0o666)
+        """Map the side table (whole-pool size whatever the scope: tmpfs keeps it sparse), take a host id."""
+        lines = self.pool_size // LINE_BYTES
+        want = _TABLE_HEAD + lines * 8
+        while True:
+            fd = os.open(self.table_file, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    same = os.stat(self.table_file).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    continue  # the last user removed it while this one waited for the lock
+                head = os.pread(fd, _TABLE.size, 0)
+                ok = False
+                if len(head) == _TABLE.size:
+                    magic, version, _, _, old_lines, old_uuid = _TABLE.unpack(head)
+                    ok = magic == _TABLE_MAGIC and version == 1 and old_lines == lines and old_uuid == uuid
+                if not ok or os.fstat(fd).st_size != want:
+                    os.ftruncate(fd, 0)  # a new or reformatted pool: no line written back yet
+                    os.ftruncate(fd, want)
+                    os.pwrite(fd, _TABLE.pack(_TABLE_MAGIC, 1, 1, 0, lines, uuid), 0)
+                _, _, host, openers, _, _ = _TABLE.unpack(os.pread(fd, _TABLE.size, 0))
+                nxt = host + 1 if host + 1 < _MAX_HOSTS else 1
+                os.pwrite(fd, _TABLE.pack(_TABLE_MAGIC, 1, nxt, openers + 1, lines, uuid), 0)
+                mm = mmap.mmap(fd, want, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                return mm, host
+            finally:
+                # Explicitly: the mmap object keeps a dup of fd, and with it the lock, otherwise.
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+
+    def _leave_table(self) -> None:
+        """One opener fewer; the last one removes the table (a process killed with -9 leaves it)."""
+        try:
+            fd = os.open(self.table_file, os.O_RDWR)
+        except FileNotFoundError:
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            want = _TABLE_HEAD + self.lines * 8
             head = os.pread(fd, _TABLE.size, 0)
-            ok = False
-            if len(head) == _TABLE.size:
-                magic, version, _, lines, old_uuid = _TABLE.unpack(head)
-                ok = magic == _TABLE_MAGIC and version == 1 and lines == self.lines and old_uuid == uuid
-            if not ok or os.fstat(fd).st_size != want:
-                os.ftruncate(fd, 0)  # a new or reformatted pool: no line written back yet
-                os.ftruncate(fd, want)
-                os.pwrite(fd, _TABLE.pack(_TABLE_MAGIC, 1, 1, self.lines, uuid), 0)
-            _, _, host, _, _ = _TABLE.unpack(os.pread(fd, _TABLE.size, 0))
-            nxt = host + 1 if host + 1 < _MAX_HOSTS else 1
-            os.pwrite(fd, _TABLE.pack(_TABLE_MAGIC, 1, nxt, self.lines, uuid), 0)
-            mm = mmap.mmap(fd, want, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            if len(head) != _TABLE.size:
+                return
+            magic, version, host, openers, lines, uuid = _TABLE.unpack(head)
+            if magic != _TABLE_MAGIC or os.stat(self.table_file).st_ino != os.fstat(fd).st_ino:
+                return
+            if openers <= 1:
+                os.unlink(self.table_file)
+            else:
+                os.pwrite(fd, _TABLE.pack(magic, version, host, openers - 1, lines, uuid), 0)
+        except FileNotFoundError:
+            pass
         finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-        return mm, host
 
     def close(self) -> None:
         with _lock:
@@ -463,6 +497,7 @@ class _Model:
                 mm.close()
             except BufferError:
                 pass  # a caller still holds a view of the cache: unmapped with the last one
+        self._leave_table()
 
     # -- the model
 

@@ -363,9 +363,11 @@ def test_scope_metadata_models_the_metadata_and_leaves_the_block_data_shared(poo
         b.call("invalidate", off=entry, n=4)
         assert b.call("read", off=entry, n=4) == b"meta".hex()
         assert b.call("reports") == []
+        assert os.path.exists(pool_path + ".coherence")
     finally:
         b.close()
         a.close()
+    assert not os.path.exists(pool_path + ".coherence"), "the last host to close removes the side table"
     with pytest.raises(ValueError, match="BELUGA_COHERENCE_SCOPE='some': expected one of all, metadata"):
         monkeypatch.setenv("BELUGA_COHERENCE_SCOPE", "some")
         Pool.open(pool_path, coherence="check")
