@@ -108,9 +108,14 @@ class Pool:
         if mode != "off":
             from .coherence import attach
 
-            self.coherence = attach(self._mm, _map_length(info), pool_path=info.path, is_devdax=info.is_devdax,
-                                    geometry=self.geometry, uuid=superblock.uuid, mode=mode,
-                                    report_path=coherence_report)
+            try:
+                self.coherence = attach(self._mm, _map_length(info), pool_path=info.path, is_devdax=info.is_devdax,
+                                        geometry=self.geometry, uuid=superblock.uuid, mode=mode,
+                                        report_path=coherence_report)
+            except BaseException:
+                self.buf.release()
+                self._mm.close()
+                raise
             self.buf = self.coherence.buf
 
     @property
