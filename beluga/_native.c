@@ -8,6 +8,7 @@
  *   copy_crc(dest, src) -> CRC-32 of the bytes copied (one pass)
  *   read_into(buf, dest, header_off, data_off, key, gen, length, crc) -> int status
  *   read_bytes(buf, header_off, data_off, key, gen, length, crc) -> bytes | int status
+ *   writeback/invalidate/fence: cache-line flushes for non-coherent pools (section at the end)
  *
  * Record formats are those of beluga/layout.py (TABLE_BUCKET, BLOCK_HEADER);
  * the seqlock and verification order is that of readpath.py, which documents it.
@@ -513,6 +514,134 @@ static PyObject *py_read_bytes(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* ------------------------------------------------------------ cache-line flushes
+ * For pools that hardware does not keep coherent between hosts (multi-host CXL
+ * without back-invalidate): the store writes back what it publishes and
+ * invalidates what it is about to read (beluga/coherence.py calls these).
+ *
+ *   writeback(buf, offset, length)   write back every 64-byte line touching the range
+ *                                    (clwb, else clflushopt, else clflush); no fence
+ *   invalidate(buf, offset, length)  write back and drop every such line (clflushopt,
+ *                                    else clflush), then mfence: later loads miss
+ *   fence()                          order the writebacks before later stores
+ *                                    (sfence; mfence when only clflush is there)
+ *   FLUSH_METHOD, INVALIDATE_METHOD, FENCE_METHOD: the instructions CPUID chose
+ */
+#define FLUSH_LINE 64
+
+enum { FL_NONE = 0, FL_CLFLUSH = 1, FL_CLFLUSHOPT = 2, FL_CLWB = 3 };
+static int flush_kind, inval_kind;
+static const char *const flush_names[] = {"none", "clflush", "clflushopt", "clwb"};
+
+#ifdef HAVE_X86
+#include <cpuid.h>
+
+static void flush_detect(void) {
+    unsigned a, b, c, d;
+    int has_clflush = 0, has_opt = 0, has_clwb = 0;
+    if (__get_cpuid(1, &a, &b, &c, &d))
+        has_clflush = (d >> 19) & 1;
+    if (__get_cpuid_max(0, NULL) >= 7) {
+        __cpuid_count(7, 0, a, b, c, d);
+        has_opt = (b >> 23) & 1;
+        has_clwb = (b >> 24) & 1;
+    }
+    const char *force = getenv("BELUGA_FLUSH");  /* clflush|clflushopt|clwb: test a weaker choice */
+    if (force && strcmp(force, "clflush") == 0)
+        has_opt = has_clwb = 0;
+    else if (force && strcmp(force, "clflushopt") == 0)
+        has_clwb = 0;
+    flush_kind = has_clwb ? FL_CLWB : has_opt ? FL_CLFLUSHOPT : has_clflush ? FL_CLFLUSH : FL_NONE;
+    inval_kind = has_opt ? FL_CLFLUSHOPT : has_clflush ? FL_CLFLUSH : FL_NONE;
+}
+
+__attribute__((target("clwb"))) static void lines_clwb(const uint8_t *p, const uint8_t *end) {
+    for (; p < end; p += FLUSH_LINE)
+        _mm_clwb((void *)p);
+}
+
+__attribute__((target("clflushopt"))) static void lines_clflushopt(const uint8_t *p, const uint8_t *end) {
+    for (; p < end; p += FLUSH_LINE)
+        _mm_clflushopt((void *)p);
+}
+
+static void lines_clflush(const uint8_t *p, const uint8_t *end) {
+    for (; p < end; p += FLUSH_LINE)
+        _mm_clflush(p);
+}
+
+static void flush_lines(int kind, const uint8_t *start, size_t n) {
+    const uint8_t *p = (const uint8_t *)((uintptr_t)start & ~(uintptr_t)(FLUSH_LINE - 1));
+    const uint8_t *end = start + n;
+    switch (kind) {
+    case FL_CLWB: lines_clwb(p, end); break;
+    case FL_CLFLUSHOPT: lines_clflushopt(p, end); break;
+    case FL_CLFLUSH: lines_clflush(p, end); break;
+    default: break;
+    }
+}
+
+static void fence_for(int kind) {
+    /* clwb and clflushopt are ordered only by a fence; clflush is ordered with
+     * stores already, mfence also orders it before later loads. */
+    if (kind == FL_CLFLUSH)
+        _mm_mfence();
+    else if (kind != FL_NONE)
+        _mm_sfence();
+}
+#else
+static void flush_detect(void) { flush_kind = inval_kind = FL_NONE; }
+static void flush_lines(int kind, const uint8_t *start, size_t n) { (void)kind; (void)start; (void)n; }
+static void fence_for(int kind) { (void)kind; __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+#endif
+
+static int flush_args(PyObject *args, const char *name, Py_buffer *view, unsigned long long *off,
+                      unsigned long long *len) {
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "OKK", &obj, off, len))
+        return -1;
+    if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (*off > (unsigned long long)view->len || *len > (unsigned long long)view->len - *off) {
+        PyErr_Format(PyExc_ValueError, "%s: range %llu+%llu is outside the %zd-byte buffer", name, *off, *len,
+                     view->len);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_writeback(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    unsigned long long off, len;
+    if (flush_args(args, "writeback", &view, &off, &len) < 0)
+        return NULL;
+    if (len)
+        flush_lines(flush_kind, (const uint8_t *)view.buf + off, len);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_invalidate(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    unsigned long long off, len;
+    if (flush_args(args, "invalidate", &view, &off, &len) < 0)
+        return NULL;
+    if (len)
+        flush_lines(inval_kind, (const uint8_t *)view.buf + off, len);
+#ifdef HAVE_X86
+    if (inval_kind != FL_NONE)
+        _mm_mfence();  /* the lines are gone before any later load: it misses and fetches */
+#endif
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_fence(PyObject *self, PyObject *noargs) {
+    fence_for(flush_kind);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"crc32", py_crc32, METH_VARARGS, "crc32(data, value=0) -> CRC-32 as zlib.crc32"},
     {"probe", py_probe, METH_VARARGS, "probe(buf, table_off, buckets, tseq_off, key) -> hit tuple, None or False"},
@@ -521,6 +650,9 @@ static PyMethodDef methods[] = {
     {"copy_crc", py_copy_crc, METH_VARARGS, "copy_crc(dest, src) -> CRC-32 of the bytes copied"},
     {"read_into", py_read_into, METH_VARARGS, "read_into(buf, dest, hoff, doff, key, gen, length, crc) -> status"},
     {"read_bytes", py_read_bytes, METH_VARARGS, "read_bytes(buf, hoff, doff, key, gen, length, crc) -> bytes or status"},
+    {"writeback", py_writeback, METH_VARARGS, "writeback(buf, offset, length): write back the lines (no fence)"},
+    {"invalidate", py_invalidate, METH_VARARGS, "invalidate(buf, offset, length): write back and drop the lines, mfence"},
+    {"fence", py_fence, METH_NOARGS, "fence(): order earlier writebacks before later stores"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -534,8 +666,12 @@ PyMODINIT_FUNC PyInit__native(void) {
     have_avx512 = have_clmul && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("vpclmulqdq")
         && getenv("BELUGA_NATIVE_NO_AVX512") == NULL;
 #endif
+    flush_detect();
     PyObject *m = PyModule_Create(&module);
     if (m) {
+        PyModule_AddStringConstant(m, "FLUSH_METHOD", flush_names[flush_kind]);
+        PyModule_AddStringConstant(m, "INVALIDATE_METHOD", flush_names[inval_kind]);
+        PyModule_AddStringConstant(m, "FENCE_METHOD", flush_kind == FL_CLFLUSH ? "mfence" : flush_kind == FL_NONE ? "none" : "sfence");
 #ifdef HAVE_X86
         PyModule_AddIntConstant(m, "CLMUL", have_clmul + have_avx512);
 #else

@@ -158,6 +158,7 @@ def cmd_format(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from . import coherence
     from .pool import Pool
     from .service import MetadataService, ServiceConfig
 
@@ -178,7 +179,8 @@ def cmd_serve(args) -> int:
 
     def ready(svc) -> None:
         line = json.dumps({"event": "ready", "pid": os.getpid(), "pool": args.pool, "transport": args.transport,
-                           "tcp_address": svc.tcp_address, "recovery": svc.recovery}, sort_keys=True)
+                           "tcp_address": svc.tcp_address, "recovery": svc.recovery,
+                           "coherence": coherence.status()}, sort_keys=True)
         print(line, flush=True)
         if args.ready_file:
             tmp = args.ready_file + ".tmp"
@@ -195,11 +197,13 @@ def cmd_serve(args) -> int:
 
 
 def cmd_stat(args) -> int:
+    from . import coherence
     from .report import pool_report
     from .pool import Pool
 
     with Pool.open(args.pool) as pool:
         report = pool_report(pool)
+    report["coherence"] = coherence.status()  # this host's cache flushes (docs/coherence.md)
     if args.service:
         c = _client(args)
         try:
@@ -219,6 +223,7 @@ def cmd_stat(args) -> int:
     print(f"  service: {'running' if svc['running'] else 'not running'}"
           + (f" pid {svc['pid']} on {svc['host']} tcp {svc['tcp_address'] or '-'}" if svc["running"] else ""))
     print(f"  clients: {len(report['clients'])}")
+    print(f"  {coherence.status_line()}")
     for problem in report["invalid_records"]:
         print(f"  invalid record (the service refuses to start on it): {problem}")
     if "service_stats" in report:

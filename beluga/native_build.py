@@ -1,4 +1,5 @@
-"""Build the optional C read path, ``beluga/_native*.so``, in place (``make setup`` runs this).
+"""Build the optional C module, ``beluga/_native*.so`` (the read path and the cache-line flushes of
+beluga/coherence.py), in place (``make setup`` runs this).
 
 ``python -m beluga.native_build`` compiles ``beluga/_native.c`` with setuptools
 when the source is newer than the built module (so a second run does nothing),

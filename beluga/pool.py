@@ -88,7 +88,8 @@ def _probe_superblock(info: DeviceInfo) -> bytes:
 class Pool:
     """An open, validated pool mapping. ``buf`` is a writable memoryview of all of it."""
 
-    def __init__(self, info: DeviceInfo, superblock: L.Superblock) -> None:
+    def __init__(self, info: DeviceInfo, superblock: L.Superblock, *, coherence: str | None = None,
+                 coherence_report: str | None = None) -> None:
         self.info = info
         self.superblock = superblock
         self.geometry: L.Geometry = superblock.geometry
@@ -100,22 +101,43 @@ class Pool:
             os.close(fd)
         self.buf = memoryview(self._mm)
         self.closed = False
+        # The coherence sanitizer (beluga/coherence.py): `buf` becomes this process's
+        # private, non-coherent cache of the pool; only flushes move lines to/from `_mm`.
+        self.coherence = None
+        mode = coherence if coherence is not None else _coherence_env()
+        if mode != "off":
+            from .coherence import attach
+
+            try:
+                self.coherence = attach(self._mm, _map_length(info), pool_path=info.path, is_devdax=info.is_devdax,
+                                        geometry=self.geometry, uuid=superblock.uuid, mode=mode,
+                                        report_path=coherence_report)
+            except BaseException:
+                self.buf.release()
+                self._mm.close()
+                raise
+            self.buf = self.coherence.buf
 
     @property
     def path(self) -> str:
         return self.info.path
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, sysfs_root: str = DEFAULT_SYSFS) -> "Pool":
+    def open(cls, path: str | os.PathLike, *, sysfs_root: str = DEFAULT_SYSFS, coherence: str | None = None,
+             coherence_report: str | None = None) -> "Pool":
+        """``coherence``: "off", "check" or "check-collect" (default: $BELUGA_COHERENCE, else off);
+        ``coherence_report``: the sanitizer's report file (default: $BELUGA_COHERENCE_REPORT)."""
         info = device_info(path, sysfs_root=sysfs_root)
         raw = _probe_superblock(info)
         sb = L.decode_superblock(raw, where=info.path, actual_size_bytes=_map_length(info))
-        return cls(info, sb)
+        return cls(info, sb, coherence=coherence, coherence_report=coherence_report)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.coherence is not None:
+            self.coherence.close()
         try:
             self.buf.release()
             self._mm.close()
@@ -212,6 +234,12 @@ def format_pool(
     finally:
         mm.close()
     return FormatResult(path=p, geometry=geometry, is_devdax=info.is_devdax)
+
+
+def _coherence_env() -> str:
+    from .coherence import env_mode
+
+    return env_mode()
 
 
 def _sync(mm: mmap.mmap, is_devdax: bool) -> None:

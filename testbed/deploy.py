@@ -21,6 +21,20 @@ GUEST_DRIVER = Path(__file__).parent / "guest" / "store.py"
 SERVE_LOG = "/var/log/beluga-serve.log"
 SERVE_READY = "/run/beluga/serve.ready"
 PY = f"PYTHONPATH={GUEST_DIR} python3"
+COHERENCE_REPORT = "/run/beluga/coherence.jsonl"  # the sanitizer's reports in each guest (docs/coherence.md)
+
+
+def coherence_env(mode: str) -> dict[str, str]:
+    """The environment that runs the store (and programs opening the pool) under the coherence sanitizer."""
+    if mode == "off":
+        return {}
+    # A guest (1 GiB of RAM for a 1 GiB pool) cannot hold two private copies of the pool per
+    # process: the model covers the metadata there, and the block data stays the shared pool.
+    return {"BELUGA_COHERENCE": mode, "BELUGA_COHERENCE_REPORT": COHERENCE_REPORT, "BELUGA_COHERENCE_SCOPE": "metadata"}
+
+
+def _env_words(env: dict[str, str] | None) -> str:
+    return "".join(f"{k}={shlex.quote(v)} " for k, v in sorted((env or {}).items()))
 
 
 def _tarball() -> bytes:
@@ -48,8 +62,8 @@ def install(tb, hosts) -> None:
     map_parallel(one, hosts)
 
 
-def run_driver(tb, h, verb: str, args: dict, *, timeout_s: float = 300) -> dict:
-    cmd = f"{PY} {GUEST_DIR}/guest_store.py {verb} {shlex.quote(json.dumps(args))}"
+def run_driver(tb, h, verb: str, args: dict, *, timeout_s: float = 300, env: dict[str, str] | None = None) -> dict:
+    cmd = f"{_env_words(env)}{PY} {GUEST_DIR}/guest_store.py {verb} {shlex.quote(json.dumps(args))}"
     return ssh.run_json(h, tb.key, cmd, what=f"store {verb}", timeout_s=timeout_s)
 
 
@@ -59,9 +73,10 @@ def format_pool(tb, h, dax: str, options: list[str]) -> dict:
                         what=f"beluga format {dax}", timeout_s=300)
 
 
-def start_service(tb, h, dax: str, options: list[str], *, timeout_s: float = 120) -> dict:
+def start_service(tb, h, dax: str, options: list[str], *, timeout_s: float = 120,
+                  env: dict[str, str] | None = None) -> dict:
     """`beluga serve` in the background on host h (CXL-RPC through the pool); waits for ready."""
-    cmd = (f"rm -f {SERVE_READY}; cd /; setsid nohup env {PY} -m beluga.cli serve {shlex.quote(dax)} --transport cxl "
+    cmd = (f"rm -f {SERVE_READY}; cd /; setsid nohup env {_env_words(env)}{PY} -m beluga.cli serve {shlex.quote(dax)} --transport cxl "
            f"--ready-file {SERVE_READY} {shlex.join(options)} > {SERVE_LOG} 2>&1 < /dev/null & "
            f"for i in $(seq {int(timeout_s * 10)}); do [ -s {SERVE_READY} ] && exec cat {SERVE_READY}; "
            f"sleep 0.1; done; echo 'service not ready' >&2; tail -5 {SERVE_LOG} >&2; exit 1")

@@ -2,7 +2,7 @@
 
     python3 guest_store.py VERB '<json args>'     # prints one JSON line
 
-Verbs: put, get, locate, scan, stat. Block i of set S has the key name_key("S/i") and
+Verbs: put, get, locate, scan, stat, coherence. Block i of set S has the key name_key("S/i") and
 the bytes Random("S/i").randbytes(size): every host can check them without a copy.
 """
 import json
@@ -161,7 +161,22 @@ def stat(args):
     return r
 
 
+def coherence(args):
+    """The coherence sanitizer's reports on this host (oldest first); `clear` removes them."""
+    from beluga.coherence import read_reports
+
+    path = args["report"]
+    reports = read_reports(path)
+    if args.get("clear"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return {"count": len(reports), "reports": reports[:5]}
+
+
 if __name__ == "__main__":
     verb, raw = sys.argv[1], sys.argv[2]
-    fn = {"put": put, "get": get, "locate": locate, "scan": scan, "stat": stat, "enable_trace": enable_trace}[verb]
+    fn = {"put": put, "get": get, "locate": locate, "scan": scan, "stat": stat, "enable_trace": enable_trace,
+          "coherence": coherence}[verb]
     print(json.dumps(fn(json.loads(raw)), default=str))

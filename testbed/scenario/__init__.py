@@ -458,6 +458,9 @@ def _fault(c: _Checker, raw: Any, path: tuple) -> Fault | None:
     return cls(**args, line=c.doc.line(fpath), path=path if cls.primary is not None else fpath)
 
 
+COHERENCE_MODES = ("off", "check", "check-collect")  # store.coherence: beluga/coherence.py's sanitizer
+
+
 def parse(text: str, file: str = "<scenario>") -> Scenario:
     return _parse(_read(lambda: yamlcheck.load(text, file, "scenario")), file)
 
@@ -488,7 +491,8 @@ def _parse(doc: yamlcheck.Doc, file: str) -> Scenario:
         Hosts().parse(c, readers, ("roles", "readers"))
     # Keys checked by the mapping, values by the field types (numbers with bounds).
     store_types = {"block_size_bytes": Int(1, 1 << 40), "segment_size_bytes": Int(1, 1 << 40),
-                   "heartbeat_timeout_s": Seconds(), "lease_ttl_s": Seconds(), "max_clients": Int(1, 4096)}
+                   "heartbeat_timeout_s": Seconds(), "lease_ttl_s": Seconds(), "max_clients": Int(1, 4096),
+                   "coherence": Choice(COHERENCE_MODES)}
     store = c.mapping(top.get("store", {}), ("store",), {}, {k: object for k in store_types}) or {}
     for k, typ in store_types.items():
         if k in store:

@@ -254,8 +254,8 @@ class RunProgram(Step):
         if not hosts:
             raise TestbedError(f"no live host to run '{self.name_}' on (killed: {', '.join(sorted(r.killed))})")
         out_dir = r.out_dir / "programs" / self.name_
-        handle = start_program(r.tb, hosts, list(self.argv) if self.argv else None, self.shell, dict(self.env),
-                               self.timeout_s, self.background, out_dir)
+        handle = start_program(r.tb, hosts, list(self.argv) if self.argv else None, self.shell,
+                               {**r.store_env, **dict(self.env)}, self.timeout_s, self.background, out_dir)
         rec.details["hosts"] = hosts
         rec.details["output"] = str(out_dir)
         if self.background:
@@ -554,6 +554,39 @@ class FileWritten(Expectation):
         return ok, f"{self.path_}: " + "; ".join(parts)
 
 
+def _sanitized(sc: Scenario) -> bool:
+    return sc.store.get("coherence", "off") != "off" or any(
+        s.kind == "run" and dict(s.env).get("BELUGA_COHERENCE", "off") != "off" for s in sc.steps)
+
+
+@expectation("coherence_clean", "no process under the coherence sanitizer (`store: {coherence: check-collect}` "
+                                "runs the store and the programs under it; docs/coherence.md) reported a missing "
+                                "cache flush on the hosts of `on`; fails with the first report")
+class CoherenceClean(Expectation):
+    on: Any = arg(Hosts(), "whose reports", "survivors")
+    WHOLE_RUN = True
+
+    def check(self, sc, t, c) -> None:
+        if not _sanitized(sc):
+            c.err(self.path, "nothing runs under the coherence sanitizer: set `store: {coherence: check-collect}` "
+                             "(or `check`), or BELUGA_COHERENCE in a run step's env")
+
+    def check_run(self, r: Run) -> tuple[bool, str]:
+        hosts = r.live(r.resolve(self.on))
+        if not hosts:
+            return False, f"no live host to read the reports on ({self.on})"
+        found = map_parallel(lambda h: r.driver(h, "coherence", {"report": deploy.COHERENCE_REPORT}), hosts)
+        firsts = [(rep["reports"][0], h, rep["count"]) for h, rep in zip(hosts, found) if rep["count"]]
+        if not firsts:
+            return True, f"no coherence report on {', '.join(hosts)}"
+        first, host, _ = min(firsts, key=lambda x: x[0].get("unix_ns", 0))
+        counts = ", ".join(f"{h}: {n}" for _, h, n in firsts)
+        frame = first["stack"][-1].strip().splitlines()[0] if first.get("stack") else "no stack"
+        return False, (f"coherence reports ({counts}); first on {host}, pid {first['pid']}: {first['kind']} at pool "
+                       f"offset {first['offset']:#x} ({first['region']}), {first['what']}: {first['detail']}; "
+                       f"at {frame}")
+
+
 # ================================================================ the run
 
 class Run:
@@ -605,8 +638,14 @@ class Run:
     def live(self, names: list[str]) -> list[str]:
         return [n for n in names if n not in self.killed]
 
+    @property
+    def store_env(self) -> dict[str, str]:
+        """The store's environment in the guests: the coherence sanitizer when `store.coherence` asks."""
+        return deploy.coherence_env(self.sc.store.get("coherence", "off"))
+
     def driver(self, host: str, verb: str, args: dict, timeout_s: float = 600) -> dict:
-        return deploy.run_driver(self.tb, self.hosts[host], verb, {"pool": self.dax[host], **args}, timeout_s=timeout_s)
+        return deploy.run_driver(self.tb, self.hosts[host], verb, {"pool": self.dax[host], **args}, timeout_s=timeout_s,
+                                 env=self.store_env)
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 2)
@@ -620,6 +659,8 @@ class Run:
             deploy.kill_service(self.tb, h)
         for h in hosts:
             deploy.run_driver(self.tb, h, "enable_trace", {})
+            if _sanitized(self.sc):  # reports of an earlier run on a reused testbed are not this run's
+                deploy.run_driver(self.tb, h, "coherence", {"report": deploy.COHERENCE_REPORT, "clear": True})
         st = self.sc.store
         fmt = []
         if "segment_size_bytes" in st:
@@ -628,7 +669,7 @@ class Run:
             fmt += ["--max-clients", str(st["max_clients"])]
         svc = self.hosts[self.service_host]
         formatted = deploy.format_pool(self.tb, svc, self.dax[svc.name], fmt)
-        ready = deploy.start_service(self.tb, svc, self.dax[svc.name], self.serve_options())
+        ready = deploy.start_service(self.tb, svc, self.dax[svc.name], self.serve_options(), env=self.store_env)
         # Health: every host reaches the service through the pool and sees the same store.
         health = {n: self.driver(n, "stat", {})["service"]["running"] for n in self.live(list(self.hosts))}
         if not all(health.values()):

@@ -70,6 +70,7 @@ class FakeGuests:
         self.procs: list[subprocess.Popen] = []
         # verb -> exception the "SSH layer" raises, or (exception, calls to let through first)
         self.crash_on: dict[str, object] = {}
+        self.coherence: dict[str, list[dict]] = {}  # host -> the sanitizer's reports in its report file
 
     # ---------------------------------------------------------------- processes
     def start_qemus(self) -> None:
@@ -131,6 +132,12 @@ class FakeGuests:
             hits = [line for line in self.trace[host] if pattern in line]
             return 0, (hits[0] + "\n" if hits else ""), ""
         return 0, "", ""
+
+    def do_coherence(self, host, a, out):
+        reports = sorted(self.coherence.get(host, []), key=lambda x: x["unix_ns"])
+        if a.get("clear"):
+            self.coherence.pop(host, None)
+        return json.dumps({"count": len(reports), "reports": reports[:5]})
 
     def do_enable_trace(self, host, a, out):
         return json.dumps({"enabled": ["cxl_poison"]})

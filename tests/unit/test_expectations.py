@@ -325,3 +325,72 @@ def test_file_written_needs_a_live_host(run):
 def test_output_matches_of_a_program_that_never_ran(run):
     r, e = run("output_matches: {run: prog, regex: '.*'}")
     assert e.check_run(r) == (False, "program 'prog' never ran or never ended")
+
+
+# ---------------------------------------------------------------- the coherence sanitizer
+
+COHERENT = TEXT.replace("steps:\n", "store: {coherence: check-collect}\nsteps:\n")
+
+
+def coherence_report(kind: str, offset: int, unix_ns: int, pid: int = 77) -> dict:
+    return {"kind": kind, "offset": offset, "region": "host slot 1: response buffer +0", "what": "rpc response",
+            "detail": "this host's cached copy is stale", "lines": 1, "pool": "/dev/dax0.0", "pid": pid,
+            "host": "guest", "unix_ns": unix_ns,
+            "stack": ['  File "/opt/beluga/beluga/client.py", line 9, in call\n    resp = read()\n']}
+
+
+def test_coherence_clean_fails_with_the_first_report_of_any_host(guests):
+    fake = guests.use("4hosts-1switch")
+    sc = scenario.parse(COHERENT + "  - coherence_clean: {}\n", "ev.yaml")
+    r, e = runner.Run(sc, fake.tb, fake.tmp / "out"), sc.expect[0]
+    assert e.check_run(r) == (True, "no coherence report on host0, host1, host2, host3")
+    fake.coherence["host2"] = [coherence_report("stale-read", 0x12340, 20), coherence_report("lost-write", 64, 30)]
+    fake.coherence["host1"] = [coherence_report("not-written-back", 0x2000, 10, pid=5)]
+    ok, why = e.check_run(r)
+    assert not ok
+    assert why == ("coherence reports (host1: 1, host2: 2); first on host1, pid 5: not-written-back at pool offset "
+                   "0x2000 (host slot 1: response buffer +0), rpc response: this host's cached copy is stale; "
+                   "at File \"/opt/beluga/beluga/client.py\", line 9, in call")
+    r.killed.add("host1")  # its guest is gone, and its report file with it
+    assert e.check_run(r)[1].startswith("coherence reports (host2: 2); first on host2, pid 77: stale-read at pool "
+                                        "offset 0x12340")
+
+
+def test_coherence_clean_needs_something_under_the_sanitizer():
+    from testbed.topology import load as load_topology
+
+    sc = scenario.parse(TEXT + "  - coherence_clean: {}\n", "ev.yaml")
+    with pytest.raises(scenario.ScenarioError) as err:
+        scenario.check(sc, load_topology("4hosts-1switch"))
+    assert any("nothing runs under the coherence sanitizer: set `store: {coherence: check-collect}`" in m
+               for m in err.value.errors), err.value.errors
+    by_env = TEXT.replace("argv: [./prog], background: true}",
+                          "argv: [./prog], background: true, env: {BELUGA_COHERENCE: check}}")
+    scenario.check(scenario.parse(by_env + "  - coherence_clean: {}\n", "ev.yaml"), load_topology("4hosts-1switch"))
+    with pytest.raises(scenario.ScenarioError) as err:
+        scenario.parse(TEXT.replace("steps:\n", "store: {coherence: chekc}\nsteps:\n") + "  - no_torn_reads: {}\n",
+                       "ev.yaml")
+    assert "unknown value 'chekc' (did you mean 'check'? known: off, check, check-collect)" in "\n".join(
+        err.value.errors)
+
+
+def test_a_sanitized_store_runs_the_service_drivers_and_programs_under_it(guests, tmp_path, monkeypatch):
+    fake = guests.use("4hosts-1switch")
+    fake.coherence["host3"] = [coherence_report("stale-read", 64, 1)]  # left from an earlier run
+    sc = scenario.parse(COHERENT + "  - coherence_clean: {}\n", "ev.yaml")
+    r = runner.Run(sc, fake.tb, fake.tmp / "out")
+    r.deploy()
+    assert "host3" not in fake.coherence, "deploy clears the reports of an earlier run"
+    want = ("BELUGA_COHERENCE=check-collect BELUGA_COHERENCE_REPORT=/run/beluga/coherence.jsonl "
+            "BELUGA_COHERENCE_SCOPE=metadata PYTHONPATH=")
+    serve = [c for _, c in fake.commands if "beluga.cli serve" in c and not c.startswith("pkill")]
+    stat = [c for _, c in fake.commands if "guest_store.py stat" in c]
+    assert serve and want in serve[0] and stat and all(want in c for c in stat)
+    seen = {}
+    monkeypatch.setattr(runner, "start_program",
+                        lambda tb, hosts, argv, shell, env, *a: seen.update(env) or SimpleNamespace(join=lambda *_: {}))
+    sc.steps[2].run(r, runner.StepRecord(index=2, name="prog", kind="run", line=1))
+    assert seen == {"BELUGA_COHERENCE": "check-collect", "BELUGA_COHERENCE_REPORT": "/run/beluga/coherence.jsonl",
+                    "BELUGA_COHERENCE_SCOPE": "metadata"}
+    plain = runner.Run(scenario.parse(TEXT + "  - no_torn_reads: {}\n", "ev.yaml"), fake.tb, fake.tmp / "out2")
+    assert plain.store_env == {}

@@ -71,7 +71,7 @@ def test_unknown_expectation_and_roles():
         "s.yaml:7: roles.readers: expected a list of host names or 'others', got 'host2'",
         "s.yaml:12: expect[0].all_readble: unknown expectation (did you mean 'all_readable'? known: all_readable, "
         "no_torn_reads, never_returned, guest_saw, quarantined, no_reserved_space, evicted, exit_code, output_matches, "
-        "file_written)"]
+        "file_written, coherence_clean)"]
 
 
 def test_unknown_builtin_name():

@@ -49,7 +49,7 @@ class FakeClock:
 def pool_path():
     path = os.path.join(SHM, f"beluga-test-{os.getpid()}-{uuid.uuid4().hex[:8]}.pool")
     yield path
-    for p in (path, path + ".tmp"):
+    for p in (path, path + ".tmp", path + ".coherence"):  # .coherence: the sanitizer's side table
         try:
             os.unlink(p)
         except FileNotFoundError:

@@ -326,3 +326,19 @@ def test_cli_refuses_a_working_set_larger_than_the_pool_before_starting_anything
     assert err.startswith("beluga bench: error: --working-set 900 MiB per block size (sizes 16384,262144,2621440 "
                           "bytes, 5 writers) does not fit a 1024 MiB pool"), err
     assert "use --pool-size " in err and "Traceback" not in err and not out.exists()
+
+
+def test_flush_bench_runs_and_reports_every_variant(capsys):
+    from benchmarks.store import flush
+
+    assert flush.main(["--sizes", "4K,64K", "--rounds", "2", "--sanitizer", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["sizes"]) == {str(4096), str(65536)}
+    for variants in res["sizes"].values():
+        assert set(variants) == {"copy", "copy+writeback", "copy out", "invalidate+copy out",
+                                 "sanitized copy+writeback"}
+        assert variants["copy"]["ratio"] == 1.0 and variants["copy out"]["ratio"] == 1.0
+    assert res["flush"]["can_flush"] in (True, False)
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"beluga-flush-bench-{os.getpid()}")]
+    assert flush.main(["--sizes", "4K", "--rounds", "1"]) == 0
+    assert "| 4 KiB | copy+writeback |" in capsys.readouterr().out

@@ -34,6 +34,8 @@ def test_format_stat_serve_put_get_delete(pool_path, tmp_path):
     svc = ServiceProcess(pool_path, tmp_path, transport="both")
     ready = svc.start()
     assert ready["event"] == "ready" and ready["tcp_address"].startswith("127.0.0.1:")
+    flushes = ready["coherence"]  # what this host does on a pool that hardware does not keep coherent
+    assert flushes["can_flush"] is (flushes["writeback"] in ("clwb", "clflushopt", "clflush"))
     try:
         put = run("put", pool_path, "--name", "blk", "--random-bytes", "100K", "--seed", "7", "--json")
         assert put.returncode == 0, put.stderr
@@ -56,6 +58,7 @@ def test_format_stat_serve_put_get_delete(pool_path, tmp_path):
         assert st["service_stats"]["counters"]["commits"] == 2
         human = run("stat", pool_path)
         assert "2 committed" in human.stdout and "running" in human.stdout
+        assert "  cache flushes: " in human.stdout and st["coherence"] == flushes
         assert run("delete", pool_path, "--name", "blk").returncode == 0
         assert run("delete", pool_path, "--name", "blk").returncode == 1
         miss = run("get", pool_path, "--name", "blk", "--json")
