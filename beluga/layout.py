@@ -500,6 +500,15 @@ MAX_GENERATION = 1 << 62
 (generation high-water = a generation + 65536) must not overflow past it."""
 #   state B | pad B | owner_slot H | owner_epoch I | generation Q | length I | data_crc I | key 32s | pad 4 | crc I
 INDEX_ENTRY = struct.Struct("<BBHIQII32s4xI")
+_FREE_KEY = bytes(KEY_BYTES)
+
+
+def encode_index_entry(state: int, owner_slot: int, owner_epoch: int, generation: int, length_bytes: int,
+                       data_crc: int, key: bytes | None) -> bytes:
+    """``IndexEntry(...).encode()`` without building the object (every ALLOC and COMMIT writes entries)."""
+    body = INDEX_ENTRY.pack(state, 0, owner_slot, owner_epoch, generation, length_bytes, data_crc,
+                            key or _FREE_KEY, 0)
+    return body[:-4] + U32.pack(_checksum.meta_crc(memoryview(body)[:-4]))
 
 
 @dataclass(frozen=True)
@@ -513,9 +522,8 @@ class IndexEntry:
     key: bytes
 
     def encode(self) -> bytes:
-        body = INDEX_ENTRY.pack(self.state, 0, self.owner_slot, self.owner_epoch, self.generation,
-                                self.length_bytes, self.data_crc, self.key, 0)
-        return body[:-4] + U32.pack(_checksum.meta_crc(body[:-4]))
+        return encode_index_entry(self.state, self.owner_slot, self.owner_epoch, self.generation, self.length_bytes,
+                                  self.data_crc, self.key)
 
     @classmethod
     def decode(cls, raw) -> "IndexEntry | None":
@@ -547,9 +555,8 @@ class BlockHeader:
     key: bytes
 
     def encode(self) -> bytes:
-        body = BLOCK_HEADER.pack(BLOCK_MAGIC, LAYOUT_VERSION, self.state, self.length_bytes, self.generation,
-                                 self.data_crc, self.writer_slot, self.key, 0)
-        return body[:-4] + U32.pack(_checksum.meta_crc(body[:-4]))
+        return encode_block_header(self.state, self.length_bytes, self.generation, self.data_crc, self.writer_slot,
+                                   self.key)
 
     @classmethod
     def decode(cls, raw) -> "BlockHeader | None":
@@ -563,6 +570,14 @@ class BlockHeader:
 
 
 _HEADER_BODY_BYTES = BLOCK_HEADER_BYTES - 4
+
+
+def encode_block_header(state: int, length_bytes: int, generation: int, data_crc: int, writer_slot: int,
+                        key: bytes) -> bytes:
+    """``BlockHeader(...).encode()`` without building the object (a put writes two per block)."""
+    body = BLOCK_HEADER.pack(BLOCK_MAGIC, LAYOUT_VERSION, state, length_bytes, generation, data_crc, writer_slot,
+                             key, 0)
+    return body[:-4] + U32.pack(_checksum.meta_crc(memoryview(body)[:-4]))
 
 
 def block_header_matches(raw: bytes, key: bytes, generation: int, length_bytes: int, data_crc: int) -> bool:

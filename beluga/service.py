@@ -257,13 +257,13 @@ class MetadataService:
 
     def _persist_entry(self, seg: int, slot: int, blk: _Block | None, free_generation: int = 0) -> None:
         if blk is None:
-            entry = L.IndexEntry(L.ENTRY_FREE, 0, 0, free_generation, 0, 0, bytes(L.KEY_BYTES))
+            raw = L.encode_index_entry(L.ENTRY_FREE, 0, 0, free_generation, 0, 0, None)
         else:
             owner_slot, owner_epoch = blk.owner
-            entry = L.IndexEntry(blk.state, owner_slot, owner_epoch, blk.generation, blk.length, blk.crc,
-                                 blk.key or bytes(L.KEY_BYTES))
+            raw = L.encode_index_entry(blk.state, owner_slot, owner_epoch, blk.generation, blk.length, blk.crc,
+                                       blk.key)
         off = self.g.index_entry_offset(seg, slot)
-        self.buf[off : off + L.INDEX_ENTRY_BYTES] = entry.encode()
+        self.buf[off : off + L.INDEX_ENTRY_BYTES] = raw
 
     def _new_generation(self) -> int:
         gen = self._next_gen
@@ -614,18 +614,9 @@ class MetadataService:
                 raise _Reject(rpc.BAD_REQUEST, f"commit: length {length} exceeds the slot's "
                                                f"{lay.data_slot_bytes} bytes")
             hoff = self.g.header_offset(si, sl)
-            hdr = L.BlockHeader.decode(self.buf[hoff : hoff + L.BLOCK_HEADER_BYTES])
-            expect = (L.BLOCK_COMPLETE, length, gen, crc, key)
-            if hdr is None:
-                raise _Reject(rpc.BAD_HEADER, f"commit: block header of segment {si} slot {sl} is missing or "
-                                              f"damaged (write the header before committing)")
-            got = (hdr.state, hdr.length_bytes, hdr.generation, hdr.data_crc, hdr.key)
-            if got != expect:
-                names = ("state", "length", "generation", "crc", "key")
-                diffs = ", ".join(f"{n} header={a!r:.20} request={b!r:.20}"
-                                  for n, a, b in zip(names, got, expect) if a != b)
-                raise _Reject(rpc.BAD_HEADER, f"commit: block header of segment {si} slot {sl} does not match "
-                                              f"the request ({diffs})")
+            raw = bytes(self.buf[hoff : hoff + L.BLOCK_HEADER_BYTES])  # one snapshot: the client may write on
+            if not L.block_header_matches(raw, key, gen, length, crc):  # else: say what differs
+                self._reject_header(raw, si, sl, (L.BLOCK_COMPLETE, length, gen, crc, key))
         except _Reject:
             # A failed commit must not leak the slot: the reservation ends here.
             client.reservations.discard((si, sl))
@@ -646,6 +637,19 @@ class MetadataService:
         blk.touch = self._touch
         self.counters["commits"] += 1
         self._maybe_seal(seg)
+
+    @staticmethod
+    def _reject_header(raw: bytes, si: int, sl: int, expect: tuple) -> None:
+        """A commit whose block header is not the COMPLETE header of exactly this block: say why."""
+        hdr = L.BlockHeader.decode(raw)
+        if hdr is None:
+            raise _Reject(rpc.BAD_HEADER, f"commit: block header of segment {si} slot {sl} is missing or "
+                                          f"damaged (write the header before committing)")
+        got = (hdr.state, hdr.length_bytes, hdr.generation, hdr.data_crc, hdr.key)
+        names = ("state", "length", "generation", "crc", "key")
+        diffs = ", ".join(f"{n} header={a!r:.20} request={b!r:.20}" for n, a, b in zip(names, got, expect) if a != b)
+        raise _Reject(rpc.BAD_HEADER, f"commit: block header of segment {si} slot {sl} does not match "
+                                      f"the request ({diffs})")
 
     def _abort_one(self, client: _Client, si: int, sl: int, gen: int) -> None:
         seg, _ = self._locate(si, sl, "abort")
