@@ -311,14 +311,14 @@ class BelugaClient:
         buf = self.buf
         for (key, mv), a in zip(batch, allocs):
             n = mv.nbytes
-            hdr = L.encode_block_header(L.BLOCK_WRITING, n, a.generation, 0, self._slot, key)
+            hdr = L.BlockHeader(L.BLOCK_WRITING, n, a.generation, 0, self._slot, key).encode()
             buf[a.header_offset : a.header_offset + L.BLOCK_HEADER_BYTES] = hdr
             if algo == CRC32:
                 crc = readpath.copy_crc(buf[a.data_offset : a.data_offset + n], mv)  # one pass
             else:
                 buf[a.data_offset : a.data_offset + n] = mv
                 crc = checksum(algo, mv)
-            hdr = L.encode_block_header(L.BLOCK_COMPLETE, n, a.generation, crc, self._slot, key)
+            hdr = L.BlockHeader(L.BLOCK_COMPLETE, n, a.generation, crc, self._slot, key).encode()
             buf[a.header_offset : a.header_offset + L.BLOCK_HEADER_BYTES] = hdr
             commits.append((key, a.segment, a.slot, a.generation, n, crc))
         rows, errors, _ = rpc.STATUS_RESP.unpack(self._call(rpc.OP_COMMIT, rpc.COMMIT_REQ.pack(commits)))
