@@ -471,7 +471,13 @@ class BelugaClient:
 
     def get_into(self, key: bytes, out) -> int | None:
         """Copy the block into a caller's writable buffer; -> its length, or None on a miss."""
-        return self.get_many_into([key], [out])[0]
+        try:
+            got = self._reader.get_into(key, out)  # one call, as get
+        except (ValueError, TypeError, BufferError):  # get_many_into says what is wrong with the key or buffer
+            return self.get_many_into([key], [out])[0]
+        if got is None or type(got) is int:
+            return got  # counted by the reader
+        return self._read_failed(check_key(key), got, memoryview(out).cast("B"))
 
     def get_many_into(self, keys: Sequence[bytes], outs: Sequence) -> list[int | None]:
         """Copy each block into the matching writable buffer (one lookup round trip per batch).
