@@ -8,7 +8,8 @@
  *   copy_crc(dest, src) -> CRC-32 of the bytes copied (one pass)
  *   read_into(buf, dest, header_off, data_off, key, gen, length, crc) -> int status
  *   read_bytes(buf, header_off, data_off, key, gen, length, crc) -> bytes | int status
- *   writeback/invalidate/fence: cache-line flushes for non-coherent pools (section at the end)
+ *   Reader(buf, geometry...): get / get_into / probe / lookup_prefix / post_touches in one call each
+ *   writeback/invalidate/fence: cache-line flushes for non-coherent pools (section before the table)
  *
  * Record formats are those of beluga/layout.py (TABLE_BUCKET, BLOCK_HEADER);
  * the seqlock and verification order is that of readpath.py, which documents it.
@@ -514,6 +515,279 @@ static PyObject *py_read_bytes(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* ------------------------------------------------------------ Reader: a whole get in one call */
+/* readpath.PyReader in C (same methods, same answers): the pool's buffer and geometry are taken
+ * once, so a get is one call that checks the key, probes the table, checks the header, copies
+ * with CRC, compares, re-checks the header and posts the touch. The touch head lives in the
+ * pool (its client is its one writer); posting reads and moves it while this process holds
+ * the GIL, so threads of one client never interleave their posts. */
+#define GIL_RELEASE_BYTES (64 * 1024)
+#define WHERE_SLOT_BITS 40
+#define READ_ATTEMPTS 4
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer pool;
+    uint64_t table_off, buckets, tseq_off;
+    uint64_t gran, max_slots, seg_count, seg_size, headers_off, segments_off;
+    uint64_t ring_off, head_off;
+    int have_ring;
+    unsigned long long gets, hits, misses, get_bytes;
+} ReaderObject;
+
+static void reader_dealloc(ReaderObject *r) {
+    if (r->pool.obj)
+        PyBuffer_Release(&r->pool);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+static int reader_init(ReaderObject *r, PyObject *args, PyObject *kw) {
+    unsigned long long t, b, q, g, ms, sc, ss, ho, so;
+    Py_buffer pool;
+    if (!PyArg_ParseTuple(args, "w*KKKKKKKKK", &pool, &t, &b, &q, &g, &ms, &sc, &ss, &ho, &so))
+        return -1;
+    if (r->pool.obj)
+        PyBuffer_Release(&r->pool);
+    r->pool = pool;
+    if (!check_table((size_t)pool.len, t, b, q))
+        return -1;
+    if (g == 0 || ms == 0 || ho > (size_t)pool.len || so > (size_t)pool.len) {
+        PyErr_SetString(PyExc_ValueError, "Reader: geometry outside the pool");
+        return -1;
+    }
+    r->table_off = t, r->buckets = b, r->tseq_off = q, r->gran = g, r->max_slots = ms, r->seg_count = sc;
+    r->seg_size = ss, r->headers_off = ho, r->segments_off = so;
+    r->have_ring = 0;
+    return 0;
+}
+
+/* layout.unpack_where, and the block inside the pool: header and data offsets, or 0. */
+static int reader_place(ReaderObject *r, uint64_t where, uint64_t length, uint64_t *hoff, uint64_t *doff) {
+    uint64_t gslot = where & ((1ULL << WHERE_SLOT_BITS) - 1);
+    uint64_t seg = gslot / r->max_slots, slot = gslot % r->max_slots, dslot, end, size = (uint64_t)r->pool.len;
+    if (__builtin_mul_overflow(where >> WHERE_SLOT_BITS, r->gran, &dslot) || seg >= r->seg_count || dslot == 0
+        || __builtin_mul_overflow(slot + 1, dslot, &end) || end > r->seg_size || length > dslot)
+        return 0;
+    *hoff = r->headers_off + gslot * HEADER_BYTES;
+    *doff = r->segments_off + seg * r->seg_size + slot * dslot;
+    return *hoff + HEADER_BYTES <= size && *doff + length <= size;
+}
+
+static inline void reader_post(ReaderObject *r, uint64_t where, uint64_t gen) {
+    if (!r->have_ring)
+        return;
+    uint8_t *base = r->pool.buf;
+    uint64_t h = ld64v(base + r->head_off);
+    uint32_t entry[2] = {(uint32_t)where, (uint32_t)gen};
+    memcpy(base + r->ring_off + (h % TOUCH_RING_ENTRIES) * 8, entry, 8);
+    BARRIER(); /* entries first, then the head (the service reads the head first) */
+    __atomic_store_n((uint64_t *)(base + r->head_off), h + 1, __ATOMIC_RELEASE);
+}
+
+static int reader_key(PyObject *key) {
+    if (!PyBytes_CheckExact(key) || PyBytes_GET_SIZE(key) != KEY_BYTES) {
+        PyErr_SetString(PyExc_ValueError, "Reader: key must be 32 bytes");
+        return 0;
+    }
+    return 1;
+}
+
+/* get (dest NULL: a new bytes object) and get_into: -> bytes / length, None (miss, counted),
+ * False (ask the service) or (READ_* status, generation) of a block that failed verification. */
+static PyObject *reader_read(ReaderObject *r, PyObject *key, Py_buffer *dest) {
+    if (!reader_key(key))
+        return NULL;
+    const uint8_t *k = (const uint8_t *)PyBytes_AS_STRING(key);
+    uint8_t *base = r->pool.buf;
+    uint64_t f[4], prev[4];
+    int have_prev = 0, st = READ_OK;
+    PyObject *out = NULL;
+    for (int attempt = 0; attempt < READ_ATTEMPTS; attempt++) {
+        int found = probe_one(base, r->table_off, r->buckets, r->tseq_off, k, f);
+        if (found <= 0) {
+            Py_XDECREF(out);
+            if (found < 0)
+                Py_RETURN_FALSE;
+            r->gets++;
+            r->misses++;
+            Py_RETURN_NONE;
+        }
+        if (have_prev && memcmp(f, prev, sizeof f) == 0)
+            break; /* same entry, same failure: the committed bytes themselves are bad */
+        memcpy(prev, f, sizeof f);
+        have_prev = 1;
+        uint64_t hoff, doff, length = f[2];
+        if (!reader_place(r, f[1], length, &hoff, &doff)) {
+            Py_XDECREF(out);
+            Py_RETURN_FALSE; /* not an entry this pool could have: let the service answer */
+        }
+        /* Start the header's and the first pages' misses together (a page boundary stops the
+         * hardware prefetcher; the header check would otherwise wait for its line alone). */
+        __builtin_prefetch(base + hoff);
+        __builtin_prefetch(base + hoff + 64);
+        for (uint64_t o = 0; o < length && o < GIL_RELEASE_BYTES; o += 4096)
+            __builtin_prefetch(base + doff + o);
+        uint8_t *dst;
+        if (dest) {
+            if (length > (uint64_t)dest->len) {
+                PyObject *hex = PyObject_CallMethod(key, "hex", NULL);
+                if (hex)
+                    PyErr_Format(PyExc_ValueError, "block for key %.16U... has %llu bytes, the destination only %zd",
+                                 hex, (unsigned long long)length, dest->len);
+                Py_XDECREF(hex);
+                return NULL;
+            }
+            dst = dest->buf;
+        } else {
+            if (!out || (uint64_t)PyBytes_GET_SIZE(out) != length) {
+                Py_XDECREF(out);
+                out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)length);
+                if (!out)
+                    return NULL;
+            }
+            dst = (uint8_t *)PyBytes_AS_STRING(out);
+        }
+        if (length >= GIL_RELEASE_BYTES) {
+            Py_BEGIN_ALLOW_THREADS
+            st = read_block(base, dst, hoff, doff, k, f[0], length, (uint32_t)f[3]);
+            Py_END_ALLOW_THREADS
+        } else {
+            st = read_block(base, dst, hoff, doff, k, f[0], length, (uint32_t)f[3]);
+        }
+        if (st == READ_OK) {
+            reader_post(r, f[1], f[0]);
+            r->gets++;
+            r->hits++;
+            r->get_bytes += length;
+            return dest ? PyLong_FromUnsignedLongLong(length) : out;
+        }
+    }
+    Py_XDECREF(out);
+    return Py_BuildValue("(iK)", st, (unsigned long long)prev[0]);
+}
+
+static PyObject *reader_get(ReaderObject *r, PyObject *key) { return reader_read(r, key, NULL); }
+
+static PyObject *reader_get_into(ReaderObject *r, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "get_into(key, dest)");
+        return NULL;
+    }
+    Py_buffer dest;
+    if (PyObject_GetBuffer(args[1], &dest, PyBUF_WRITABLE) < 0)
+        return NULL;
+    PyObject *res = reader_read(r, args[0], &dest);
+    PyBuffer_Release(&dest);
+    return res;
+}
+
+static PyObject *reader_probe(ReaderObject *r, PyObject *key) {
+    if (!reader_key(key))
+        return NULL;
+    uint64_t f[4];
+    int found = probe_one(r->pool.buf, r->table_off, r->buckets, r->tseq_off, (const uint8_t *)PyBytes_AS_STRING(key), f);
+    if (found > 0)
+        return Py_BuildValue("(KKkk)", (unsigned long long)f[0], (unsigned long long)f[1], (unsigned long)f[2],
+                             (unsigned long)f[3]);
+    if (found == 0)
+        Py_RETURN_NONE;
+    Py_RETURN_FALSE;
+}
+
+/* Leading hits of a key list, each posted as a touch: -> (hits, busy). */
+static PyObject *reader_lookup_prefix(ReaderObject *r, PyObject *keys) {
+    PyObject *seq = PySequence_Fast(keys, "lookup_prefix: keys must be a sequence");
+    if (!seq)
+        return NULL;
+    Py_ssize_t nkeys = PySequence_Fast_GET_SIZE(seq), n = 0;
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t j = 0; j < nkeys; j++) {
+        if (!reader_key(items[j])) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    int busy = 0;
+    for (; n < nkeys; n++) {
+        uint64_t f[4];
+        int found = probe_one(r->pool.buf, r->table_off, r->buckets, r->tseq_off,
+                              (const uint8_t *)PyBytes_AS_STRING(items[n]), f);
+        if (found <= 0) {
+            busy = found < 0;
+            break;
+        }
+        reader_post(r, f[1], f[0]);
+    }
+    Py_DECREF(seq);
+    return Py_BuildValue("(nO)", n, busy ? Py_True : Py_False);
+}
+
+static PyObject *reader_post_touches(ReaderObject *r, PyObject *touches) {
+    PyObject *seq = PySequence_Fast(touches, "post_touches: a sequence of (where, generation)");
+    if (!seq)
+        return NULL;
+    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(seq); j++) {
+        unsigned long long where, gen;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, j), "KK", &where, &gen)) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        reader_post(r, where, gen);
+    }
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
+static PyObject *reader_set_ring(ReaderObject *r, PyObject *args) {
+    PyObject *ring = Py_None;
+    unsigned long long head_off = 0;
+    if (!PyArg_ParseTuple(args, "|OK", &ring, &head_off))
+        return NULL;
+    if (ring == Py_None) {
+        r->have_ring = 0;
+        Py_RETURN_NONE;
+    }
+    unsigned long long ring_off = PyLong_AsUnsignedLongLong(ring);
+    if (PyErr_Occurred())
+        return NULL;
+    size_t size = (size_t)r->pool.len;
+    if (ring_off > size || ring_off + TOUCH_RING_ENTRIES * 8 > size || head_off + 8 > size || head_off % 8) {
+        PyErr_SetString(PyExc_ValueError, "set_ring: touch ring outside the pool");
+        return NULL;
+    }
+    r->ring_off = ring_off, r->head_off = head_off, r->have_ring = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *reader_counts(ReaderObject *r, PyObject *unused) {
+    return Py_BuildValue("{sKsKsKsK}", "gets", r->gets, "hits", r->hits, "misses", r->misses, "get_bytes", r->get_bytes);
+}
+
+static PyMethodDef reader_methods[] = {
+    {"get", (PyCFunction)reader_get, METH_O, "get(key) -> bytes, None (miss), False (ask the service) or (status, generation)"},
+    {"get_into", (PyCFunction)(void (*)(void))reader_get_into, METH_FASTCALL,
+     "get_into(key, dest) -> length, None, False or (status, generation)"},
+    {"probe", (PyCFunction)reader_probe, METH_O, "probe(key) -> (generation, where, length, crc), None or False"},
+    {"lookup_prefix", (PyCFunction)reader_lookup_prefix, METH_O, "lookup_prefix(keys) -> (hits, busy); hits are touched"},
+    {"post_touches", (PyCFunction)reader_post_touches, METH_O, "post_touches([(where, generation), ...])"},
+    {"set_ring", (PyCFunction)reader_set_ring, METH_VARARGS, "set_ring(ring_off, head_off) or set_ring(None)"},
+    {"counts", (PyCFunction)reader_counts, METH_NOARGS, "-> {gets, hits, misses, get_bytes} of this reader's reads"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "beluga._native.Reader",
+    .tp_basicsize = sizeof(ReaderObject),
+    .tp_dealloc = (destructor)reader_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Reader(buf, table_off, buckets, tseq_off, granularity, max_slots, segments, segment_size, "
+              "headers_off, segments_off): readpath.PyReader in C",
+    .tp_methods = reader_methods,
+    .tp_init = (initproc)reader_init,
+    .tp_new = PyType_GenericNew,
+};
+
 /* ------------------------------------------------------------ cache-line flushes
  * For pools that hardware does not keep coherent between hosts (multi-host CXL
  * without back-invalidate): the store writes back what it publishes and
@@ -667,8 +941,16 @@ PyMODINIT_FUNC PyInit__native(void) {
         && getenv("BELUGA_NATIVE_NO_AVX512") == NULL;
 #endif
     flush_detect();
+    if (PyType_Ready(&ReaderType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m) {
+        Py_INCREF(&ReaderType);
+        if (PyModule_AddObject(m, "Reader", (PyObject *)&ReaderType) < 0) {
+            Py_DECREF(&ReaderType);
+            Py_DECREF(m);
+            return NULL;
+        }
         PyModule_AddStringConstant(m, "FLUSH_METHOD", flush_names[flush_kind]);
         PyModule_AddStringConstant(m, "INVALIDATE_METHOD", flush_names[inval_kind]);
         PyModule_AddStringConstant(m, "FENCE_METHOD", flush_kind == FL_CLFLUSH ? "mfence" : flush_kind == FL_NONE ? "none" : "sfence");

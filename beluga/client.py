@@ -140,8 +140,7 @@ class BelugaClient:
                                rpc.STATUS_RESP.max_items(budget, with_messages=True))
         self._max_keys = min(rpc.KEYS_REQ.max_items(budget, with_messages=False),
                              rpc.LOOKUP_RESP.max_items(budget, with_messages=False))
-        self._table = (self.g.table_offset, self.g.table_buckets, self.g.table_seq_offset)
-        self._touch_head = 0
+        self._reader = readpath.reader(self.buf, self.g)  # gets, lookups and touch posting: one call each
         self._touch_seen = 0  # our touch head when the service last drained it (at our last request)
         with self._lock:
             self._register()
@@ -160,8 +159,13 @@ class BelugaClient:
             self._releases.clear()  # leases of the old session died with it
         self._slot, self._epoch, self._seq = slot, epoch, seq
         # The service starts draining our touch ring where its head is now.
-        self._touch_head = self._touch_seen = L.read_touch_head(self.buf, self.g, slot)
-        self._ring_at = (self.g.touch_ring_offset(slot), self.g.touch_head_offset(slot))
+        self._touch_seen = L.read_touch_head(self.pool.buf, self.g, slot)
+        self._reader.set_ring(self.g.touch_ring_offset(slot), self.g.touch_head_offset(slot))
+
+    def _drop_session(self) -> None:
+        """Forget our slot (the next call registers again); no touches go into a ring no longer ours."""
+        self._slot = None
+        self._reader.set_ring(None)
 
     @property
     def slot(self) -> int | None:
@@ -185,7 +189,7 @@ class BelugaClient:
                 releases = self._releases[: rpc.MAX_RELEASES_PER_REQUEST]
                 self._seq = (self._seq + 1) & 0xFFFFFFFFFFFFFFFF or 1
                 msg = rpc.encode_request(self._seq, self._nonce, self._slot, op, body, flags=flags, releases=releases)
-                touched = self._touch_head  # every request drains the touch rings first
+                touched = L.read_touch_head(self.pool.buf, self.g, self._slot)  # every request drains the rings first
                 self._counts["rpc_calls"] += 1
                 try:
                     raw = self.channel.call(msg, self._seq, self.rpc_timeout_s)
@@ -202,7 +206,7 @@ class BelugaClient:
                     # Our heartbeat was missed (paused process, service restarted without our slot):
                     # take a new slot and try once more. The old session's leases are gone.
                     self._counts["reregistrations"] += 1
-                    self._slot = None
+                    self._drop_session()
                     self._releases.clear()
                     self.channel.close()
                     continue
@@ -229,7 +233,8 @@ class BelugaClient:
     def flush_releases(self) -> None:
         """Send pending lease releases now instead of with the next request (and make sure the
         service has applied the reads this client posted for its LRU order)."""
-        while self._releases or self._touch_seen != self._touch_head:
+        while self._releases or (self._slot is not None
+                                 and self._touch_seen != L.read_touch_head(self.pool.buf, self.g, self._slot)):
             self._call(rpc.OP_NOP)
 
     def close(self) -> None:
@@ -246,6 +251,7 @@ class BelugaClient:
             pass  # service gone: it will reap us when our heartbeat stops
         self._closed = True
         self.channel.close()
+        self._reader = None  # its hold on the mapping goes with it (after any read still running)
         if self._own_pool:
             self.pool.close()
 
@@ -287,7 +293,7 @@ class BelugaClient:
                 # Reservations belong to a session; a new session must allocate again.
                 with self._lock:
                     self._counts["reregistrations"] += 1
-                    self._slot = None
+                    self._drop_session()
                     self.channel.close()
 
     def _put_batch_once(self, batch: list[tuple[bytes, memoryview]]) -> None:
@@ -357,16 +363,15 @@ class BelugaClient:
 
     def _find(self, key: bytes):
         """The table's entry for ``key`` -> (generation, where, length, crc), None (miss) or False (ask the service)."""
-        off, buckets, tseq = self._table
-        return readpath.probe(self.buf, off, buckets, tseq, key)
+        return self._reader.probe(key)
 
     def contains(self, key: bytes) -> bool:
         key = check_key(key)
-        hit = self._find(key)
+        hit = self._reader.probe(key)
         if hit is False:
             return self._lookup([key], 0)[0] is not None
         if hit is not None:
-            self._post_touches([(hit[1], hit[0])])  # a lookup counts as a use, as it always did
+            self._reader.post_touches([(hit[1], hit[0])])  # a lookup counts as a use, as it always did
         return hit is not None
 
     def lookup_prefix(self, keys: Sequence[bytes]) -> int:
@@ -374,69 +379,14 @@ class BelugaClient:
         # Keys that are all 32-byte bytes objects go as they are (the reader checks them);
         # anything else is checked and converted first (InvalidKeyError names the problem).
         ks = keys if type(keys) in (list, tuple) else list(keys)
-        off, buckets, tseq = self._table
-        with self._lock:  # every hit is posted as a touch, as a LOOKUP always touched
-            if self._slot is not None:
-                try:
-                    n, self._touch_head, busy = readpath.probe_prefix(
-                        self.buf, off, buckets, tseq, ks, *self._ring_at, self._touch_head)
-                except ValueError:
-                    ks = [check_key(k) for k in ks]
-                    n, self._touch_head, busy = readpath.probe_prefix(
-                        self.buf, off, buckets, tseq, ks, *self._ring_at, self._touch_head)
-            else:  # between sessions: no ring of ours to post into
-                ks = [check_key(k) for k in ks]
-                n, busy = 0, False
-                for key in ks:
-                    hit = readpath.probe(self.buf, off, buckets, tseq, key)
-                    if not hit:
-                        busy = hit is False
-                        break
-                    n += 1
+        try:
+            n, busy = self._reader.lookup_prefix(ks)  # every hit is posted as a touch, as a LOOKUP always touched
+        except ValueError:
+            ks = [check_key(k) for k in ks]
+            n, busy = self._reader.lookup_prefix(ks)
         if busy:  # the table cannot answer now: the service does, for the rest
             n += len(self._lookup(ks[n:], rpc.LOOKUP_STOP_AT_MISS))
         return n
-
-    def _post_touches(self, touches: list[tuple[int, int]]) -> None:
-        """Tell the service (through our touch ring, no round trip) which blocks we read, for its LRU order."""
-        if touches and self._slot is not None:
-            with self._lock:
-                self._touch_head = L.post_touches(self.buf, self.g, self._slot, self._touch_head, touches)
-
-    def _read_one(self, key: bytes, dest):
-        """Find and read one block without a round trip.
-
-        -> (result, hit) where result is the bytes (``dest`` None) or READ_OK, a READ_* failure,
-        or None for a miss; hit is the table entry. A failure whose entry has changed since
-        (the block was replaced or its slot reused under us) is retried with the new entry.
-        """
-        off, buckets, tseq = self._table
-        buf = self.buf
-        g = self.g
-        hit = None
-        for _ in range(4):
-            prev = hit
-            hit = readpath.probe(buf, off, buckets, tseq, key)
-            if hit is None or hit is False:
-                return hit, None
-            if prev is not None and hit == prev:
-                break  # same entry, same failure: the committed bytes themselves are bad
-            gen, where, length, crc = hit
-            place = L.unpack_where(g, where, length)
-            if place is None:
-                return False, None  # not an entry this pool could have: let the service answer
-            if dest is None:
-                got = readpath.read_bytes(buf, place[0], place[1], key, gen, length, crc)
-                if not isinstance(got, int):
-                    return got, hit
-            else:
-                if length > dest.nbytes:
-                    raise ValueError(f"block for key {key.hex()[:16]}... has {length} bytes, "
-                                     f"the destination only {dest.nbytes}")
-                got = readpath.read_into(buf, dest, place[0], place[1], key, gen, length, crc)
-                if got == readpath.READ_OK:
-                    return got, hit
-        return got, hit
 
     def _report_bad(self, key: bytes, generation: int) -> None:
         self._counts["corrupt_misses"] += 1
@@ -476,54 +426,35 @@ class BelugaClient:
 
     def get(self, key: bytes) -> bytes | None:
         """The block's bytes, or None on a miss (absent, or present but failing verification)."""
-        # The hot path of get_many for one key that hits and verifies at the first try
-        # (no lists, no retries); anything else takes get_many's path.
-        if type(key) is bytes and len(key) == L.KEY_BYTES:
-            off, buckets, tseq = self._table
-            buf = self.buf
-            hit = readpath.probe(buf, off, buckets, tseq, key)
-            if hit:
-                gen, where, length, crc = hit
-                place = L.unpack_where(self.g, where, length)
-                if place is not None:
-                    got = readpath.read_bytes(buf, place[0], place[1], key, gen, length, crc)
-                    if type(got) is bytes:
-                        counts = self._counts
-                        counts["gets"] += 1
-                        counts["hits"] += 1
-                        counts["get_bytes"] += length
-                        slot = self._slot
-                        if slot is not None:
-                            with self._lock:
-                                self._touch_head = L.post_touch(buf, self._ring_at[0], self._ring_at[1],
-                                                                self._touch_head, where, gen)
-                        return got
-        return self.get_many([key])[0]
+        try:
+            got = self._reader.get(key)  # one call: probe, header, copy with CRC, header again, touch
+        except ValueError:
+            key = check_key(key)  # InvalidKeyError names the problem; a bytes-like key is converted
+            got = self._reader.get(key)
+        if got is None or type(got) is bytes:
+            return got  # counted by the reader
+        return self._read_failed(check_key(key), got, None)
+
+    def _read_failed(self, key: bytes, got, dest):
+        """A read the table could not answer (``False``: the service does) or whose block failed
+        verification (``(status, generation)``: a reported miss)."""
+        if got is False:
+            return (self._get_many_rpc([key]) if dest is None else self._get_many_into_rpc([key], [dest]))[0]
+        self._counts["gets"] += 1
+        self._report_bad(key, got[1])
+        return None
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """The blocks' bytes (None for each miss), without a round trip (from the pool's lookup table)."""
         ks = [check_key(k) for k in keys]
         out: list[bytes | None] = []
-        counts = self._counts
-        touches = []
+        read = self._reader.get
         for i, key in enumerate(ks):
-            got, hit = self._read_one(key, None)
+            got = read(key)
             if got is False:  # the table cannot answer now: the service does, for the rest
                 out.extend(self._get_many_rpc(ks[i:]))
                 break
-            counts["gets"] += 1
-            if got is None:
-                counts["misses"] += 1
-                out.append(None)
-            elif isinstance(got, int):
-                self._report_bad(key, hit[0])
-                out.append(None)
-            else:
-                counts["hits"] += 1
-                counts["get_bytes"] += len(got)
-                touches.append((hit[1], hit[0]))
-                out.append(got)
-        self._post_touches(touches)
+            out.append(got if got is None or type(got) is bytes else self._read_failed(key, got, None))
         return out
 
     def _get_many_rpc(self, ks: list[bytes]) -> list[bytes | None]:
@@ -551,7 +482,13 @@ class BelugaClient:
 
     def get_into(self, key: bytes, out) -> int | None:
         """Copy the block into a caller's writable buffer; -> its length, or None on a miss."""
-        return self.get_many_into([key], [out])[0]
+        try:
+            got = self._reader.get_into(key, out)  # one call, as get
+        except (ValueError, TypeError, BufferError):  # get_many_into says what is wrong with the key or buffer
+            return self.get_many_into([key], [out])[0]
+        if got is None or type(got) is int:
+            return got  # counted by the reader
+        return self._read_failed(check_key(key), got, memoryview(out).cast("B"))
 
     def get_many_into(self, keys: Sequence[bytes], outs: Sequence) -> list[int | None]:
         """Copy each block into the matching writable buffer (one lookup round trip per batch).
@@ -570,26 +507,13 @@ class BelugaClient:
                 raise ValueError("get_into needs a writable buffer")
             dests.append(dest)
         result: list[int | None] = []
-        counts = self._counts
-        touches = []
+        read = self._reader.get_into
         for i, (key, dest) in enumerate(zip(ks, dests)):
-            got, hit = self._read_one(key, dest)
+            got = read(key, dest)
             if got is False:  # the table cannot answer now: the service does, for the rest
                 result.extend(self._get_many_into_rpc(ks[i:], dests[i:]))
                 break
-            counts["gets"] += 1
-            if got is None:
-                counts["misses"] += 1
-                result.append(None)
-            elif got != readpath.READ_OK:
-                self._report_bad(key, hit[0])
-                result.append(None)
-            else:
-                counts["hits"] += 1
-                counts["get_bytes"] += hit[2]
-                touches.append((hit[1], hit[0]))
-                result.append(hit[2])
-        self._post_touches(touches)
+            result.append(got if got is None or type(got) is int else self._read_failed(key, got, dest))
         return result
 
     def _get_many_into_rpc(self, ks: list[bytes], dests: list[memoryview]) -> list[int | None]:
@@ -663,7 +587,11 @@ class BelugaClient:
         return json.loads(self._call(rpc.OP_STATS).decode())
 
     def client_stats(self) -> ClientStats:
-        return ClientStats(**self._counts)
+        counts = dict(self._counts)
+        if self._reader is not None:
+            for name, value in self._reader.counts().items():  # the reads it answered itself
+                counts[name] += value
+        return ClientStats(**counts)
 
     def stats(self) -> StoreStats:
         return StoreStats(client=self.client_stats(), service=self.service_stats())

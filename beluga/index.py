@@ -466,18 +466,9 @@ class BlockIndex:
             if length > lay.data_slot_bytes:
                 raise Reject(rpc.BAD_REQUEST, f"commit: length {length} exceeds the slot's "
                                               f"{lay.data_slot_bytes} bytes")
-            hdr = L.read_block_header(self.buf, self.g.header_offset(si, sl))
-            expect = (L.BLOCK_COMPLETE, length, gen, crc, key)
-            if hdr is None:
-                raise Reject(rpc.BAD_HEADER, f"commit: block header of segment {si} slot {sl} is missing or "
-                                             f"damaged (write the header before committing)")
-            got = (hdr.state, hdr.length_bytes, hdr.generation, hdr.data_crc, hdr.key)
-            if got != expect:
-                names = ("state", "length", "generation", "crc", "key")
-                diffs = ", ".join(f"{n} header={a!r:.20} request={b!r:.20}"
-                                  for n, a, b in zip(names, got, expect) if a != b)
-                raise Reject(rpc.BAD_HEADER, f"commit: block header of segment {si} slot {sl} does not match "
-                                             f"the request ({diffs})")
+            raw = L.read_header_bytes(self.buf, self.g.header_offset(si, sl))  # one snapshot: the client may write on
+            if not L.block_header_matches(raw, key, gen, length, crc):  # else: say what differs
+                _reject_header(raw, si, sl, (L.BLOCK_COMPLETE, length, gen, crc, key))
         except Reject:
             # A failed commit must not leak the slot: the reservation ends here.
             client.reservations.discard((si, sl))
@@ -671,3 +662,16 @@ class BlockIndex:
         for seg in self.segments:
             for sl, blk in seg.blocks.items():
                 assert blk.leases == leased.get((seg.index, sl), 0), (seg.index, sl)
+
+
+def _reject_header(raw: bytes, si: int, sl: int, expect: tuple) -> None:
+    """A commit whose block header is not the COMPLETE header of exactly this block: say why."""
+    hdr = L.BlockHeader.decode(raw)
+    if hdr is None:
+        raise Reject(rpc.BAD_HEADER, f"commit: block header of segment {si} slot {sl} is missing or "
+                                     f"damaged (write the header before committing)")
+    got = (hdr.state, hdr.length_bytes, hdr.generation, hdr.data_crc, hdr.key)
+    names = ("state", "length", "generation", "crc", "key")
+    diffs = ", ".join(f"{n} header={a!r:.20} request={b!r:.20}" for n, a, b in zip(names, got, expect) if a != b)
+    raise Reject(rpc.BAD_HEADER, f"commit: block header of segment {si} slot {sl} does not match "
+                                 f"the request ({diffs})")

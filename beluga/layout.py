@@ -679,6 +679,15 @@ MAX_GENERATION = 1 << 62
 (generation high-water = a generation + 65536) must not overflow past it."""
 #   state B | pad B | owner_slot H | owner_epoch I | generation Q | length I | data_crc I | key 32s | pad 4 | crc I
 INDEX_ENTRY = struct.Struct("<BBHIQII32s4xI")
+_FREE_KEY = bytes(KEY_BYTES)
+
+
+def encode_index_entry(state: int, owner_slot: int, owner_epoch: int, generation: int, length_bytes: int,
+                       data_crc: int, key: bytes | None) -> bytes:
+    """``IndexEntry(...).encode()`` without building the object (every ALLOC and COMMIT writes entries)."""
+    body = INDEX_ENTRY.pack(state, 0, owner_slot, owner_epoch, generation, length_bytes, data_crc,
+                            key or _FREE_KEY, 0)
+    return body[:-4] + U32.pack(_checksum.meta_crc(memoryview(body)[:-4]))
 
 
 @dataclass(frozen=True)
@@ -692,9 +701,8 @@ class IndexEntry:
     key: bytes
 
     def encode(self) -> bytes:
-        body = INDEX_ENTRY.pack(self.state, 0, self.owner_slot, self.owner_epoch, self.generation,
-                                self.length_bytes, self.data_crc, self.key, 0)
-        return body[:-4] + U32.pack(_checksum.meta_crc(body[:-4]))
+        return encode_index_entry(self.state, self.owner_slot, self.owner_epoch, self.generation, self.length_bytes,
+                                  self.data_crc, self.key)
 
     @classmethod
     def decode(cls, raw) -> "IndexEntry | None":
@@ -744,9 +752,8 @@ class BlockHeader:
     key: bytes
 
     def encode(self) -> bytes:
-        body = BLOCK_HEADER.pack(BLOCK_MAGIC, LAYOUT_VERSION, self.state, self.length_bytes, self.generation,
-                                 self.data_crc, self.writer_slot, self.key, 0)
-        return body[:-4] + U32.pack(_checksum.meta_crc(body[:-4]))
+        return encode_block_header(self.state, self.length_bytes, self.generation, self.data_crc, self.writer_slot,
+                                   self.key)
 
     @classmethod
     def decode(cls, raw) -> "BlockHeader | None":
@@ -760,6 +767,14 @@ class BlockHeader:
 
 
 _HEADER_BODY_BYTES = BLOCK_HEADER_BYTES - 4
+
+
+def encode_block_header(state: int, length_bytes: int, generation: int, data_crc: int, writer_slot: int,
+                        key: bytes) -> bytes:
+    """``BlockHeader(...).encode()`` without building the object (a put writes two per block)."""
+    body = BLOCK_HEADER.pack(BLOCK_MAGIC, LAYOUT_VERSION, state, length_bytes, generation, data_crc, writer_slot,
+                             key, 0)
+    return body[:-4] + U32.pack(_checksum.meta_crc(memoryview(body)[:-4]))
 
 
 def block_header_matches(raw: bytes, key: bytes, generation: int, length_bytes: int, data_crc: int) -> bool:
@@ -907,6 +922,11 @@ def clear_table(buf, g: Geometry) -> None:
 TOUCH_ENTRY = struct.Struct("<II")
 
 
+def read_touch_head_at(buf, head_offset: int) -> int:
+    """The touch head at ``head_offset`` (a reader about to post; its client is the head's one writer)."""
+    return U64.unpack_from(buf, head_offset)[0]
+
+
 def read_touch_head(buf, g: Geometry, slot: int) -> int:
     return U64.unpack_from(buf, g.touch_head_offset(slot))[0]
 
@@ -950,3 +970,57 @@ def read_touches(buf, g: Geometry, slot: int, tail: int) -> tuple[int, list[tupl
     ring = g.touch_ring_offset(slot)
     out = [TOUCH_ENTRY.unpack_from(buf, ring + (i % TOUCH_RING_ENTRIES) * TOUCH_ENTRY_BYTES) for i in range(tail, head)]
     return head, out
+
+
+# ---------------------------------------------------------------- where an offset lies
+def region_of(g: Geometry, off: int, *, line_bytes: int = 64) -> str:
+    """The region of the layout that holds byte ``off`` (docs/store.md §1): the coherence
+    sanitizer's reports name what a line holds with it."""
+    if off < SUPERBLOCK_BYTES:
+        return "superblock"
+    if g.service_offset <= off < g.service_offset + SERVICE_AREA_BYTES:
+        rel = off - g.service_offset
+        if TABLE_LINE_OFFSET <= rel < TABLE_LINE_OFFSET + line_bytes:
+            return "service area: table sequence line"
+        return f"service area +{rel}"
+    host_end = g.host_offset + g.max_clients * g.host_slot_bytes
+    if g.host_offset <= off < host_end:
+        slot, rel = divmod(off - g.host_offset, g.host_slot_bytes)
+        name = f"host slot {slot}"
+        if rel < HOST_LINES_BYTES:
+            if CLIENT_LINE_OFFSET <= rel < CLIENT_LINE_OFFSET + line_bytes:
+                return f"{name}: client line (claim, request seq, heartbeat)"
+            if SERVICE_LINE_OFFSET <= rel < SERVICE_LINE_OFFSET + line_bytes:
+                return f"{name}: service line (owner, response seq, epoch)"
+            if TOUCH_HEAD_OFFSET <= rel < TOUCH_HEAD_OFFSET + line_bytes:
+                return f"{name}: touch head"
+            return f"{name}: host lines +{rel}"
+        rel -= HOST_LINES_BYTES
+        if rel < TOUCH_RING_BYTES:
+            return f"{name}: touch ring entry {rel // TOUCH_ENTRY_BYTES}"
+        rel -= TOUCH_RING_BYTES
+        if rel < g.rpc_buffer_bytes:
+            return f"{name}: request buffer +{rel}"
+        return f"{name}: response buffer +{rel - g.rpc_buffer_bytes}"
+    slots = g.segment_count * g.max_slots_per_segment
+    regions = [
+        (g.segment_table_offset, g.segment_count * SEGMENT_ENTRY_BYTES, SEGMENT_ENTRY_BYTES, "segment-table entry"),
+        (g.index_offset, slots * INDEX_ENTRY_BYTES, INDEX_ENTRY_BYTES, "index entry"),
+        (g.table_offset, g.table_buckets * TABLE_BUCKET_BYTES, TABLE_BUCKET_BYTES, "lookup-table bucket"),
+        (g.headers_offset, slots * BLOCK_HEADER_BYTES, BLOCK_HEADER_BYTES, "block header"),
+    ]
+    for start, length, rec, name in regions:
+        if start <= off < start + length:
+            i, rel = divmod(off - start, rec)
+            if name == "segment-table entry":
+                return f"{name} of segment {i} (copy {'AB'[rel // SEGMENT_RECORD_BYTES]})"
+            if name == "lookup-table bucket":
+                return f"{name} {i}"
+            seg, slot = divmod(i, g.max_slots_per_segment)
+            return f"{name} of segment {seg} slot {slot}"
+    if g.segments_offset <= off < g.used_bytes:
+        seg, rel = divmod(off - g.segments_offset, g.segment_size_bytes)
+        return f"block data: segment {seg} +{rel}"
+    if off >= g.used_bytes:
+        return "past the last segment"
+    return "between regions"

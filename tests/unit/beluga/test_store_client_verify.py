@@ -75,11 +75,15 @@ def test_slot_reused_while_a_view_is_checksummed_is_a_miss(reader, store, monkey
     assert (st.hits, st.misses, st.corrupt_misses) == (0, 1, 1)
 
 
-def _python_read_path(monkeypatch) -> None:
-    """Gets read through beluga.readpath; its Python implementation is the one with steps to hook
-    (the C one runs the same steps in one call, tested against it in test_store_readpath.py)."""
+def _python_read_path(monkeypatch, client) -> None:
+    """Gets read through the client's beluga.readpath reader; its Python implementation is the one
+    with steps to hook (the C one runs the same steps in one call, tested against it in
+    test_store_readpath.py)."""
     monkeypatch.setattr(readpath, "read_into", readpath.py_read_into)
     monkeypatch.setattr(readpath, "read_bytes", readpath.py_read_bytes)
+    py = readpath.reader(client.buf, client.g, cls=readpath.PyReader)
+    py.set_ring(client.g.touch_ring_offset(client.slot), client.g.touch_head_offset(client.slot))
+    monkeypatch.setattr(client, "_reader", py)
 
 
 def test_slot_reused_while_get_into_copies_and_checksums_is_a_miss(reader, store, monkeypatch):
@@ -87,7 +91,7 @@ def test_slot_reused_while_get_into_copies_and_checksums_is_a_miss(reader, store
     took the slot during the copy (header first) is seen, even if the bytes are still old."""
     r, data, _ = reader
     loc = r._lookup([KEY], 0)[0]  # where the block is (gets find it in the pool's table)
-    _python_read_path(monkeypatch)
+    _python_read_path(monkeypatch, r)
     real = readpath.copy_and_checksum
     calls = []
 
@@ -112,7 +116,7 @@ def test_slot_reused_while_get_checksums_its_copy_is_a_miss(reader, store, monke
     bytes from a slot that changed hands while it was reading)."""
     r, data, _ = reader
     loc = r._lookup([KEY], 0)[0]
-    _python_read_path(monkeypatch)
+    _python_read_path(monkeypatch, r)
     real_crc32 = readpath.crc32
 
     def checksum_during_reuse(buf, value=0):

@@ -298,3 +298,62 @@ def test_both_paths_probe_prefixes_post_the_same_touches_and_copy_with_the_same_
         assert fn(dest, src) == zlib.crc32(src) and dest == src
         with pytest.raises(ValueError, match="length"):
             fn(bytearray(3), src)
+
+
+# ---------------------------------------------------------------- a whole get in one call
+READERS = {"python": readpath.PyReader} | ({"native": _native.Reader} if _native is not None else {})
+
+
+def test_both_readers_give_the_same_answers_post_the_same_touches_and_count_the_same(store):
+    """readpath.reader: get / get_into / lookup_prefix / probe in one call each, C and Python alike."""
+    c = store.client()
+    g, buf = store.pool.geometry, store.pool.buf
+    data = {k(i): os.urandom(5000 + 3000 * i) for i in range(4)}
+    c.put_many(list(data.items()))
+    ring, head_at = g.touch_ring_offset(c.slot), g.touch_head_offset(c.slot)
+    hit = probe_all(buf, g, k(1))
+    hoff, doff = L.unpack_where(g, hit[1], hit[2])
+    answers, touches = {}, {}
+    for name, cls in READERS.items():
+        r = readpath.reader(buf, g, cls=cls)
+        head = L.read_touch_head(buf, g, c.slot)
+        got = [r.get(k(0))]  # no ring yet: a hit posts nothing
+        assert L.read_touch_head(buf, g, c.slot) == head
+        r.set_ring(ring, head_at)
+        got += [r.get(k(1)), r.get(k("absent")), r.probe(k(2)), r.probe(k("absent"))]
+        dest = bytearray(20_000)
+        got += [r.get_into(k(3), dest), bytes(dest[: len(data[k(3)])]), r.get_into(k("absent"), dest)]
+        with pytest.raises(ValueError, match="destination only 10"):
+            r.get_into(k(3), bytearray(10))
+        got.append(r.lookup_prefix([k(2), k(3), k("absent"), k(0)]))
+        r.post_touches([(hit[1], hit[0])])
+        buf[doff + 100] ^= 1  # damaged bytes: (READ_CRC, generation), retried once with the same entry
+        got += [r.get(k(1)), r.get_into(k(1), dest)]
+        buf[doff + 100] ^= 1
+        buf[hoff + 40] ^= 1  # a damaged header
+        got.append(r.get(k(1)))
+        buf[hoff + 40] ^= 1
+        for bad in (b"short", bytearray(k(1)), "text", None):
+            with pytest.raises(ValueError, match="32 bytes"):
+                r.get(bad)
+            with pytest.raises(ValueError, match="32 bytes"):
+                r.lookup_prefix([k(0), bad])
+        seq = L.read_table_seq(buf, g)
+        L.write_table_seq(buf, g, seq + 1)  # a rebuild in progress: ask the service
+        got += [r.get(k(0)), r.get_into(k(0), dest), r.probe(k(0)), r.lookup_prefix([k(0)])]
+        L.write_table_seq(buf, g, seq)
+        got.append(r.counts())
+        r.set_ring(None)
+        got.append(r.get(k(2)) == data[k(2)])
+        assert L.read_touch_head(buf, g, c.slot) == head + 5  # get, get_into, two prefix hits, post_touches
+        touches[name] = L.read_touches(buf, g, c.slot, head)[1]
+        answers[name] = got
+    a = answers["python"]
+    assert a[0] == data[k(0)] and a[1] == data[k(1)] and a[2] is None and a[3] == probe_all(buf, g, k(2))
+    assert a[4] is None and a[5] == len(data[k(3)]) and a[6] == data[k(3)] and a[7] is None
+    assert a[8] == (2, False)
+    assert a[9] == a[10] == (readpath.READ_CRC, hit[0]) and a[11] == (readpath.READ_HEADER, hit[0])
+    assert a[12:16] == [False, False, False, (0, True)]
+    assert a[16] == {"gets": 5, "hits": 3, "misses": 2, "get_bytes": 5000 + 8000 + 14000}  # failures: the caller counts
+    assert len({repr(v) for v in answers.values()}) == 1, answers
+    assert len({repr(v) for v in touches.values()}) == 1
