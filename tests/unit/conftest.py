@@ -52,7 +52,7 @@ class FakeGuests:
             pool_files[dev.id] = f
         self.tb = SimpleNamespace(
             name="fake", topology=self.topology, hosts=hosts, key=tmp / "id_ed25519", pool_files=pool_files,
-            data={"pool": {"hosts": {h.name: {"dax": "/dev/dax0.0"} for h in hosts}}})
+            dax=lambda host: "/dev/dax0.0")
         self.tb.host = lambda name: next(h for h in self.tb.hosts if h.name == name)
         self.by_port = {h.ssh_port: h.name for h in hosts}
         self.blocks: dict[str, int] = {}      # "set/i" -> slot number in the pool
@@ -255,6 +255,34 @@ class _Conn:
         self.fake.commands.append((self.host, f"<put {remote}>"))
 
 
+class _FakeQMP:
+    """qmp.QMP on FakeGuests: each command recorded (FakeGuests.execute); `stop` and `cont`
+    send the STOP and RESUME events QEMU sends."""
+
+    def __init__(self, fake: FakeGuests, sock) -> None:
+        self.fake, self.sock, self.events = fake, Path(sock), []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def execute(self, command, arguments=None, *, timeout_s=None):
+        if command == "query-status":
+            return {"status": "running", "running": True}
+        ev = {"stop": "STOP", "cont": "RESUME"}.get(command)
+        if ev:
+            self.events.append({"event": ev})
+        return self.fake.execute(self.sock, command, arguments)
+
+    def event_wait(self, name, timeout_s, match=None):
+        for i, e in enumerate(self.events):
+            if e["event"] == name:
+                return self.events.pop(i)
+        raise qmp.EventTimeout(f"no {name} event")
+
+
 @pytest.fixture
 def guests(tmp_path, monkeypatch):
     """FakeGuests on 4hosts-1switch; `guests.use("2hosts-1switch")` for another topology."""
@@ -276,6 +304,7 @@ def guests(tmp_path, monkeypatch):
         monkeypatch.setattr(ssh, "run", run)
         monkeypatch.setattr(ssh, "connection", lambda port, key: _Conn(fake, fake.by_port[port]))
         monkeypatch.setattr(qmp, "execute", fake.execute)
+        monkeypatch.setattr(qmp, "QMP", lambda sock, timeout_s=5.0: _FakeQMP(fake, sock))
         return fake
 
     ns = SimpleNamespace(use=make)

@@ -25,12 +25,13 @@ class FakeHost:
 
 
 class FakeState:
-    """What api.Testbed reads of lifecycle.Testbed."""
+    """What api.Testbed reads of state.TestbedState."""
 
     def __init__(self, root: Path, topology="2hosts-1switch", dead=()):
         self.name = "unit"
         self.dir = root
         self.topology = T.load(topology)
+        self.topology_name = self.topology.name
         self.hosts = [FakeHost(h.name, 20000 + i, root, h.name not in dead) for i, h in enumerate(self.topology.hosts)]
         self.pool_files = {}
         for d in self.topology.devices:
@@ -38,8 +39,9 @@ class FakeState:
             with open(f, "wb") as fh:
                 fh.truncate(d.size_bytes)
             self.pool_files[d.id] = f
-        self.data = {"topology": self.topology.name,
-                     "pool": {"hosts": {h.name: {"dax": "/dev/dax0.0"} for h in self.hosts}}}
+
+    def dax(self, host):
+        return "/dev/dax0.0"
 
     @property
     def key(self):

@@ -198,10 +198,10 @@ def test_pid_is_in_state_as_soon_as_each_qemu_starts(fakes, monkeypatch):
     seen = []
     real = lifecycle._wait_started
 
-    def wait_started(h, p, *a, **k):
+    def wait_started(m):
         # By the time up waits for a host, state.json on disk already has every pid.
         seen.append({x["name"]: x["pid"] for x in json.loads((fakes.state / "tb/state.json").read_text())["hosts"]})
-        return real(h, p, *a, **k)
+        return real(m)
     monkeypatch.setattr(lifecycle, "_wait_started", wait_started)
     try:
         up()
