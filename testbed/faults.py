@@ -23,19 +23,23 @@ def kill_host(h) -> None:
 
 
 def hang_host(h, seconds: float) -> None:
-    """A host hang: QMP `stop` and QEMU's STOP event (the vCPUs are stopped from then on),
-    `seconds`, then `cont` and its RESUME event; one QMP connection for the whole hang.
-    The host runs again however this ends (Ctrl-C included)."""
+    """A host hang: QMP `stop`, and QEMU's STOP event (the vCPUs are stopped from then on);
+    `seconds`; then `cont`, and its RESUME event. The host runs again however this ends
+    (Ctrl-C included). QEMU's monitor serves one client at a time, so no connection is
+    held while the host hangs: reset() and other QMP commands work meanwhile (a reset
+    that resumed the host leaves nothing to `cont` here)."""
     with qmp.QMP(h.files.qmp) as q:
         was_running = q.execute("query-status")["running"]
         q.execute("stop")
         if was_running:  # a host stopped already sends no second STOP
             q.event_wait("STOP", EVENT_TIMEOUT_S)
-        try:
-            time.sleep(seconds)
-        finally:
-            q.execute("cont")
-            q.event_wait("RESUME", EVENT_TIMEOUT_S)
+    try:
+        time.sleep(seconds)
+    finally:
+        with qmp.QMP(h.files.qmp) as q:
+            if not q.execute("query-status")["running"]:
+                q.execute("cont")
+                q.event_wait("RESUME", EVENT_TIMEOUT_S)
 
 
 def set_link(h, up: bool) -> None:

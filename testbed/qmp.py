@@ -24,6 +24,7 @@ from .log import TestbedError
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 5.0
+TICK_S = 0.1
 
 
 class EventTimeout(TestbedError):
@@ -128,16 +129,27 @@ class QMP:
         return self._client
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
-        assert self._loop is not None
-        task = self._loop.create_task(asyncio.wait_for(coro, timeout_s))
+        loop = self._loop
+        assert loop is not None
+        task = loop.create_task(asyncio.wait_for(coro, timeout_s))
+        # The loop wakes every TICK_S: a Ctrl-C that lands on another thread (the kernel
+        # picks one) only sets Python's flag, which the main thread checks when it runs
+        # again; asleep in select() for an event_wait's whole timeout, it did not (60 s
+        # in tests/unit/test_qmp.py).
+        tick: list[asyncio.TimerHandle] = []
+
+        def again() -> None:
+            tick[:] = [loop.call_later(TICK_S, again)]
+        again()
         try:
-            return self._loop.run_until_complete(task)
+            return loop.run_until_complete(task)
         except asyncio.TimeoutError:
             raise TimeoutError(f"QMP {self.sock}: no answer within {timeout_s:g} s") from None
         finally:
+            tick[0].cancel()
             if not task.done():  # Ctrl-C: the call is cancelled, the KeyboardInterrupt goes on
                 task.cancel()
-                self._loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
+                loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
 
 
 def _is(ev: Mapping[str, Any], name: str, match: Mapping[str, Any] | None) -> bool:

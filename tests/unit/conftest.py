@@ -269,11 +269,13 @@ class _FakeQMP:
         return False
 
     def execute(self, command, arguments=None, *, timeout_s=None):
+        host = self.sock.parent.name
+        stopped = self.fake.__dict__.setdefault("stopped", set())
         if command == "query-status":
-            return {"status": "running", "running": True}
-        ev = {"stop": "STOP", "cont": "RESUME"}.get(command)
-        if ev:
-            self.events.append({"event": ev})
+            return {"status": "paused" if host in stopped else "running", "running": host not in stopped}
+        if (command == "stop") == (host not in stopped) and command in ("stop", "cont"):
+            self.events.append({"event": "STOP" if command == "stop" else "RESUME"})
+            (stopped.add if command == "stop" else stopped.discard)(host)
         return self.fake.execute(self.sock, command, arguments)
 
     def event_wait(self, name, timeout_s, match=None):
