@@ -1,9 +1,11 @@
 """Testbed lifecycle: up, down, status, list, exec, logs.
 
-A running testbed is a folder `<state>/<name>/` with `state.json`, the SSH key and one
-folder per host (overlay disk, QMP and serial sockets, serial and QEMU logs, pid file),
-plus the pool's backing files under `<pools>/<name>/`. A later CLI process finds the
-testbed from that folder; every pid is checked against /proc before it is signalled.
+A running testbed is a folder `<state>/<name>/` with `state.json` (read and written by
+state.py alone), the SSH key and one folder per host (overlay disk, QMP and serial
+sockets, serial and QEMU logs, pid file), plus the pool's backing files under
+`<pools>/<name>/`. A later CLI process finds the testbed from that folder; every pid is
+checked against /proc before it is signalled (machine.py). `up` is an ExitStack of
+steps, each with its undo (see `up`).
 
 Folders are 0700 and files and sockets 0600 whatever the umask (paths.py); `name` passes
 names.check before it becomes a path, and only direct children of the state and pool
