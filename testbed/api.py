@@ -234,7 +234,8 @@ class Testbed:
         return Plan(name_, argv)
 
     @staticmethod
-    def _up_options(name, shares, kernel, initrd, modules, qemu) -> dict:
+    def _up_options(name: str | None, shares: Sequence[str], kernel: str | Path | None, initrd: str | Path | None,
+                    modules: str | Path | None, qemu: str | Path | None) -> dict:
         """up's and plan's options checked and typed, every mistake before anything boots."""
         if name is not None:
             names.check(name, "testbed name")
@@ -426,7 +427,7 @@ class Testbed:
                 return ExecResult(h.name, None, r.stdout, r.stderr, error=r.error)
             return ExecResult(h.name, r.exit_code, r.stdout, r.stderr)
 
-        return ExecResults([line], map_parallel(one, targets))
+        return ExecResults(["sh", "-c", line], map_parallel(one, targets))
 
     @staticmethod
     def check_shell(line: str | None, host: str | None = None, all_: bool = False) -> None:

@@ -368,7 +368,7 @@ def _wait_all_ssh(tb: TestbedState, machines: Mapping[str, Machine], *, probe: b
     def wait(h: HostRecord) -> None:
         m = machines[h.name]
         deadline = time.monotonic() + SSH_READY_TIMEOUT_S
-        h.wait_said(SSHD_STARTED, timeout_s=SSH_READY_TIMEOUT_S, failed=BOOT_FAILED, stop=stop, proc=m._proc)
+        h.wait_said(SSHD_STARTED, timeout_s=SSH_READY_TIMEOUT_S, failed=BOOT_FAILED, stop=stop, proc=m.process)
         if not probe:
             return
         try:

@@ -92,6 +92,11 @@ class Machine:
         return self._proc.pid if self._proc is not None else self._pid
 
     @property
+    def process(self) -> subprocess.Popen | None:
+        """The QEMU process, where this process started it."""
+        return self._proc
+
+    @property
     def returncode(self) -> int | None:
         """The exit status where this process started it and it exited; else None."""
         return self._proc.poll() if self._proc is not None else None

@@ -248,3 +248,17 @@ def test_up_passes_shares_and_a_users_kernel_and_qemu_to_up_checked_before_it(mo
     assert got == {}
     with pytest.raises(TestbedError, match="invalid name"):
         Testbed.up("2hosts-1switch", name="Bad Name")
+
+
+def test_what_the_cli_does_the_api_does(tmp_path, monkeypatch):
+    """up --dry-run, down NAME and exec's argument checks, without the command line."""
+    monkeypatch.setenv("BELUGA_TESTBED_STATE", str(tmp_path / "state"))
+    monkeypatch.setenv("BELUGA_TESTBED_POOLS", str(tmp_path / "pools"))
+    plan = Testbed.plan("2hosts-1switch", name="dry")
+    assert plan.name == "dry" and list(plan.argv) == ["host0", "host1"]
+    assert plan.argv["host1"][0] == "qemu-system-x86_64" and "-qmp" in plan.argv["host1"]
+    assert Testbed.running() == [] and Testbed.down_named("dry") is False
+    with pytest.raises(TestbedError, match=r"^no command given"):
+        Testbed.check_shell("  ")
+    with pytest.raises(TestbedError, match=r"^both a host \(host1\) and --all"):
+        Testbed.check_shell("true", "host1", True)
