@@ -122,7 +122,11 @@ class Machine:
             self._proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True, umask=paths.UMASK)
             if self.on_start is not None:
-                self.on_start(self._proc.pid)
+                try:
+                    self.on_start(self._proc.pid)
+                except BaseException:  # nobody would know of this QEMU: it goes now
+                    self.kill()
+                    raise
         return self
 
     def wait_started(self, timeout_s: float = START_TIMEOUT_S) -> str | None:
