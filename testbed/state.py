@@ -35,7 +35,9 @@ LOG_TAIL_LINES = 15
 
 def pid_is_ours(pid: int | None, host_dir: Path) -> bool:
     """Alive and still the QEMU we started (pids get reused): its command line names the
-    host's folder."""
+    host's folder. Not for a child just started: Popen returns while the child is still
+    in execve (vfork), and /proc shows an empty command line until it is done (196 of 200
+    reads right after Popen, here); machine.Machine asks its own Popen instead."""
     if not pid:
         return False
     try:

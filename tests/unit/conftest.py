@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ import pytest
 
 from beluga.keys import name_key
 from testbed import lifecycle, provision, qmp, ssh, topology
+from testbed.state import pid_is_ours
 
 MACHINE = topology.Machine(cpus=4, memory_mib=8192, pools_fs="/dev/shm", pools_fs_mib=4096)
 
@@ -78,6 +80,11 @@ class FakeGuests:
         for h in self.tb.hosts:
             p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(h.dir)])
             self.procs.append(p)
+            # Popen returns while the child is still in execve: /proc shows its command
+            # line (what alive() reads) a moment later.
+            deadline = time.monotonic() + 30
+            while not pid_is_ours(p.pid, h.dir) and time.monotonic() < deadline:
+                time.sleep(0.01)
             hosts.append(lifecycle.HostState(h.name, p.pid, h.ssh_port, h.dir, []))
         self.tb.hosts = hosts
 

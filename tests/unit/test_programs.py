@@ -19,7 +19,7 @@ from testbed import ssh
 from testbed.scenario import programs
 from testbed import topology as T
 from testbed.log import TestbedError
-from testbed.state import TestbedState
+from testbed.state import TestbedState, pid_is_ours
 
 
 class LocalStream:
@@ -106,6 +106,9 @@ def tb(tmp_path, monkeypatch, qemus):
         d.mkdir(parents=True)
         p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", str(d)])
         qemus[name] = p
+        # Popen returns once the child is in execve (vfork), before /proc shows its new
+        # command line: until then the host would not count as running (pid_is_ours).
+        wait_for(lambda: pid_is_ours(p.pid, d), "the stand-in QEMU's command line")
         hosts.append({"name": name, "pid": p.pid, "ssh_port": 10022 + i, "dir": str(d), "argv": []})
     data = {"name": "t", "topology_yaml": topo.read_text(), "topology_source": str(topo), "hosts": hosts,
             "pool": {"hosts": {"host0": {"dax": "/dev/dax0.0"}, "host1": {"dax": "/dev/dax1.0"}}},

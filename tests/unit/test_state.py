@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from testbed import topology as T
 from testbed.log import TestbedError
 from testbed.machine import Machine
 from testbed.qemucmd import HostFiles
-from testbed.state import STATE_VERSION, HostRecord, PoolHost, PoolState, TestbedState
+from testbed.state import STATE_VERSION, HostRecord, PoolHost, PoolState, TestbedState, pid_is_ours
 
 
 def state_json(tmp_path: Path, topology: str = "2hosts-1switch") -> dict:
@@ -94,6 +95,13 @@ def test_a_machine_that_exits_at_start_says_why_with_its_argv_and_log(tmp_path):
 
 def test_shutdown_never_signals_a_pid_that_is_not_our_qemu(tmp_path):
     other = subprocess.Popen(sleeper(tmp_path / "someone-else"))
+    # Popen returns once the child is in execve (vfork), before /proc shows its new
+    # command line (empty in 196 of 200 reads right after Popen here): wait for it, or
+    # the check below would pass for the wrong reason.
+    deadline = time.monotonic() + 30
+    while not pid_is_ours(other.pid, tmp_path / "someone-else"):
+        assert time.monotonic() < deadline, "the sleeper's command line never showed"
+        time.sleep(0.01)
     try:
         m = Machine.attach(HostRecord("host0", other.pid, 0, tmp_path / "host0"))
         assert not m.alive()
