@@ -8,8 +8,11 @@
         tb.poison(8192, 64)
         report = tb.reset()                                   # back to the state right after up
 
-`Testbed.attach(name)` takes one that `beluga-testbed up` started. The command line is a
-thin layer over this module and lifecycle.py, which it wraps.
+`Testbed.attach(name)` takes one that `beluga-testbed up` started. The command line
+(cli.py) is a thin layer over this module: everything it does with running testbeds
+(up, down, status, list, exec, ssh, cp, reset, logs export, provision, pool) is a call
+here. Below it: lifecycle.py (up and down), state.py (the typed state), machine.py (one
+QEMU per host), qmp.py (QMP commands and events).
 """
 from __future__ import annotations
 
@@ -26,9 +29,10 @@ from . import reset as reset_mod
 from .log import TestbedError
 from .par import map_parallel
 from .reset import ResetReport
+from .state import HostRecord, PoolState, TestbedState
 
 __all__ = ["Testbed", "Host", "Pool", "PoolDevice", "Location", "ExecResult", "ExecResults", "ResetReport",
-           "TestbedError"]
+           "Plan", "TestbedError", "TestbedState"]
 
 Location = provision.Location
 
@@ -41,6 +45,14 @@ class Host:
     ssh_port: int  # sshd of the guest, forwarded to 127.0.0.1
     pid: int | None  # its QEMU process on this machine
     dax: str | None  # the pool's devdax device in this guest (/dev/daxN.M), None before provisioning
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `up` would start (`Testbed.plan`, `up --dry-run`): the testbed's name and each
+    host's QEMU argv, in host order."""
+    name: str
+    argv: Mapping[str, list[str]]
 
 
 @dataclass(frozen=True)
@@ -180,7 +192,7 @@ class Testbed:
 
     __test__ = False  # not a pytest test class, in the users' test files that import it
 
-    def __init__(self, state: lifecycle.Testbed, *, keep: bool = True) -> None:
+    def __init__(self, state: TestbedState, *, keep: bool = True) -> None:
         self._state = state
         self.keep = keep
         self._down = False
@@ -195,24 +207,46 @@ class Testbed:
     def up(cls, topology: str, *, name: str | None = None, shares: Sequence[str] = (), keep: bool = False,
            accel: str = "auto", provision: bool = True, kernel: str | Path | None = None,
            initrd: str | Path | None = None, modules: str | Path | None = None,
-           qemu: str | Path | None = None) -> Testbed:
+           qemu: str | Path | None = None, retain: bool = False) -> Testbed:
         """Boot `topology` (a built-in name or a YAML file) and make the pool; returns once
         every host is ready. `name` defaults to the topology's name. `shares` are
         `HOST_DIR[:GUEST_DIR[:rw]]` folders mounted in every guest (as `up --share`).
         `kernel`, `initrd`, `modules` and `qemu`: a user's kernel (with its modules tree)
         and QEMU binary, as `up --kernel/--initrd/--modules/--qemu` (docs/kernels.md).
-        `keep`: leave it running when the `with` block ends."""
+        `keep`: leave it running when the `with` block ends. `retain`: should `up` fail,
+        leave what it started for inspection instead of rolling back (`up --retain`)."""
+        kwargs = cls._up_options(name, shares, kernel, initrd, modules, qemu)
+        if retain:
+            kwargs["retain"] = True
+        state = lifecycle.up(topology, name=name, accel=accel, provision=provision, **kwargs)
+        return cls(state, keep=keep)
+
+    @classmethod
+    def plan(cls, topology: str, *, name: str | None = None, shares: Sequence[str] = (), accel: str = "auto",
+             provision: bool = True, kernel: str | Path | None = None, initrd: str | Path | None = None,
+             modules: str | Path | None = None, qemu: str | Path | None = None) -> Plan:
+        """What `up` with the same arguments would start, without starting or making
+        anything (`up --dry-run`): each host's QEMU argv. `accel="auto"` plans for TCG
+        (the probe that picks KVM boots a guest)."""
+        kwargs = cls._up_options(name, shares, kernel, initrd, modules, qemu)
+        _, name_, argv = lifecycle.plan(topology, name, accel="tcg" if accel == "auto" else accel,
+                                        provision=provision, **kwargs)
+        return Plan(name_, argv)
+
+    @staticmethod
+    def _up_options(name: str | None, shares: Sequence[str], kernel: str | Path | None, initrd: str | Path | None,
+                    modules: str | Path | None, qemu: str | Path | None) -> dict:
+        """up's and plan's options checked and typed, every mistake before anything boots."""
         if name is not None:
             names.check(name, "testbed name")
         kwargs: dict = {}
         if shares:
             from . import shares as shares_mod
-            kwargs["shares"] = shares_mod.parse_all(list(shares))  # every mistake before anything boots
+            kwargs["shares"] = shares_mod.parse_all(list(shares))
         for k, v in (("kernel", kernel), ("initrd", initrd), ("modules", modules), ("qemu", qemu)):
             if v is not None:
                 kwargs[k] = Path(v)
-        state = lifecycle.up(topology, name=name, accel=accel, provision=provision, **kwargs)
-        return cls(state, keep=keep)
+        return kwargs
 
     @classmethod
     def attach(cls, name: str) -> Testbed:
@@ -224,6 +258,13 @@ class Testbed:
     def running() -> list[str]:
         """Names of the testbeds that are up."""
         return lifecycle.names()
+
+    @staticmethod
+    def down_named(name: str) -> bool:
+        """Take testbed `name` down, whatever state it is in (up, half up, its state file
+        lost or unreadable): every QEMU stopped, every file removed. Idempotent: False when
+        nothing of it was there (`beluga-testbed down NAME`)."""
+        return lifecycle.down(names.check(name, "testbed name"))
 
     def __enter__(self) -> Testbed:
         return self
@@ -242,7 +283,7 @@ class Testbed:
             with contextlib.suppress(Exception):
                 c.close()
 
-    def _run(self, h: lifecycle.HostState, command: str, timeout_s: float) -> ssh.Result:
+    def _run(self, h: HostRecord, command: str, timeout_s: float) -> ssh.Result:
         """`command` on host h over its kept connection (opened, or opened again, as needed)."""
         k = (h.name, h.ssh_port, h.pid)
         with self._conns_lock:
@@ -281,14 +322,32 @@ class Testbed:
     @property
     def topology(self) -> str:
         """The topology's name."""
-        return self._state.data["topology"]
+        return self._state.topology_name
+
+    @property
+    def state(self) -> TestbedState:
+        """The typed, frozen record of this testbed (state.py) as last read: its parsed
+        topology, hosts, pids, ports, files, pool, shares, kernel."""
+        return self._state
 
     @property
     def hosts(self) -> tuple[Host, ...]:
         """Every host, in topology order."""
-        pool = (self._state.data.get("pool") or {}).get("hosts") or {}
-        return tuple(Host(h.name, i, h.ssh_port, h.pid, (pool.get(h.name) or {}).get("dax"))
+        return tuple(Host(h.name, i, h.ssh_port, h.pid, self._state.dax(h.name))
                      for i, h in enumerate(self._state.hosts))
+
+    def status(self) -> dict:
+        """What `beluga-testbed status --json` prints: topology, accel, image, creation
+        time, and per host its pid, SSH port, state (running/stopped) and pool (ready, not
+        ready, or '-' when stopped); the shares and the user's kernel, if any."""
+        return lifecycle.describe(self._state)
+
+    def select(self, host: str | None, all_: bool = False) -> list[Host]:
+        """Every host (`all_`), or the one named `host`: what `exec NAME HOST|--all` runs on.
+        An error with the host list when neither is given, or both."""
+        self.check_shell(None, host, all_)
+        chosen = {h.name for h in lifecycle.resolve_hosts(self._state, host, all_)}
+        return [h for h in self.hosts if h.name in chosen]
 
     def host(self, host: str | Host) -> Host:
         """The host named `host` (an error with the host list and a did-you-mean if none is)."""
@@ -350,6 +409,35 @@ class Testbed:
         results = ExecResults(argv, map_parallel(one, targets))
         return results.check() if check else results
 
+    def shell(self, hosts: str | Host | Sequence[str | Host] | None, line: str, *,
+              timeout_s: float = ssh.COMMAND_TIMEOUT_S, pool_env: bool = False) -> ExecResults:
+        """Run a shell command line as typed (not quoted: `a | b` is a pipe) on hosts in
+        parallel, each over a connection of its own (what one command from a terminal
+        wants; `exec` keeps connections open for the next call), as `beluga-testbed exec`.
+        `pool_env`: the BELUGA_* pool variables first. A host that does not answer gets a
+        result with `error` set."""
+        from .scenario import programs
+        self.check_shell(line)
+        targets = self._hosts_states(hosts)
+
+        def one(h: HostRecord) -> ExecResult:
+            full = programs.exports(programs.pool_env(self._state, h.name)) + line if pool_env else line
+            r = ssh.run(h.name, h.ssh_port, self.key, full, timeout_s=timeout_s)
+            if r.error is not None:
+                return ExecResult(h.name, None, r.stdout, r.stderr, error=r.error)
+            return ExecResult(h.name, r.exit_code, r.stdout, r.stderr)
+
+        return ExecResults(["sh", "-c", line], map_parallel(one, targets))
+
+    @staticmethod
+    def check_shell(line: str | None, host: str | None = None, all_: bool = False) -> None:
+        """The mistakes in `shell`'s and `select`'s arguments alone, found before any
+        testbed is looked up: no command line (None: not checked), a host and `all_` both."""
+        if line is not None and (not isinstance(line, str) or not line.strip()):
+            raise TestbedError("no command given", hint="beluga-testbed exec NAME HOST|--all -- CMD ...")
+        if host and all_:  # it ran on every host, whatever HOST said
+            raise TestbedError(f"both a host ({host}) and --all", hint="name one host, or --all for every host")
+
     def exec_ok(self, host: str | Host, argv: Sequence[str], *, timeout_s: float = ssh.COMMAND_TIMEOUT_S) -> ExecResult:
         """Run `argv` on one host; its result, or a TestbedError if it did not exit 0."""
         h = self._host_state(host)
@@ -371,6 +459,41 @@ class Testbed:
         from . import transfer
         return [Path(p) for p in transfer.copy_out(self._state, self._hosts_states(hosts), src, Path(dst),
                                                    recursive=recursive)]
+
+    def copy(self, src: str, dst: str, *, all_hosts: bool = False, recursive: bool = False) -> list[str]:
+        """scp-style copy, as `beluga-testbed cp`: one side is HOST:PATH (or :PATH with
+        `all_hosts`: every host), the other a local path. Returns where each copy went."""
+        from . import transfer
+        return transfer.copy(self._state, src, dst, all_hosts=all_hosts, recursive=recursive)
+
+    @staticmethod
+    def check_copy(src: str, dst: str, *, all_hosts: bool = False, recursive: bool = False) -> None:
+        """The mistakes `copy` would find in its arguments alone (both sides local or
+        remote, a local source that is missing, a folder without `recursive`), before any
+        testbed is looked up."""
+        from . import transfer
+        if transfer.sides(src, dst, all_hosts=all_hosts)[0] is None:  # into the guests
+            transfer.check_source(Path(src), recursive=recursive)
+
+    def export_logs(self, dest: str | Path | None = None) -> Path:
+        """Every host's serial and QEMU logs, its dmesg (where it runs) and the state in one
+        folder: `dest` (made if missing; default ./beluga-logs-NAME-TIME). Returns it."""
+        dest = Path(dest) if dest is not None else None
+        if dest is not None and dest.exists() and not dest.is_dir():
+            raise TestbedError(f"{dest}: not a folder", hint="name a folder to write (made if missing)")
+        return lifecycle.export_logs(self.name, dest)
+
+    def provision(self) -> PoolState:
+        """Make (again) and verify the pool in every guest (`beluga-testbed provision`);
+        the pool's per-host record, also in the state from then on."""
+        self._require_up()
+        self._state = provision.provision(self._state)
+        return self._state.pool
+
+    def pool_table(self) -> dict:
+        """What `beluga-testbed pool --json` prints: geometry, the interleave rule, per host
+        its region and dax device, and region offset -> device -> backing file offset."""
+        return provision.pool_table(self._state)
 
     def run_program(self, hosts: str | Host | Sequence[str | Host] | None, argv: Sequence[str] | None = None, *,
                     shell: str | None = None, env: Mapping[str, str] | None = None,
@@ -466,7 +589,7 @@ class Testbed:
         if self._down:
             raise TestbedError(f"testbed '{self.name}' was taken down")
 
-    def _host_state(self, host: str | Host) -> lifecycle.HostState:
+    def _host_state(self, host: str | Host) -> HostRecord:
         n = host.name if isinstance(host, Host) else host
         if not isinstance(n, str):
             raise TestbedError(f"expected a host name, got {type(n).__name__}")
@@ -480,7 +603,7 @@ class Testbed:
                            hint=(f"did you mean '{close[0]}'? " if close else "")
                            + f"hosts: {', '.join(h.name for h in all_)}")
 
-    def _hosts_states(self, hosts) -> list[lifecycle.HostState]:
+    def _hosts_states(self, hosts) -> list[HostRecord]:
         self._require_up()
         if hosts is None:
             return list(self._state.hosts)
@@ -491,7 +614,7 @@ class Testbed:
             raise TestbedError("no hosts given", hint="None means every host")
         return out
 
-    def _fault_hosts(self, hosts) -> list[lifecycle.HostState]:
+    def _fault_hosts(self, hosts) -> list[HostRecord]:
         targets = self._hosts_states(hosts)
         live = [h for h in targets if h.alive()]
         if not live:

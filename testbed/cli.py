@@ -1,4 +1,7 @@
-"""`beluga-testbed`: thin commands over the library. Data on stdout, progress on stderr."""
+"""`beluga-testbed`: thin commands over the library. Data on stdout, progress on stderr.
+
+Everything about running testbeds goes through the public API (api.py: `Testbed`); this
+module parses arguments and prints (tests/unit/test_cli_thin.py holds it to that)."""
 from __future__ import annotations
 
 import argparse
@@ -102,41 +105,38 @@ def cmd_topology_show(args) -> int:
 
 
 def cmd_up(args) -> int:
-    from . import lifecycle, shares, ssh
-    share_list = shares.parse_all(args.share or [])  # every mistake here, before anything boots
+    from .api import Testbed
+    opts = dict(name=args.name, shares=args.share or [], accel=args.accel, provision=not args.no_provision,
+                kernel=args.kernel, initrd=args.initrd, modules=args.modules, qemu=args.qemu)
     if args.dry_run:
-        t, name, argvs = lifecycle.plan(args.topology, args.name, accel="tcg" if args.accel == "auto" else args.accel,
-                                        provision=not args.no_provision, shares=share_list, kernel=args.kernel,
-                                        initrd=args.initrd, modules=args.modules, qemu=args.qemu)
-        for host, argv in argvs.items():
-            print(f"# {name}/{host}")
+        plan = Testbed.plan(args.topology, **opts)
+        for host, argv in plan.argv.items():
+            print(f"# {plan.name}/{host}")
             print(shlex.join(argv))
         return 0
-    tb = lifecycle.up(args.topology, name=args.name, accel=args.accel, retain=args.retain,
-                      provision=not args.no_provision, shares=share_list, kernel=args.kernel,
-                      initrd=args.initrd, modules=args.modules, qemu=args.qemu)
+    tb = Testbed.up(args.topology, retain=args.retain, keep=True, **opts)
     for h in tb.hosts:
-        print(f"{h.name}\t{shlex.join(ssh.ssh_argv(h.ssh_port, tb.key))}")
+        print(f"{h.name}\t{shlex.join(tb.ssh_argv(h))}")
     return 0
 
 
 def cmd_down(args) -> int:
-    from . import lifecycle
+    from .api import Testbed
     if not args.all and not args.name:
-        running = lifecycle.names()
+        running = Testbed.running()
         raise TestbedError("name a testbed, or --all",
                            hint=f"running: {', '.join(running)}" if running else "none is running")
-    targets = lifecycle.names() if args.all else [args.name]
+    targets = Testbed.running() if args.all else [args.name]
     for n in targets:
-        found = lifecycle.down(n)
+        found = Testbed.down_named(n)
         info(f"✓ {n} is down" if found else f"✓ {n} was not running (nothing to do)")
     return 0
 
 
 def cmd_status(args) -> int:
-    from . import lifecycle
-    targets = [args.name] if args.name else lifecycle.names()
-    out = [lifecycle.status(n) for n in targets]
+    from .api import Testbed
+    targets = [args.name] if args.name else Testbed.running()
+    out = [Testbed.attach(n).status() for n in targets]
     if args.json:
         print(json.dumps(out if not args.name else out[0], indent=2))
         return 0
@@ -164,39 +164,26 @@ def cmd_status(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from . import lifecycle
-    for n in lifecycle.names():
+    from .api import Testbed
+    for n in Testbed.running():
         print(n)
     return 0
 
 
 def cmd_ssh(args) -> int:
-    from . import lifecycle, ssh
-    tb = lifecycle.find(args.name)
-    h = tb.host(args.host)
-    argv = ssh.ssh_argv(h.ssh_port, tb.key, args.command or None)
+    from .api import Testbed
+    argv = Testbed.attach(args.name).ssh_argv(args.host, args.command or None)
     os.execvp(argv[0], argv)
 
 
 def cmd_exec(args) -> int:
-    from . import lifecycle
+    from .api import Testbed
     command = args.command
-    if not command:
-        raise TestbedError("no command given", hint="beluga-testbed exec NAME HOST|--all -- CMD ...")
-    if args.host and args.all:  # it ran on every host, whatever HOST said
-        raise TestbedError(f"both a host ({args.host}) and --all", hint="name one host, or --all for every host")
-    tb = lifecycle.find(args.name)
-    hosts = lifecycle.resolve_hosts(tb, args.host, args.all)
-    line = shlex.join(command) if len(command) > 1 else command[0]
-    if args.pool_env:
-        from . import ssh
-        from .scenario import programs
-        from .par import map_parallel
-        results = map_parallel(lambda h: ssh.run(h.name, h.ssh_port, tb.key,
-                                                 programs.exports(programs.pool_env(tb, h.name)) + line,
-                                                 timeout_s=args.timeout), hosts)
-    else:
-        results = lifecycle.exec_on(tb, hosts, line, timeout_s=args.timeout)
+    line = shlex.join(command) if len(command) > 1 else "".join(command)  # one word: a shell line as typed
+    Testbed.check_shell(line, args.host, args.all)
+    tb = Testbed.attach(args.name)
+    results = list(tb.shell(tb.select(args.host, args.all), line, timeout_s=args.timeout,
+                            pool_env=args.pool_env).values())
     failed = 0
     for r in results:
         if len(results) > 1:
@@ -239,35 +226,33 @@ def cmd_reset(args) -> int:
 
 
 def cmd_cp(args) -> int:
-    from . import lifecycle, transfer
-    if transfer.sides(args.src, args.dst, all_hosts=args.all)[0] is None:  # into the guests
-        transfer.check_source(Path(args.src), recursive=args.recursive)
-    tb = lifecycle.find(args.name)
-    for where in transfer.copy(tb, args.src, args.dst, all_hosts=args.all, recursive=args.recursive):
+    from .api import Testbed
+    Testbed.check_copy(args.src, args.dst, all_hosts=args.all, recursive=args.recursive)
+    for where in Testbed.attach(args.name).copy(args.src, args.dst, all_hosts=args.all, recursive=args.recursive):
         print(where)
     return 0
 
 
 def cmd_logs_export(args) -> int:
-    from . import lifecycle
+    from .api import Testbed
     dest = Path(args.dest) if args.dest else None
-    if dest is not None and dest.exists() and not dest.is_dir():
+    if dest is not None and dest.exists() and not dest.is_dir():  # named as the option, before the lookup
         raise TestbedError(f"--dest {dest}: not a folder", hint="name a folder to write (made if missing)")
-    print(lifecycle.export_logs(args.name, dest))
+    print(Testbed.attach(args.name).export_logs(dest))
     return 0
 
 
 def cmd_provision(args) -> int:
-    from . import lifecycle, provision
-    tb = lifecycle.find(args.name)
-    provision.provision(tb)
+    from .api import Testbed
+    tb = Testbed.attach(args.name)
+    tb.provision()
     info(f"✓ pool ready on {len(tb.hosts)} host(s)")
     return 0
 
 
 def cmd_pool(args) -> int:
-    from . import lifecycle, provision
-    p = provision.pool_table(lifecycle.find(args.name))
+    from .api import Testbed
+    p = Testbed.attach(args.name).pool_table()
     if args.json:
         print(json.dumps(p, indent=2))
         return 0
@@ -338,8 +323,8 @@ def cmd_run(args) -> int:
         raise TestbedError("name a scenario (a file or a built-in name)", hint="'beluga-testbed run --list'")
     if args.check:
         if args.testbed:  # what the run would check: the running testbed's topology
-            from . import lifecycle
-            sc, t = scenario.load(args.scenario), lifecycle.find(args.testbed).topology
+            from .api import Testbed
+            sc, t = scenario.load(args.scenario), Testbed.attach(args.testbed).state.topology
             scenario.check(sc, t)
         else:
             sc, t = scenario.load_checked(args.scenario, args.topology)

@@ -2,38 +2,44 @@
 host; below them, every fault kind a scenario can name (one dataclass and its `run` each)."""
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from typing import Any, ClassVar
 
 from . import deploy, paths, provision, qmp
 from .log import TestbedError
+from .machine import Machine
 from .scenario import Choice, Fault, Hosts, Int, Name, OneHost, Seconds, arg, check_block, fault
 
 
+EVENT_TIMEOUT_S = 10  # for QEMU's STOP and RESUME events after `stop` and `cont`
+
+
 def kill_host(h) -> None:
-    """A host crash: SIGKILL its QEMU."""
+    """A host crash: SIGKILL its QEMU (h: a state.HostRecord); returns once it is gone."""
     if not h.alive():
         raise TestbedError(f"{h.name} is not running")
-    os.kill(h.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while h.alive() and time.monotonic() < deadline:
-        try:
-            os.waitpid(h.pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.05)
+    Machine.attach(h).crash()
 
 
 def hang_host(h, seconds: float) -> None:
-    """A host hang: QMP stop, then cont after `seconds`."""
-    qmp.execute(h.files.qmp, "stop")
+    """A host hang: QMP `stop`, and QEMU's STOP event (the vCPUs are stopped from then on);
+    `seconds`; then `cont`, and its RESUME event. The host runs again however this ends
+    (Ctrl-C included). QEMU's monitor serves one client at a time, so no connection is
+    held while the host hangs: reset() and other QMP commands work meanwhile (a reset
+    that resumed the host leaves nothing to `cont` here)."""
+    with qmp.QMP(h.files.qmp) as q:
+        was_running = q.execute("query-status")["running"]
+        q.execute("stop")
+        if was_running:  # a host stopped already sends no second STOP
+            q.event_wait("STOP", EVENT_TIMEOUT_S)
     try:
         time.sleep(seconds)
     finally:
-        qmp.execute(h.files.qmp, "cont")
+        with qmp.QMP(h.files.qmp) as q:
+            if not q.execute("query-status")["running"]:
+                q.execute("cont")
+                q.event_wait("RESUME", EVENT_TIMEOUT_S)
 
 
 def set_link(h, up: bool) -> None:

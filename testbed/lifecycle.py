@@ -1,9 +1,11 @@
 """Testbed lifecycle: up, down, status, list, exec, logs.
 
-A running testbed is a folder `<state>/<name>/` with `state.json`, the SSH key and one
-folder per host (overlay disk, QMP and serial sockets, serial and QEMU logs, pid file),
-plus the pool's backing files under `<pools>/<name>/`. A later CLI process finds the
-testbed from that folder; every pid is checked against /proc before it is signalled.
+A running testbed is a folder `<state>/<name>/` with `state.json` (read and written by
+state.py alone), the SSH key and one folder per host (overlay disk, QMP and serial
+sockets, serial and QEMU logs, pid file), plus the pool's backing files under
+`<pools>/<name>/`. A later CLI process finds the testbed from that folder; every pid is
+checked against /proc before it is signalled (machine.py). `up` is an ExitStack of
+steps, each with its undo (see `up`).
 
 Folders are 0700 and files and sockets 0600 whatever the umask (paths.py); `name` passes
 names.check before it becomes a path, and only direct children of the state and pool
@@ -17,139 +19,35 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import time
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from . import accel as accel_mod
 from . import image as image_mod
 from . import kernel as kernel_mod
 from . import names as names_mod
-from . import paths, qmp, ssh
+from . import paths, ssh
+from . import shares as shares_mod
 from . import topology as topo
 from .log import TestbedError, info, step
+from .machine import Machine
 from .par import map_parallel
 from .qemucmd import QEMU, HostFiles, host_argv
 from .shares import Share
-from . import shares as shares_mod
+from .state import STATE_FILE, HostRecord, KernelRecord, TestbedState, pid_is_ours  # noqa: F401 - pid_is_ours: its home was here
 
 SSH_READY_TIMEOUT_S = 180
-STATE_FILE = "state.json"
 SSHD_STARTED = b"beluga: sshd started"  # printed on the console by images/rootfs/usr/lib/beluga/boot
 BOOT_FAILED = b"beluga: boot failed"  # printed by testbed/kernel_init.sh (a user kernel's initrd)
-START_TIMEOUT_S = 60  # from exec to QEMU answering on QMP (its init done, the SSH forward bound)
 PORT_ATTEMPTS = 5
-# QEMU's words when the SSH forward's port is taken (it exits 1 at once):
-# "-netdev user,...,hostfwd=tcp:127.0.0.1:39697-:22: Could not set up host forwarding rule ..."
-PORT_TAKEN = "Could not set up host forwarding rule"
 
-
-@dataclass(frozen=True)
-class HostState:
-    name: str
-    pid: int | None
-    ssh_port: int
-    dir: Path
-    argv: list[str]
-
-    @property
-    def files(self) -> HostFiles:
-        return HostFiles(self.dir)
-
-    def alive(self) -> bool:
-        return pid_is_ours(self.pid, self.dir)
-
-    def said(self, marker: bytes) -> bool:
-        """Whether the guest printed `marker` on its serial console (the boot script's lines)."""
-        try:
-            with open(self.files.serial_log, "rb") as f:
-                return marker in f.read()
-        except OSError:
-            return False
-
-    def line_with(self, marker: bytes) -> str:
-        """The first console line that holds `marker` (the whole line: it says why)."""
-        try:
-            text = self.files.serial_log.read_bytes()
-        except OSError:
-            return marker.decode()
-        for line in text.splitlines():
-            if marker in line:
-                return line.decode(errors="replace").strip()
-        return marker.decode()
-
-    def wait_said(self, marker: bytes, *, timeout_s: float, failed: bytes | None = None,
-                  stop: threading.Event | None = None, proc: subprocess.Popen | None = None) -> None:
-        """Wait for the guest to print `marker` on its console. Watching the serial log
-        costs the guest nothing; raises when it prints `failed`, QEMU exits (`proc`, where
-        this process started it, gives the exit status), or time is up."""
-        deadline = time.monotonic() + timeout_s
-        while not self.said(marker):
-            if failed and self.said(failed):
-                raise TestbedError(f"{self.name}: the guest said {self.line_with(failed)!r}")
-            if stop is not None and stop.is_set():
-                raise TestbedError(f"{self.name}: wait abandoned")  # another host failed first
-            if proc is not None and proc.poll() is not None:
-                raise _host_failed(self, f"QEMU exited while booting (exit {proc.returncode})")
-            if not self.alive():
-                raise _host_failed(self, "QEMU exited while booting")
-            if time.monotonic() > deadline:
-                raise _host_failed(self, f"the guest did not say {marker.decode()!r} on its console "
-                                         f"within {timeout_s:.0f} s")
-            time.sleep(0.1)
-
-
-@dataclass(frozen=True)
-class Testbed:
-    name: str
-    dir: Path
-    data: dict
-
-    @property
-    def key(self) -> Path:
-        return self.dir / "id_ed25519"
-
-    @property
-    def hosts(self) -> list[HostState]:
-        return [HostState(h["name"], h.get("pid"), h["ssh_port"], Path(h["dir"]), h["argv"]) for h in self.data["hosts"]]
-
-    def host(self, name: str) -> HostState:
-        for h in self.hosts:
-            if h.name == name:
-                return h
-        raise TestbedError(f"testbed '{self.name}' has no host '{name}' (hosts: {', '.join(h.name for h in self.hosts)})")
-
-    @property
-    def topology(self) -> topo.Topology:
-        return topo.parse(self.data["topology_yaml"], self.data["topology_source"], check_paths=False)
-
-    @property
-    def shares(self) -> list[Share]:
-        return [Share.from_state(s) for s in self.data.get("shares") or []]
-
-    @property
-    def pool_files(self) -> dict[str, Path]:
-        return {k: Path(v) for k, v in self.data["pool_files"].items()}
-
-    def save(self) -> None:
-        tmp = self.dir / (STATE_FILE + ".tmp")
-        paths.write_private(tmp, json.dumps(self.data, indent=2) + "\n")
-        tmp.replace(self.dir / STATE_FILE)
-
-
-def pid_is_ours(pid: int | None, host_dir: Path) -> bool:
-    """Alive and still the QEMU we started (pids get reused)."""
-    if not pid:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return str(host_dir).encode() in cmdline
+# The typed model (state.py); the old names stay for the code that imports them from here.
+Testbed = TestbedState
+HostState = HostRecord
 
 
 def testbed_dir(name: str) -> Path:
@@ -157,15 +55,15 @@ def testbed_dir(name: str) -> Path:
     return paths.state_dir() / names_mod.check(name, "testbed name")
 
 
-def find(name: str) -> Testbed:
+def find(name: str) -> TestbedState:
+    """The running testbed `name`, read from its state folder (typed, parsed once)."""
     d = testbed_dir(name)
     paths.check_private(paths.state_dir())
-    f = d / STATE_FILE
-    if not f.is_file():
+    if not (d / STATE_FILE).is_file():
         running = names()
         hint = f"running: {', '.join(running)}" if running else "none is running; 'beluga-testbed up TOPOLOGY' starts one"
         raise TestbedError(f"no testbed named '{name}'", hint=hint)
-    return Testbed(name, d, json.loads(f.read_text()))
+    return TestbedState.load(d)
 
 
 def names() -> list[str]:
@@ -266,13 +164,67 @@ def _testbed_name(name: str | None, t: topo.Topology) -> str:
     return t.name
 
 
+def _refuse_in_use(name: str, d: Path) -> None:
+    """A testbed of that name, running or left over, is never started over."""
+    if (d / STATE_FILE).exists():
+        try:
+            alive = [h.name for h in find(name).hosts if h.alive()]
+        except TestbedError:  # a state file this version cannot read: leftovers all the same
+            alive = []
+        what = f"is up ({', '.join(alive)} running)" if alive else "has leftovers from an earlier run"
+        raise TestbedError(f"testbed '{name}' {what}",
+                           hint=f"'beluga-testbed down {name}' first, or pick another --name")
+    if os.path.lexists(d):
+        raise TestbedError(f"testbed '{name}' has leftovers from an earlier run ({d})",
+                           hint=f"'beluga-testbed down {name}' first, or pick another --name")
+
+
+class _Writer:
+    """The one writer of a testbed's state while `up` builds it: every change is a new
+    frozen state, saved at once, so state.json always names every QEMU that runs."""
+
+    def __init__(self, st: TestbedState) -> None:
+        self.state = st.save()
+
+    def host(self, name: str, **changes) -> None:
+        self.state = self.state.with_host(name, **changes).save()
+
+
+@contextlib.contextmanager
+def _undone_on_failure(name: str, *, retain: bool) -> Iterator[contextlib.ExitStack]:
+    """An ExitStack for `up`'s steps, each of which pushes its own undo. The undos run
+    (last step first, under one 'roll back' line) when a step fails or Ctrl-C comes;
+    with `retain` they are dropped and everything stays for inspection. On success the
+    stack is popped: nothing is undone."""
+    stack = contextlib.ExitStack()
+    try:
+        yield stack
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            info("✗ interrupted")
+        if retain:
+            stack.pop_all()
+            info(f"• --retain: leaving '{name}' as it is for inspection; 'beluga-testbed down {name}' removes it")
+        else:
+            with step(f"roll back '{name}'"):
+                stack.close()
+        raise
+    stack.pop_all()
+
+
 def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retain: bool = False,
-       provision: bool = True, shares: list[Share] = (), kernel: Path | None = None, initrd: Path | None = None,
-       modules: Path | None = None, qemu: Path | None = None) -> Testbed:
-    """`shares` (shares.parse_all) are exported by every host's QEMU and mounted in every
-    guest once it is up. `kernel`, `initrd`, `modules` and `qemu` (each over the topology's
-    `kernel:` field of that name) boot a user's kernel with its modules tree and use another
-    QEMU binary: see kernel.py."""
+       provision: bool = True, shares: Sequence[Share] = (), kernel: Path | None = None, initrd: Path | None = None,
+       modules: Path | None = None, qemu: Path | None = None) -> TestbedState:
+    """Boot a topology's hosts and make the pool; the running testbed's state.
+
+    The steps, each on an ExitStack with its undo: the state folder, key and pool files
+    (undo: remove them, and stop whatever QEMU state.json or a pid file names); one
+    Machine per host, its pid saved as it starts (undo: stop it); the wait for every
+    guest's sshd; provisioning; the shares' mounts. A failure or Ctrl-C undoes every step
+    done, unless `retain`. `shares` (shares.parse_all) are exported by every host's QEMU
+    and mounted in every guest once it is up. `kernel`, `initrd`, `modules` and `qemu`
+    (each over the topology's `kernel:` field of that name) boot a user's kernel with its
+    modules tree and use another QEMU binary: see kernel.py."""
     t = topo.load(topology_ref)
     name = _testbed_name(name, t)
     uk = _user_kernel(t, kernel, initrd, modules, qemu)
@@ -281,33 +233,20 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
     start = time.monotonic()
     with _locked(name):
         d = testbed_dir(name)
-        if (d / STATE_FILE).exists():
-            tb = find(name)
-            alive = [h.name for h in tb.hosts if h.alive()]
-            what = f"is up ({', '.join(alive)} running)" if alive else "has leftovers from an earlier run"
-            raise TestbedError(f"testbed '{name}' {what}",
-                               hint=f"'beluga-testbed down {name}' first, or pick another --name")
-        if os.path.lexists(d):
-            raise TestbedError(f"testbed '{name}' has leftovers from an earlier run ({d})",
-                               hint=f"'beluga-testbed down {name}' first, or pick another --name")
+        _refuse_in_use(name, d)
         paths.private_dir(paths.pool_dir())  # refused before anything is made or rolled back there
         chosen, notice = accel_mod.choose(accel, img.kernel)
         info(f"• {notice}")
         boot = kernel_mod.plan(uk, img, d)
-        # Every QEMU this process started, by host: rollback stops each of them, whatever
-        # state.json got to say (the pid goes there too, as each one starts).
-        procs: dict[str, subprocess.Popen] = {}
-        try:
+        with _undone_on_failure(name, retain=retain) as undo:
             with step(f"state folder {d} and pool files ({t.pool_size_bytes >> 20} MiB, sparse)"):
-                paths.make_child_dir(paths.state_dir(), name)
-                ssh.generate_key(d / "id_ed25519")
-                os.chmod(d / "id_ed25519.pub", paths.FILE_MODE)
-                pool_files = _create_pool_files(name, t)
-                if uk.kernel is not None:
-                    boot = kernel_mod.prepare(uk, img, d)
-                if provision:
-                    from .provision import POOL_ARGS_FILE, pool_args, signing_plan
-                    paths.write_private(d / POOL_ARGS_FILE, json.dumps(pool_args(t, sign=signing_plan(t))))
+                undo.callback(_teardown, name)
+                boot = _make_files(name, t, uk, img, boot, provision=provision)
+
+                def argv_for(host: str, port: int) -> list[str]:
+                    return _host_argv(t, name, t.host(host), boot=boot, cmdline=img.kernel_cmdline,
+                                      ssh_port=port, accel=chosen, provision=provision, shares=shares)
+
                 hosts = []
                 for h, port in zip(t.hosts, _free_ports(len(t.hosts))):
                     files = HostFiles(paths.make_child_dir(d, h.name))
@@ -315,150 +254,86 @@ def up(topology_ref: str, *, name: str | None = None, accel: str = "auto", retai
                     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(img.disk),
                                     str(files.overlay)], check=True, stdin=subprocess.DEVNULL, umask=paths.UMASK)
                     os.chmod(files.overlay, paths.FILE_MODE)
-                    argv = _host_argv(t, name, h, boot=boot, cmdline=img.kernel_cmdline,
-                                      ssh_port=port, accel=chosen, provision=provision, shares=shares)
-                    hosts.append({"name": h.name, "pid": None, "ssh_port": port, "dir": str(files.dir), "argv": argv})
-                tb = Testbed(name, d, {
-                    "name": name, "topology": t.name, "topology_source": t.source,
-                    "topology_yaml": topo.resolve(topology_ref).read_text(), "accel": chosen, "image": img.key,
-                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pool_dir": str(paths.pool_dir() / name),
-                    "pool_files": {k: str(v) for k, v in pool_files.items()}, "hosts": hosts, "pool": None,
-                    "shares": [s.to_state() for s in shares],
-                    "kernel": boot.to_state(uk) if uk or boot.qemu != QEMU else None,
-                })
-                tb.save()
+                    hosts.append(HostRecord(h.name, None, port, files.dir, tuple(argv_for(h.name, port))))
+                rec = _Writer(TestbedState(
+                    name=name, dir=d, topology_name=t.name, topology_source=t.source,
+                    topology_yaml=topo.resolve(topology_ref).read_text(), parsed=t, accel=chosen,
+                    image=img.key, created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    pool_dir=paths.pool_dir() / name,
+                    pool_files={dev.id: _pool_file(name, dev.id) for dev in t.devices}, hosts=tuple(hosts),
+                    shares=tuple(shares),
+                    kernel=KernelRecord.from_json(boot.to_state(uk)) if uk or boot.qemu != QEMU else None))
             with step(f"launch {len(hosts)} host(s) under {chosen}"):
-                _launch_all(tb, procs, lambda h, port: _host_argv(
-                    t, name, t.host(h), boot=boot, cmdline=img.kernel_cmdline,
-                    ssh_port=port, accel=chosen, provision=provision, shares=shares))
-            names = ", ".join(h.name for h in tb.hosts)
-            with step(f"wait for {names} to boot (sshd started)" if provision else f"wait for SSH on {names}"):
-                _wait_all_ssh(tb, procs, probe=not provision)
+                machines = _launch_all(undo, rec, argv_for)
+            names_ = ", ".join(h.name for h in rec.state.hosts)
+            with step(f"wait for {names_} to boot (sshd started)" if provision else f"wait for SSH on {names_}"):
+                _wait_all_ssh(rec.state, machines, probe=not provision)
             if provision:
                 from . import provision as prov
-                prov.provision(tb, at_boot=True)
+                prov.provision(rec.state, at_boot=True)
             if shares:
-                with step(f"mount {len(shares)} shared folder(s) on {names}: "
+                with step(f"mount {len(shares)} shared folder(s) on {names_}: "
                           + ", ".join(f"{s.host_dir} at {s.guest_dir} ({'rw' if s.rw else 'ro'})" for s in shares)):
-                    shares_mod.mount(tb, list(shares))
-        except BaseException as e:
-            if isinstance(e, KeyboardInterrupt):
-                info("✗ interrupted")
-            if retain:
-                info(f"• --retain: leaving '{name}' as it is for inspection; 'beluga-testbed down {name}' removes it")
-            else:
-                with step(f"roll back '{name}'"):
-                    try:
-                        for p in procs.values():
-                            _kill(p)
-                    finally:
-                        _teardown(name)
-            raise
+                    shares_mod.mount(rec.state, list(shares))
     info(f"✓ {name} is up: {len(t.hosts)} host(s) ready in {time.monotonic() - start:.1f} s")
     return find(name)
 
 
-@contextlib.contextmanager
-def _interrupts_deferred():
-    """Ctrl-C (or SIGTERM/SIGHUP) waits until the block is done, then raises: between the
-    fork of a QEMU and the note of its pid it would orphan that QEMU. (Handlers, unlike a
-    blocked signal mask, do not pass on to the child.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-    old = {s: signal.signal(s, lambda signum, frame: got.append(signum))
-           for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        if got:
-            raise KeyboardInterrupt
+def _make_files(name: str, t: topo.Topology, uk: kernel_mod.UserKernel, img: image_mod.Image,
+                boot: kernel_mod.Boot, *, provision: bool) -> kernel_mod.Boot:
+    """The state folder, the SSH key, the pool files, a user's kernel unpacked, the
+    guests' pool arguments. Returns what QEMU boots."""
+    d = paths.make_child_dir(paths.state_dir(), name)
+    ssh.generate_key(d / "id_ed25519")
+    os.chmod(d / "id_ed25519.pub", paths.FILE_MODE)
+    _create_pool_files(name, t)
+    if uk.kernel is not None:
+        boot = kernel_mod.prepare(uk, img, d)
+    if provision:
+        from .provision import POOL_ARGS_FILE, pool_args, signing_plan
+        paths.write_private(d / POOL_ARGS_FILE, json.dumps(pool_args(t, sign=signing_plan(t))))
+    return boot
 
 
-def _start(tb: Testbed, name: str, procs: dict[str, subprocess.Popen]) -> None:
-    """Start one host's QEMU; its pid is in `procs` and state.json before anything else runs."""
-    h = tb.host(name)
-    with os.fdopen(paths.create_private(h.files.qemu_log), "w") as log, _interrupts_deferred():
-        # umask: QEMU creates the QMP and serial sockets, the serial log and the pid file;
-        # the serial console is a root shell in the guest.
-        p = subprocess.Popen(h.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True, umask=paths.UMASK)
-        procs[name] = p
-        _host_record(tb, name)["pid"] = p.pid
-        tb.save()
+def _machine(undo: contextlib.ExitStack, rec: _Writer, host: str) -> Machine:
+    """Launch host's QEMU as state.json has it; its pid is saved before anything else runs,
+    and its undo (stop it) is on the stack."""
+    h = rec.state.host(host)
+    m = Machine(h.name, h.files, h.argv, on_start=lambda pid: rec.host(host, pid=pid))
+    undo.callback(m.kill)
+    return m.launch()
 
 
-def _host_record(tb: Testbed, name: str) -> dict:
-    return next(x for x in tb.data["hosts"] if x["name"] == name)
-
-
-def _launch_all(tb: Testbed, procs: dict[str, subprocess.Popen], argv_for) -> None:
+def _launch_all(undo: contextlib.ExitStack, rec: _Writer, argv_for) -> dict[str, Machine]:
     """Start every host's QEMU and wait until each answers on QMP (its SSH forward is bound
     by then). A host whose port another program took in the meantime starts again on
-    another port; any other failure raises, with the end of the host's logs."""
-    for h in tb.hosts:
-        _start(tb, h.name, procs)
-    pending = [h.name for h in tb.hosts]
+    another port; any other failure raises LaunchError, with the argv and the end of the
+    host's logs."""
+    machines = {h.name: _machine(undo, rec, h.name) for h in rec.state.hosts}
+    pending = list(machines)
     for _ in range(PORT_ATTEMPTS):
         taken = []
         for n in pending:
-            h = tb.host(n)
-            why = _wait_started(h, procs[n])
+            why = _wait_started(machines[n])
             if why is None:
                 continue
-            if not _said_port_taken(h):
-                raise _host_failed(h, why)
+            if not machines[n].port_taken():
+                raise machines[n].failed(why)
             taken.append(n)
         if not taken:
-            return
-        in_use = {h.ssh_port for h in tb.hosts}
+            return machines
+        in_use = {h.ssh_port for h in rec.state.hosts}
         for n, port in zip(taken, _free_ports(len(taken), avoid=in_use)):
-            rec = _host_record(tb, n)
-            info(f"• {n}: port {rec['ssh_port']} was taken before QEMU could bind it; again on port {port}")
-            rec["ssh_port"], rec["argv"], rec["pid"] = port, argv_for(n, port), None
-            _start(tb, n, procs)
+            info(f"• {n}: port {rec.state.host(n).ssh_port} was taken before QEMU could bind it; again on port {port}")
+            rec.host(n, ssh_port=port, argv=tuple(argv_for(n, port)), pid=None)
+            machines[n] = _machine(undo, rec, n)
         pending = taken
-    h = tb.host(pending[0])
-    raise _host_failed(h, f"no free port for the SSH forward after {PORT_ATTEMPTS} attempts")
+    raise machines[pending[0]].failed(f"no free port for the SSH forward after {PORT_ATTEMPTS} attempts")
 
 
-def _said_port_taken(h: HostState) -> bool:
-    try:
-        return PORT_TAKEN in h.files.qemu_log.read_text(errors="replace")
-    except OSError:
-        return False
-
-
-def _wait_started(h: HostState, p: subprocess.Popen, timeout_s: float = START_TIMEOUT_S) -> str | None:
-    """None once QEMU answers on its QMP socket: its monitor starts after the netdevs, so the
-    SSH forward's port is bound by then. Otherwise why not."""
-    deadline = time.monotonic() + timeout_s
-    while p.poll() is None:
-        if h.files.qmp.exists():
-            try:
-                qmp.execute(h.files.qmp, "query-status", timeout_s=2)
-                return None
-            except Exception:  # noqa: BLE001 - not listening yet, or exiting: poll() says which
-                pass
-        if time.monotonic() > deadline:
-            return f"QEMU did not answer on its QMP socket within {timeout_s:.0f} s"
-        time.sleep(0.05)
-    return f"QEMU exited at start (exit {p.returncode})"
-
-
-def _kill(p: subprocess.Popen) -> None:
-    """Stop a QEMU this process started (rollback: its files go next, nothing to save)."""
-    if p.poll() is not None:
-        return
-    p.terminate()
-    try:
-        p.wait(timeout=3)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(timeout=10)
+def _wait_started(m: Machine) -> str | None:
+    """None once `m` answers on QMP, else why not (Machine.wait_started)."""
+    return m.wait_started()
 
 
 def _check_socket_path(p: Path) -> None:
@@ -484,36 +359,25 @@ def _create_pool_files(name: str, t: topo.Topology) -> dict[str, Path]:
     return out
 
 
-def _host_failed(h: HostState, why: str) -> TestbedError:
-    tail = []
-    for f, label in ((h.files.qemu_log, "QEMU log"), (h.files.serial_log, "serial log")):
-        try:
-            lines = f.read_text(errors="replace").splitlines()[-15:]
-        except OSError:
-            continue
-        if lines:
-            tail.append(f"--- {h.name} {label} ({f}), last lines:\n" + "\n".join(lines))
-    return TestbedError(f"{h.name}: {why}\n" + "\n".join(tail))
-
-
-def _wait_all_ssh(tb: Testbed, procs: dict[str, subprocess.Popen], *, probe: bool = True) -> None:
+def _wait_all_ssh(tb: TestbedState, machines: Mapping[str, Machine], *, probe: bool = True) -> None:
     """Every host says on its console that sshd started; with `probe`, each then answers a
     command over SSH. (Provisioning's first SSH call proves that instead: it comes once the
     guest has made its region, and an earlier one would take the guest's vCPU from it.)"""
     stop = threading.Event()  # set on the first failure or Ctrl-C: the other waits end too
 
-    def wait(h: HostState) -> None:
+    def wait(h: HostRecord) -> None:
+        m = machines[h.name]
         deadline = time.monotonic() + SSH_READY_TIMEOUT_S
-        h.wait_said(SSHD_STARTED, timeout_s=SSH_READY_TIMEOUT_S, failed=BOOT_FAILED, stop=stop, proc=procs[h.name])
+        h.wait_said(SSHD_STARTED, timeout_s=SSH_READY_TIMEOUT_S, failed=BOOT_FAILED, stop=stop, proc=m.process)
         if not probe:
             return
         try:
             ssh.wait_ready(h.ssh_port, tb.key, timeout_s=max(1.0, deadline - time.monotonic()),
-                           alive=lambda: not stop.is_set() and procs[h.name].poll() is None)
+                           alive=lambda: not stop.is_set() and m.returncode is None)
         except RuntimeError:
-            raise _host_failed(h, f"QEMU exited while booting (exit {procs[h.name].returncode})") from None
+            raise h.failed(f"QEMU exited while booting (exit {m.returncode})") from None
         except TimeoutError as e:
-            raise _host_failed(h, str(e)) from None
+            raise h.failed(str(e)) from None
 
     try:
         map_parallel(wait, tb.hosts)
@@ -534,7 +398,7 @@ def _teardown(name: str) -> bool:
     pool = paths.pool_dir() / name
     found = os.path.lexists(d) or os.path.lexists(pool)
     if os.path.isdir(d) and not os.path.islink(d):
-        map_parallel(_stop_host, _hosts_to_stop(name, d))
+        map_parallel(lambda m: m.shutdown(), _machines_to_stop(name, d))
     paths.remove_child(paths.state_dir(), d)
     paths.remove_child(paths.pool_dir(), pool)
     with contextlib.suppress(OSError):
@@ -544,85 +408,65 @@ def _teardown(name: str) -> bool:
     return found
 
 
-def _hosts_to_stop(name: str, d: Path) -> list[HostState]:
+def _machines_to_stop(name: str, d: Path) -> list[Machine]:
     """The hosts in state.json and, should it be missing or unreadable (a CLI killed in the
     middle of `up`), every host folder's QEMU pid file: no QEMU outlives its files."""
-    hosts: list[HostState] = []
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        hosts += Testbed(name, d, json.loads((d / STATE_FILE).read_text())).hosts
+    hosts: list[HostRecord] = []
+    with contextlib.suppress(OSError, ValueError, TestbedError):
+        hosts += TestbedState.load(d).hosts
     known = {(h.dir, h.pid) for h in hosts}
     for pidfile in sorted(d.glob(f"*/{HostFiles(Path()).pidfile.name}")):
         with contextlib.suppress(OSError, ValueError):
             pid = int(pidfile.read_text().strip())
             if (pidfile.parent, pid) not in known:
-                hosts.append(HostState(pidfile.parent.name, pid, 0, pidfile.parent, []))
-    return hosts
-
-
-def _stop_host(h: HostState) -> None:
-    """Polite to forceful: QMP quit, SIGTERM, SIGKILL; each with a timeout."""
-    if not h.alive():
-        return
-    with contextlib.suppress(Exception):
-        qmp.execute(h.files.qmp, "quit", timeout_s=2)
-    if _wait_gone(h, 3):
-        return
-    for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(h.pid, sig)  # type: ignore[arg-type]
-        if _wait_gone(h, wait_s):
-            return
-    raise TestbedError(f"{h.name}: QEMU (pid {h.pid}) did not exit after SIGKILL")
-
-
-def _wait_gone(h: HostState, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not h.alive():
-            # Reap it if it is our child (the CLI that ran `up`).
-            with contextlib.suppress(ChildProcessError, TypeError):
-                os.waitpid(h.pid, os.WNOHANG)  # type: ignore[arg-type]
-            return True
-        time.sleep(0.05)
-    return not h.alive()
+                hosts.append(HostRecord(pidfile.parent.name, pid, 0, pidfile.parent))
+    return [Machine.attach(h) for h in hosts]
 
 
 def status(name: str) -> dict:
-    tb = find(name)
-    pool = tb.data.get("pool") or {}
+    """What `beluga-testbed status --json` prints for testbed `name`."""
+    return describe(find(name))
+
+
+def describe(tb: TestbedState) -> dict:
+    """A testbed's status as JSON: each host's pid, port, running or not, pool state."""
     hosts = []
     for h in tb.hosts:
         alive = h.alive()
-        hp = (pool.get("hosts") or {}).get(h.name)
+        hp = tb.pool.hosts.get(h.name) if tb.pool else None
         hosts.append({
             "name": h.name, "pid": h.pid, "ssh_port": h.ssh_port,
             "state": "running" if alive else "stopped",
-            "pool": ("ready" if hp and hp.get("ready") else "not ready") if alive else "-",
-            "dax": hp.get("dax") if hp else None,
+            "pool": ("ready" if hp and hp.ready else "not ready") if alive else "-",
+            "dax": hp.dax if hp else None,
         })
-    return {"name": tb.name, "topology": tb.data["topology"], "accel": tb.data["accel"], "image": tb.data["image"],
-            "created_at": tb.data["created_at"], "hosts": hosts, "shares": [s.to_state() for s in tb.shares],
-            "kernel": tb.data.get("kernel")}
+    return {"name": tb.name, "topology": tb.topology_name, "accel": tb.accel, "image": tb.image,
+            "created_at": tb.created_at, "hosts": hosts, "shares": [s.to_state() for s in tb.shares],
+            "kernel": tb.kernel.to_json() if tb.kernel else None}
 
 
-def resolve_hosts(tb: Testbed, host: str | None, all_: bool) -> list[HostState]:
+def resolve_hosts(tb: TestbedState, host: str | None, all_: bool) -> list[HostRecord]:
+    """Every host (`all_`), or the one named; an error with the host list otherwise."""
     if all_:
-        return tb.hosts
+        return list(tb.hosts)
     if not host:
         raise TestbedError("name a host, or --all", hint=f"hosts: {', '.join(h.name for h in tb.hosts)}")
     return [tb.host(host)]
 
 
-def exec_on(tb: Testbed, hosts: list[HostState], command: str, *, timeout_s: float = ssh.COMMAND_TIMEOUT_S) -> list[ssh.Result]:
+def exec_on(tb: TestbedState, hosts: Sequence[HostRecord], command: str, *,
+            timeout_s: float = ssh.COMMAND_TIMEOUT_S) -> list[ssh.Result]:
     """Run a command on hosts in parallel; one result per host, in host order."""
     return map_parallel(lambda h: ssh.run(h.name, h.ssh_port, tb.key, command, timeout_s=timeout_s), hosts)
 
 
 def export_logs(name: str, dest: Path | None = None) -> Path:
+    """Every host's serial and QEMU logs, its dmesg (where it runs) and state.json in one
+    folder (made if missing); returns it."""
     tb = find(name)
     dest = dest or Path.cwd() / f"beluga-logs-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "state.json").write_text(json.dumps(tb.data, indent=2))
+    (dest / "state.json").write_text(json.dumps(tb.to_json(), indent=2))
     alive = [h for h in tb.hosts if h.alive()]
     dmesg = {r.host: r for r in exec_on(tb, alive, "dmesg", timeout_s=30)}
     for h in tb.hosts:

@@ -13,6 +13,7 @@ from pathlib import Path
 from . import paths, ssh
 from .log import TestbedError, step
 from .par import map_parallel
+from .state import PoolHost, PoolState
 from .topology import Topology
 
 GUEST_SCRIPT = Path(__file__).parent / "guest" / "pool.py"
@@ -123,9 +124,10 @@ def _collect_at_boot(tb, sign: dict) -> tuple[dict[str, dict], dict[str, list[st
     return {n: r["region"] for n, r in out.items()}, {n: r["data"] for n, r in out.items() if "data" in r}
 
 
-def provision(tb, *, order_override: dict[str, list[str]] | None = None, at_boot: bool = False) -> dict:
-    """Create and verify the pool on every host of a running testbed; records the result
-    in the testbed's state. With `at_boot`, the guests already create the region while
+def provision(tb, *, order_override: dict[str, list[str]] | None = None, at_boot: bool = False):
+    """Create and verify the pool on every host of a running testbed (a state.TestbedState);
+    records the result in the testbed's state.json (each host `ready` once verified) and
+    returns the testbed's new state (its `pool` that result). With `at_boot`, the guests already create the region while
     booting and this collects their results. `order_override` (host -> device ids)
     exists to prove that verification catches a wrong target order."""
     t: Topology = tb.topology
@@ -149,16 +151,11 @@ def provision(tb, *, order_override: dict[str, list[str]] | None = None, at_boot
                 raise TestbedError(f"{name}: {r['dax']} is in mode {r['dax_mode']}, expected devdax")
             if r["system_ram_cxl"]:
                 raise TestbedError(f"{name}: CXL memory shows up as System RAM (kmem) in /proc/iomem")
-    pool = {"hosts": {n: {**r, "ready": False} for n, r in regions.items()}}
-    tb.data["pool"] = pool
-    tb.save()
+    pool = PoolState({n: PoolHost.from_report(r) for n, r in regions.items()})
+    tb = tb.with_pool(pool).save()
     with step(f"pool: verify the mapping across {len(hosts)} host(s) and the backing files"):
         verify(tb, regions, sign, reads)
-    for n in pool["hosts"]:
-        pool["hosts"][n]["ready"] = True
-    tb.data["pool"] = pool
-    tb.save()
-    return pool
+    return tb.with_pool(pool.ready()).save()
 
 
 def verify(tb, regions: dict[str, dict], sign: dict | None = None,
@@ -229,7 +226,6 @@ def verify(tb, regions: dict[str, dict], sign: dict | None = None,
 def pool_table(tb) -> dict:
     """What `beluga-testbed pool` prints: geometry, per-host dax, and offset -> device -> file."""
     t: Topology = tb.topology
-    pool = tb.data.get("pool") or {}
     g, n = t.pool.granularity_bytes, len(t.pool.devices)
     rows = []
     for i in range(n):
@@ -240,7 +236,8 @@ def pool_table(tb) -> dict:
         "name": tb.name, "size_bytes": t.pool_size_bytes, "ways": n, "granularity_bytes": g,
         "window": t.pool.window, "stripe_bytes": g * n,
         "rule": f"region offset o -> position (o // {g}) % {n}, device offset (o // {g * n}) * {g} + o % {g}",
-        "hosts": {name: {k: r.get(k) for k in ("region", "dax", "dax_mode", "ready", "targets")}
-                  for name, r in (pool.get("hosts") or {}).items()},
+        "hosts": {name: {"region": r.region, "dax": r.dax, "dax_mode": r.dax_mode, "ready": r.ready,
+                         "targets": list(r.targets) if r.targets is not None else None}
+                  for name, r in (tb.pool.hosts.items() if tb.pool else ())},
         "map": rows,
     }

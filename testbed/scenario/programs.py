@@ -85,7 +85,7 @@ def pool_env(testbed, host: str) -> dict[str, str]:
         "BELUGA_HOST_INDEX": str(names.index(host)),
         "BELUGA_HOST_COUNT": str(len(names)),
     }
-    dax = (((testbed.data.get("pool") or {}).get("hosts") or {}).get(host) or {}).get("dax")
+    dax = testbed.dax(host)
     if dax:
         env["BELUGA_DAX"] = dax
     return env

@@ -618,7 +618,7 @@ class Run:
             self.readers = rest or [sc.service]
         else:
             self.readers = list(sc.readers)
-        self.dax = {n: tb.data["pool"]["hosts"][n]["dax"] for n in names}
+        self.dax = {n: tb.dax(n) for n in names}
 
     # ------------------------------------------------------------ hosts and roles
     def resolve(self, on) -> list[str]:

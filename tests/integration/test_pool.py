@@ -68,17 +68,17 @@ def test_bytes_written_on_one_host_read_identically_everywhere(topology, tmp_pat
     try:
         tb = lifecycle.find(name)
         t = tb.topology
-        pool = tb.data["pool"]["hosts"]
+        pool = tb.pool.hosts
         data = os.urandom(SAMPLE)
         blob = tmp_path / "blob"
         blob.write_bytes(data)
         h0 = tb.hosts[0]
         with ssh.connection(h0.ssh_port, tb.key) as c:
             c.put(str(blob), "/tmp/blob")
-        _guest(tb, h0, WRITE, pool[h0.name]["dax"], "/tmp/blob", str(WRITE_AT))
+        _guest(tb, h0, WRITE, pool[h0.name].dax, "/tmp/blob", str(WRITE_AT))
         want = hashlib.sha256(data).hexdigest()
         for h in tb.hosts:
-            assert _guest(tb, h, READ_SHA, pool[h.name]["dax"], str(WRITE_AT), str(SAMPLE)).strip() == want, h.name
+            assert _guest(tb, h, READ_SHA, pool[h.name].dax, str(WRITE_AT), str(SAMPLE)).strip() == want, h.name
         # On the host machine: every granule is in the backing file the arithmetic names.
         g = t.pool.granularity_bytes
         positions = set()

@@ -40,7 +40,7 @@ def test_background_on_both_hosts_then_join(bed, tmp_path):
                              'test -c "$BELUGA_DAX" && exit $((40 + BELUGA_HOST_INDEX))',
                              {"GREETING": "it's me"}, 120, True, tmp_path)
     res = h.join()
-    dax = {n: r["dax"] for n, r in tb.data["pool"]["hosts"].items()}
+    dax = {n: r.dax for n, r in tb.pool.hosts.items()}
     for i, n in enumerate(["host0", "host1"]):
         assert res[n].exit_code == 40 + i, res[n].stderr_tail
         assert res[n].stdout_path.read_text() == f"{n} {i}/2 {dax[n]} it's me\n"

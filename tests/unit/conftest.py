@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ import pytest
 
 from beluga.keys import name_key
 from testbed import lifecycle, provision, qmp, ssh, topology
+from testbed.state import pid_is_ours
 
 MACHINE = topology.Machine(cpus=4, memory_mib=8192, pools_fs="/dev/shm", pools_fs_mib=4096)
 
@@ -52,7 +54,7 @@ class FakeGuests:
             pool_files[dev.id] = f
         self.tb = SimpleNamespace(
             name="fake", topology=self.topology, hosts=hosts, key=tmp / "id_ed25519", pool_files=pool_files,
-            data={"pool": {"hosts": {h.name: {"dax": "/dev/dax0.0"} for h in hosts}}})
+            dax=lambda host: "/dev/dax0.0")
         self.tb.host = lambda name: next(h for h in self.tb.hosts if h.name == name)
         self.by_port = {h.ssh_port: h.name for h in hosts}
         self.blocks: dict[str, int] = {}      # "set/i" -> slot number in the pool
@@ -79,6 +81,11 @@ class FakeGuests:
         for h in self.tb.hosts:
             p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(h.dir)])
             self.procs.append(p)
+            # Popen returns while the child is still in execve: /proc shows its command
+            # line (what alive() reads) a moment later.
+            deadline = time.monotonic() + 30
+            while not pid_is_ours(p.pid, h.dir) and time.monotonic() < deadline:
+                time.sleep(0.01)
             hosts.append(lifecycle.HostState(h.name, p.pid, h.ssh_port, h.dir, []))
         self.tb.hosts = hosts
 
@@ -262,6 +269,36 @@ class _Conn:
         self.fake.commands.append((self.host, f"<put {remote}>"))
 
 
+class _FakeQMP:
+    """qmp.QMP on FakeGuests: each command recorded (FakeGuests.execute); `stop` and `cont`
+    send the STOP and RESUME events QEMU sends."""
+
+    def __init__(self, fake: FakeGuests, sock) -> None:
+        self.fake, self.sock, self.events = fake, Path(sock), []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def execute(self, command, arguments=None, *, timeout_s=None):
+        host = self.sock.parent.name
+        stopped = self.fake.__dict__.setdefault("stopped", set())
+        if command == "query-status":
+            return {"status": "paused" if host in stopped else "running", "running": host not in stopped}
+        if (command == "stop") == (host not in stopped) and command in ("stop", "cont"):
+            self.events.append({"event": "STOP" if command == "stop" else "RESUME"})
+            (stopped.add if command == "stop" else stopped.discard)(host)
+        return self.fake.execute(self.sock, command, arguments)
+
+    def event_wait(self, name, timeout_s, match=None):
+        for i, e in enumerate(self.events):
+            if e["event"] == name:
+                return self.events.pop(i)
+        raise qmp.EventTimeout(f"no {name} event")
+
+
 @pytest.fixture
 def guests(tmp_path, monkeypatch):
     """FakeGuests on 4hosts-1switch; `guests.use("2hosts-1switch")` for another topology."""
@@ -283,6 +320,7 @@ def guests(tmp_path, monkeypatch):
         monkeypatch.setattr(ssh, "run", run)
         monkeypatch.setattr(ssh, "connection", lambda port, key: _Conn(fake, fake.by_port[port]))
         monkeypatch.setattr(qmp, "execute", fake.execute)
+        monkeypatch.setattr(qmp, "QMP", lambda sock, timeout_s=5.0: _FakeQMP(fake, sock))
         return fake
 
     ns = SimpleNamespace(use=make)

@@ -25,12 +25,13 @@ class FakeHost:
 
 
 class FakeState:
-    """What api.Testbed reads of lifecycle.Testbed."""
+    """What api.Testbed reads of state.TestbedState."""
 
     def __init__(self, root: Path, topology="2hosts-1switch", dead=()):
         self.name = "unit"
         self.dir = root
         self.topology = T.load(topology)
+        self.topology_name = self.topology.name
         self.hosts = [FakeHost(h.name, 20000 + i, root, h.name not in dead) for i, h in enumerate(self.topology.hosts)]
         self.pool_files = {}
         for d in self.topology.devices:
@@ -38,8 +39,9 @@ class FakeState:
             with open(f, "wb") as fh:
                 fh.truncate(d.size_bytes)
             self.pool_files[d.id] = f
-        self.data = {"topology": self.topology.name,
-                     "pool": {"hosts": {h.name: {"dax": "/dev/dax0.0"} for h in self.hosts}}}
+
+    def dax(self, host):
+        return "/dev/dax0.0"
 
     @property
     def key(self):
@@ -246,3 +248,17 @@ def test_up_passes_shares_and_a_users_kernel_and_qemu_to_up_checked_before_it(mo
     assert got == {}
     with pytest.raises(TestbedError, match="invalid name"):
         Testbed.up("2hosts-1switch", name="Bad Name")
+
+
+def test_what_the_cli_does_the_api_does(tmp_path, monkeypatch):
+    """up --dry-run, down NAME and exec's argument checks, without the command line."""
+    monkeypatch.setenv("BELUGA_TESTBED_STATE", str(tmp_path / "state"))
+    monkeypatch.setenv("BELUGA_TESTBED_POOLS", str(tmp_path / "pools"))
+    plan = Testbed.plan("2hosts-1switch", name="dry")
+    assert plan.name == "dry" and list(plan.argv) == ["host0", "host1"]
+    assert plan.argv["host1"][0] == "qemu-system-x86_64" and "-qmp" in plan.argv["host1"]
+    assert Testbed.running() == [] and Testbed.down_named("dry") is False
+    with pytest.raises(TestbedError, match=r"^no command given"):
+        Testbed.check_shell("  ")
+    with pytest.raises(TestbedError, match=r"^both a host \(host1\) and --all"):
+        Testbed.check_shell("true", "host1", True)

@@ -11,6 +11,7 @@ from testbed import cli, lifecycle
 from testbed import ssh
 from testbed import topology as T
 from testbed.ssh import Result
+from testbed.state import TestbedState
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +31,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def write_testbed(tmp_path, name="tb", topology="2hosts-1switch") -> lifecycle.Testbed:
+def write_testbed(tmp_path, name="tb", topology="2hosts-1switch") -> TestbedState:
     """A testbed's state as `up` leaves it, with hosts that are not running."""
     t = T.load(topology)
     d = lifecycle.testbed_dir(name)
@@ -42,9 +43,7 @@ def write_testbed(tmp_path, name="tb", topology="2hosts-1switch") -> lifecycle.T
             "created_at": "2026-01-01T00:00:00+0000", "pool_dir": str(tmp_path / "pools" / name),
             "pool_files": {d_.id: str(tmp_path / "pools" / name / f"{d_.id}.raw") for d_ in t.devices},
             "hosts": hosts, "pool": None}
-    tb = lifecycle.Testbed(name, d, data)
-    tb.save()
-    return tb
+    return TestbedState.from_json(data, d).save()
 
 
 def test_unknown_command_is_a_usage_error(capsys):

@@ -2,6 +2,7 @@
 the SSH forward's port, writes its pid file and sockets and answers on QMP, but boots no
 guest. Real processes, files, sockets and ports; the SSH probe is the only thing faked."""
 import json
+import shlex
 import os
 import shutil
 import signal as signal_mod
@@ -10,6 +11,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -198,10 +200,10 @@ def test_pid_is_in_state_as_soon_as_each_qemu_starts(fakes, monkeypatch):
     seen = []
     real = lifecycle._wait_started
 
-    def wait_started(h, p, *a, **k):
+    def wait_started(m):
         # By the time up waits for a host, state.json on disk already has every pid.
         seen.append({x["name"]: x["pid"] for x in json.loads((fakes.state / "tb/state.json").read_text())["hosts"]})
-        return real(h, p, *a, **k)
+        return real(m)
     monkeypatch.setattr(lifecycle, "_wait_started", wait_started)
     try:
         up()
@@ -252,3 +254,45 @@ def test_folders_are_0700_and_files_and_sockets_0600_whatever_the_umask(fakes):
         assert stat.S_IMODE(os.stat(fakes.state / ".tb.lock").st_mode) == 0o600
     finally:
         lifecycle.down(tb.name)
+
+
+def test_a_launch_error_carries_the_argv_and_the_log_tail(fakes, monkeypatch):
+    from testbed.machine import LaunchError
+    monkeypatch.setenv("FAKE_QEMU_FAIL", "host0")
+    with pytest.raises(LaunchError) as e:
+        up(topology="1host-1switch")
+    assert e.value.host == "host0" and e.value.argv[0] == qemucmd.QEMU and "-qmp" in e.value.argv
+    assert "cannot start (FAKE_QEMU_FAIL)" in e.value.log_tail
+    assert str(e.value).endswith("--- host0 QEMU command line:\n" + shlex.join(e.value.argv))
+
+
+def test_hang_stops_the_vcpus_until_qemu_says_resume(fakes):
+    """The fault waits for QEMU's own STOP and RESUME events (the fake sends them as QEMU does)."""
+    from testbed import faults, qmp
+    tb = up(topology="1host-1switch")
+    try:
+        h = tb.host("host0")
+        seen = []
+        hang = threading.Thread(target=faults.hang_host, args=(h, 2.0))
+        hang.start()
+        while hang.is_alive() and not seen:
+            if qmp.execute(h.files.qmp, "query-status")["status"] == "paused":
+                seen.append("paused")
+            time.sleep(0.05)
+        hang.join()
+        assert seen == ["paused"], "the host was stopped during the hang"
+        assert qmp.execute(h.files.qmp, "query-status")["running"] is True
+    finally:
+        lifecycle.down("tb")
+    assert fakes.alive() == []
+
+
+def test_kill_returns_once_the_qemu_is_gone_and_down_still_cleans_up(fakes):
+    from testbed import faults
+    tb = up()
+    faults.kill_host(tb.host("host1"))
+    assert [h.alive() for h in tb.hosts] == [True, False]
+    with pytest.raises(TestbedError, match="host1 is not running"):
+        faults.kill_host(tb.host("host1"))
+    assert lifecycle.down("tb") is True
+    assert fakes.alive() == []

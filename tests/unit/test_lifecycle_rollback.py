@@ -21,7 +21,7 @@ import pytest
 
 from testbed import image as image_mod
 from testbed import lifecycle as L
-from testbed import paths
+from testbed import machine, paths, qmp
 from testbed.log import TestbedError
 
 FAKE_QEMU = r"""
@@ -108,7 +108,7 @@ def bed(tmp_path, monkeypatch):
         os.kill(pid, signal.SIGTERM)
         return {}
 
-    monkeypatch.setattr(L.qmp, "execute", qmp_execute)
+    monkeypatch.setattr(qmp, "execute", qmp_execute)
     monkeypatch.setattr(L.ssh, "wait_ready", lambda port, key, *, timeout_s, alive=lambda: True: None)
 
     class Bed:
@@ -266,10 +266,10 @@ def test_down_of_a_host_that_ignores_quit_and_sigterm_escalates(bed, monkeypatch
     def no_answer(sock, command, arguments=None, *, timeout_s=5.0):
         raise TimeoutError("QMP did not answer")
 
-    monkeypatch.setattr(L.qmp, "execute", no_answer)
+    monkeypatch.setattr(qmp, "execute", no_answer)
     sent = []
     real_kill = os.kill
-    monkeypatch.setattr(L, "_wait_gone", lambda h, t: (not h.alive()) if sent else False)
+    monkeypatch.setattr(machine.Machine, "_wait_gone", lambda m, t: (not m.alive()) if sent else False)
 
     def kill(p, sig):
         sent.append(sig)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from testbed import lifecycle, ssh
+from testbed import ssh
 from testbed.scenario import programs
 from testbed import topology as T
 from testbed.log import TestbedError
+from testbed.state import TestbedState, pid_is_ours
 
 
 class LocalStream:
@@ -105,10 +106,15 @@ def tb(tmp_path, monkeypatch, qemus):
         d.mkdir(parents=True)
         p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", str(d)])
         qemus[name] = p
+        # Popen returns once the child is in execve (vfork), before /proc shows its new
+        # command line: until then the host would not count as running (pid_is_ours).
+        wait_for(lambda: pid_is_ours(p.pid, d), "the stand-in QEMU's command line")
         hosts.append({"name": name, "pid": p.pid, "ssh_port": 10022 + i, "dir": str(d), "argv": []})
     data = {"name": "t", "topology_yaml": topo.read_text(), "topology_source": str(topo), "hosts": hosts,
-            "pool": {"hosts": {"host0": {"dax": "/dev/dax0.0"}, "host1": {"dax": "/dev/dax1.0"}}}}
-    return lifecycle.Testbed("t", tmp_path / "state", data)
+            "pool": {"hosts": {"host0": {"dax": "/dev/dax0.0"}, "host1": {"dax": "/dev/dax1.0"}}},
+            "accel": "tcg", "image": "k1", "created_at": "2026-01-01T00:00:00+0000",
+            "pool_dir": str(tmp_path / "pools"), "pool_files": {}}
+    return TestbedState.from_json(data, tmp_path / "state")
 
 
 def wait_for(cond, what, timeout_s=20.0):
@@ -150,7 +156,7 @@ def test_every_host_gets_the_pool_and_its_own_identity(tb, tmp_path):
 
 
 def test_pool_env_without_a_provisioned_pool_has_no_dax(tb):
-    tb.data["pool"] = None
+    tb = tb.with_pool(None)
     env = programs.pool_env(tb, "host1")
     assert "BELUGA_DAX" not in env and env["BELUGA_HOST_COUNT"] == "2"
     with pytest.raises(TestbedError, match=r"no host 'host7' \(hosts: host0, host1\)"):
@@ -274,7 +280,7 @@ def test_exec_pool_env_gives_each_host_its_own_variables(tmp_path, monkeypatch, 
     (state / "t").mkdir(parents=True)
     (state / "t" / "state.json").write_text(json.dumps({
         "name": "t", "topology": "2hosts-1switch", "topology_yaml": topo.read_text(), "topology_source": str(topo),
-        "accel": "tcg", "image": "k", "created_at": "now",
+        "accel": "tcg", "image": "k", "created_at": "now", "pool_dir": str(tmp_path / "pools" / "t"), "pool_files": {},
         "hosts": [{"name": n, "pid": None, "ssh_port": 0, "dir": str(state / "t" / n), "argv": []}
                   for n in ("host0", "host1")],
         "pool": {"hosts": {"host0": {"dax": "/dev/dax0.0"}, "host1": {"dax": "/dev/dax1.0"}}}}))

@@ -17,9 +17,9 @@ import pytest
 
 from testbed import provision as P
 from testbed import topology as T
-from testbed import lifecycle
 from testbed.log import TestbedError
 from testbed.ssh import Result
+from testbed.state import TestbedState
 
 
 class FakeGuests:
@@ -94,7 +94,7 @@ class FakeGuests:
         return [v for h, v, _ in self.calls if host is None or h == host]
 
 
-def make_testbed(tmp_path: Path, topology: str) -> lifecycle.Testbed:
+def make_testbed(tmp_path: Path, topology: str) -> TestbedState:
     """A real Testbed object (state in tmp_path) whose hosts are not running."""
     t = T.load(topology)
     pools = tmp_path / "pools"
@@ -111,11 +111,12 @@ def make_testbed(tmp_path: Path, topology: str) -> lifecycle.Testbed:
         hd.mkdir()
         hosts.append({"name": h.name, "pid": None, "ssh_port": 10022 + i, "dir": str(hd), "argv": []})
     data = {"name": "tb", "topology": t.name, "topology_source": t.source,
-            "topology_yaml": T.resolve(topology).read_text(), "pool_files": files, "hosts": hosts, "pool": None}
-    return lifecycle.Testbed("tb", tmp_path, data)
+            "topology_yaml": T.resolve(topology).read_text(), "pool_files": files, "hosts": hosts, "pool": None,
+            "accel": "tcg", "image": "k1", "created_at": "2026-01-01T00:00:00+0000", "pool_dir": str(pools)}
+    return TestbedState.from_json(data, tmp_path).save()
 
 
-def guests_for(tb: lifecycle.Testbed, monkeypatch, orders: dict[str, list[str]] | None = None) -> FakeGuests:
+def guests_for(tb: TestbedState, monkeypatch, orders: dict[str, list[str]] | None = None) -> FakeGuests:
     t = tb.topology
     g = FakeGuests(t, tb.pool_files, orders or {h.name: list(t.pool.devices) for h in tb.hosts})
     monkeypatch.setattr(P.ssh, "run_json", g.run_json)
@@ -191,9 +192,9 @@ def test_pool_args_give_targets_by_serial_in_pool_order():
 
 def test_provision_creates_verifies_and_records_the_pool(tb, monkeypatch):
     g = guests_for(tb, monkeypatch)
-    pool = P.provision(tb)
+    pool = P.provision(tb).pool
     names = [h.name for h in tb.hosts]
-    assert sorted(pool["hosts"]) == sorted(names) and all(r["ready"] for r in pool["hosts"].values())
+    assert sorted(pool.hosts) == sorted(names) and all(r.ready for r in pool.hosts.values())
     saved = json.loads((tb.dir / "state.json").read_text())
     assert all(saved["pool"]["hosts"][n]["ready"] for n in names)
     serials = [tb.topology.device(d).serial for d in tb.topology.pool.devices]
@@ -279,7 +280,7 @@ def test_a_region_not_as_the_topology_says_stops_provisioning(tmp_path, monkeypa
         P.provision(tb)
     assert str(e.value) == message
     assert "write" not in g.verbs(), "nothing is verified on a wrong region"
-    assert tb.data["pool"] is None
+    assert TestbedState.load(tb.dir).pool is None
 
 
 def test_a_guest_command_that_fails_names_the_host(tmp_path, monkeypatch):
@@ -294,7 +295,7 @@ def test_a_guest_command_that_fails_names_the_host(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------ at boot
 
-def _boot(tb: lifecycle.Testbed, said: dict[str, bytes]) -> dict:
+def _boot(tb: TestbedState, said: dict[str, bytes]) -> dict:
     """The guests' boot: each console says what `said` gives; returns the signing plan in place."""
     plan = P.signing_plan(tb.topology)
     (tb.dir / P.POOL_ARGS_FILE).write_text(json.dumps(P.pool_args(tb.topology, sign=plan)))
@@ -311,8 +312,8 @@ def test_at_boot_the_writer_signed_and_the_others_report_what_they_read(tmp_path
     real_region = g.region
     monkeypatch.setattr(g, "region", lambda host, args=None: {**real_region(host, args),
                                                               "signed": len(plan["offsets"]) if host == "host0" else 0})
-    pool = P.provision(tb, at_boot=True)
-    assert all(r["ready"] for r in pool["hosts"].values())
+    pool = P.provision(tb, at_boot=True).pool
+    assert all(r.ready for r in pool.hosts.values())
     assert g.verbs() and set(g.verbs()) == {"report"}, "one SSH call per host, nothing written over SSH"
     reports = {h: a for h, v, a in g.calls}
     assert reports["host0"] == {} and all(reports[f"host{i}"]["offsets"] == plan["offsets"] for i in (1, 2, 3))
@@ -350,7 +351,7 @@ def test_pool_table_maps_each_position_to_its_file(tmp_path, monkeypatch):
     tb = make_testbed(tmp_path, "2hosts-2switches")
     guests_for(tb, monkeypatch)
     assert P.pool_table(tb)["hosts"] == {}
-    P.provision(tb)
+    tb = P.provision(tb)
     p = P.pool_table(tb)
     assert (p["size_bytes"], p["ways"], p["granularity_bytes"], p["stripe_bytes"]) == (1 << 30, 4, 4096, 16384)
     assert p["rule"] == "region offset o -> position (o // 4096) % 4, device offset (o // 16384) * 4096 + o % 4096"

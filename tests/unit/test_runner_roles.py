@@ -12,8 +12,7 @@ from testbed.log import TestbedError
 def fake_testbed(topo_name: str):
     t = topology.load(topo_name)
     hosts = [SimpleNamespace(name=h.name) for h in t.hosts]
-    return SimpleNamespace(topology=t, hosts=hosts, pool_files={},
-                           data={"pool": {"hosts": {h.name: {"dax": "/dev/dax0.0"} for h in t.hosts}}})
+    return SimpleNamespace(topology=t, hosts=hosts, pool_files={}, dax=lambda host: "/dev/dax0.0")
 
 
 def test_readers_others_on_four_and_two_hosts():

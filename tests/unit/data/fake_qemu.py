@@ -3,7 +3,9 @@ testbed/qemucmd.py builds and does what QEMU does with the host's files, without
 
 - binds the SSH forward's port on 127.0.0.1; taken: QEMU's message and exit 1
 - writes the pid file, creates the serial socket and serial log (with the umask it was given)
-- serves QMP on the -qmp socket: the greeting, qmp_capabilities, query-status, quit
+- serves QMP on the -qmp socket: the greeting, qmp_capabilities, query-status, stop and
+  cont (with QEMU's STOP and RESUME events, sent after the reply as QEMU does), quit
+  (with its SHUTDOWN event)
 - prints "beluga: sshd started" on the serial log once QMP is up
 - records its argv, one JSON line per start, in $FAKE_QEMU_RECORD
 
@@ -87,6 +89,17 @@ def main() -> None:
                 pass  # the client went away: wait for the next one, as QEMU does
 
 
+RUNNING = [True]  # the vCPUs' state, across QMP connections
+
+
+def event(name: str, data: dict | None = None) -> bytes:
+    t = time.time()
+    msg = {"event": name, "timestamp": {"seconds": int(t), "microseconds": int(t % 1 * 1e6)}}
+    if data is not None:
+        msg["data"] = data
+    return json.dumps(msg).encode() + b"\r\n"
+
+
 def serve_qmp(conn: socket.socket) -> None:
     """QMP messages are JSON objects one after another, not lines: the client sends no newline."""
     conn.sendall(b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, '
@@ -100,11 +113,20 @@ def serve_qmp(conn: socket.socket) -> None:
             except ValueError:
                 break  # the rest of the message is still on its way
             buf = buf.lstrip()[end:]
-            reply = {"return": {"status": "running", "running": True} if msg["execute"] == "query-status" else {}}
+            cmd = msg["execute"]
+            status = {"status": "running" if RUNNING[0] else "paused", "running": RUNNING[0]}
+            reply = {"return": status if cmd == "query-status" else {}}
             if "id" in msg:
                 reply["id"] = msg["id"]
             conn.sendall(json.dumps(reply).encode() + b"\r\n")
-            if msg["execute"] == "quit":
+            if cmd == "stop" and RUNNING[0]:
+                RUNNING[0] = False
+                conn.sendall(event("STOP"))
+            elif cmd == "cont" and not RUNNING[0]:
+                RUNNING[0] = True
+                conn.sendall(event("RESUME"))
+            elif cmd == "quit":
+                conn.sendall(event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"}))
                 sys.exit(0)
 
 if __name__ == "__main__":
