@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shlex
@@ -142,10 +143,45 @@ def _ssh_run(tb):
     return lambda h, command, timeout_s: ssh.run(h.name, h.ssh_port, tb.key, command, timeout_s=timeout_s)
 
 
-def _guest(h, args: dict, run) -> tuple[dict | None, list[str]]:
+# The guest half's command. With the resident helper alive (guest/reset.py's docstring),
+# a request costs the guest a shell and one mkfifo; without it (the first reset after
+# `up`, or the helper was killed) Python runs the reset once and leaves a helper behind.
+# While it waits for the reply, the shell checks every second that the helper still
+# lives; one that died mid-request (a reset that killed it? never: it is a base pid; a
+# test's `kill -9`) makes the shell run the reset itself instead.
+CLIENT = """\
+d={dir}
+once() {{
+    printf %s {script} > $d.py  # a file, not -c: `ps` shows a short command for the helper
+    python3 -I -S $d.py helper=$d {words}
+}}
+read -r pid fd < $d/pid 2>/dev/null || {{ once; exit; }}
+[ /proc/$pid/fd/$fd -ef $d/req ] && mkfifo -m 600 $d/out.$$ 2>/dev/null || {{ once; exit; }}
+exec 3<>$d/out.$$ 4<>$d/req
+echo "$$ $d/out.$$ {words}" >&4
+line=
+until read -t 1 -r part <&3; do
+    line=$line$part
+    [ /proc/$pid/fd/$fd -ef $d/req ] || {{ rm -f $d/out.$$; once; exit; }}
+done
+echo "$line$part"
+"""
+
+
+def helper_dir() -> str:
+    """The guest folder of the resident helper of this version of guest/reset.py."""
+    return "/run/beluga/reset-" + hashlib.sha256(GUEST_SCRIPT.read_bytes()).hexdigest()[:12]
+
+
+def guest_command(args: dict, *, folder: str | None = None, script: str | None = None) -> str:
+    """The shell command of the guest half (`folder` and `script` are for tests)."""
     words = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in args.items())
-    cmd = f"python3 -I -S -c {shlex.quote(GUEST_SCRIPT.read_text())} {words}"
-    r = run(h, cmd, GUEST_TIMEOUT_S)
+    return CLIENT.format(dir=shlex.quote(folder or helper_dir()),
+                         script=shlex.quote(GUEST_SCRIPT.read_text() if script is None else script), words=words)
+
+
+def _guest(h, args: dict, run) -> tuple[dict | None, list[str]]:
+    r = run(h, guest_command(args), GUEST_TIMEOUT_S)
     if not r.ok:
         return None, [f"{h.name}: the guest reset failed ({r.why}): its processes, poison and trace buffers "
                       "were not reset"]

@@ -2,6 +2,9 @@
 processes are the base system; poison lists parsed from the kernel's trace lines; the
 report says what was not undone. SSH results and QMP answers are the faked boundary."""
 import json
+import subprocess
+import sys
+import time
 import mmap
 import os
 from pathlib import Path
@@ -199,3 +202,109 @@ def test_emptying_tmp_removes_links_not_what_they_point_to(tmp_path):
     assert guest_reset.remove_tree(str(top)) == 5
     assert list(top.iterdir()) == []
     assert (outside / "keep.txt").read_text() == "keep"
+
+
+# ----------------------------------------------------------- the resident helper's protocol
+# The helper (guest/reset.py's serve) and the client (reset.CLIENT, run by bash) talk
+# through real FIFOs here; only the reset itself (`main`, which would stop this machine's
+# processes) is replaced by one that says what it was asked.
+REPO = Path(__file__).resolve().parents[2]
+ONCE = "import json, sys\nprint(json.dumps({'once': sys.argv[1:]}))\n"
+
+
+def start_fake_helper(folder: Path, main_body: str) -> subprocess.Popen:
+    code = ("import json, sys, time\nfrom testbed.guest import reset as g\n" + main_body
+            + f"\ng.main = main\ng.serve({str(folder)!r})\n")
+    p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)})
+    for _ in range(500):
+        if guest_reset.helper_alive(str(folder)):
+            return p
+        time.sleep(0.02)
+    p.kill()
+    raise AssertionError("the helper did not start")
+
+
+def client(folder: Path, **args) -> tuple[int, dict]:
+    cmd = reset.guest_command(args or {"poison": True}, folder=str(folder), script=ONCE)
+    p = subprocess.Popen(["bash", "-c", cmd], stdout=subprocess.PIPE, text=True)
+    out, _ = p.communicate(timeout=60)
+    return p.pid, json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return tmp_path / "reset-0123456789ab"
+
+
+def test_the_helper_answers_a_request_and_keeps_the_clients_chain(folder):
+    h = start_fake_helper(folder, "def main(args, anchor=None):\n"
+                                  "    return {'anchor': anchor, 'poison': args['poison'], 'not_undone': []}")
+    try:
+        for poison in (False, True):  # one helper, several requests
+            pid, out = client(folder, poison=poison)
+            assert out == {"anchor": pid, "poison": poison, "not_undone": [], "helper": True}
+        assert h.poll() is None
+        assert not list(folder.glob("out.*"))  # the reply FIFOs are gone
+    finally:
+        h.kill()
+        h.wait()
+
+
+def test_without_a_live_helper_the_client_runs_the_reset_once_itself(folder):
+    pid, out = client(folder, poison=False)  # no helper ever started
+    assert out == {"once": [f"helper={folder}", "poison=0"]}
+    h = start_fake_helper(folder, "def main(args, anchor=None):\n    return {}")
+    h.kill()
+    h.wait()  # a pid file and a FIFO are left, nobody holds it
+    assert not guest_reset.helper_alive(str(folder))
+    pid, out = client(folder, poison=True)
+    assert out == {"once": [f"helper={folder}", "poison=1"]}
+
+
+def test_a_helper_that_dies_during_a_request_leaves_the_reset_to_the_client(folder, tmp_path):
+    started = tmp_path / "started"
+    h = start_fake_helper(folder, "def main(args, anchor=None):\n"
+                                  f"    open({str(started)!r}, 'w').close()\n    time.sleep(60)")
+    try:
+        c = subprocess.Popen(["bash", "-c", reset.guest_command({"poison": True}, folder=str(folder), script=ONCE)],
+                             stdout=subprocess.PIPE, text=True)
+        for _ in range(500):
+            if started.exists():
+                break
+            time.sleep(0.02)
+        h.kill()
+        out, _ = c.communicate(timeout=60)
+        assert json.loads(out.strip().splitlines()[-1]) == {"once": [f"helper={folder}", "poison=1"]}
+    finally:
+        h.kill()
+        h.wait()
+
+
+def test_a_failing_reset_in_the_helper_is_reported_and_the_helper_goes_on(folder):
+    h = start_fake_helper(folder, "n = [0]\ndef main(args, anchor=None):\n    n[0] += 1\n"
+                                  "    if n[0] == 1:\n        raise OSError(5, 'Input/output error')\n"
+                                  "    return {'not_undone': []}")
+    try:
+        _, out = client(folder)
+        assert out == {"not_undone": ["the reset helper failed: OSError: [Errno 5] Input/output error"],
+                       "helper": True}
+        _, out = client(folder)
+        assert out == {"not_undone": [], "helper": True}
+    finally:
+        h.kill()
+        h.wait()
+
+
+def test_the_first_scan_walks_the_tree_under_init_and_skips_kernel_threads():
+    if not os.path.exists("/proc/1/task/1/children"):
+        pytest.skip("this kernel has no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN)")
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        procs = guest_reset.user_processes()
+        assert os.getpid() in procs and child.pid in procs
+        assert not any(p["flags"] & guest_reset.PF_KTHREAD for p in procs.values())
+        full = guest_reset.processes()
+        assert set(procs) <= set(full)
+    finally:
+        child.kill()
+        child.wait()
