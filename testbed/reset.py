@@ -25,7 +25,9 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shlex
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,12 +155,13 @@ CLIENT = """\
 d={dir}
 once() {{
     printf %s {script} > $d.py  # a file, not -c: `ps` shows a short command for the helper
+    (umask 077; printf %s {token} > $d.token)  # not in its argv: `ps`, and a report of what was killed
     python3 -I -S $d.py helper=$d {words}
 }}
 read -r pid fd < $d/pid 2>/dev/null || {{ once; exit; }}
 [ /proc/$pid/fd/$fd -ef $d/req ] && mkfifo -m 600 $d/out.$$ 2>/dev/null || {{ once; exit; }}
 exec 3<>$d/out.$$ 4<>$d/req
-echo "$$ $d/out.$$ {words}" >&4
+echo "$$ $d/out.$$ {words} token={token}" >&4
 line=
 until read -t 1 -r part <&3; do
     line=$line$part
@@ -173,15 +176,15 @@ def helper_dir() -> str:
     return "/run/beluga/reset-" + hashlib.sha256(GUEST_SCRIPT.read_bytes()).hexdigest()[:12]
 
 
-def guest_command(args: dict, *, folder: str | None = None, script: str | None = None) -> str:
+def guest_command(args: dict, token: str = "", *, folder: str | None = None, script: str | None = None) -> str:
     """The shell command of the guest half (`folder` and `script` are for tests)."""
     words = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in args.items())
-    return CLIENT.format(dir=shlex.quote(folder or helper_dir()),
+    return CLIENT.format(dir=shlex.quote(folder or helper_dir()), token=shlex.quote(token),
                          script=shlex.quote(GUEST_SCRIPT.read_text() if script is None else script), words=words)
 
 
-def _guest(h, args: dict, run) -> tuple[dict | None, list[str]]:
-    r = run(h, guest_command(args), GUEST_TIMEOUT_S)
+def _guest(h, args: dict, run, token: str = "") -> tuple[dict | None, list[str]]:
+    r = run(h, guest_command(args, token), GUEST_TIMEOUT_S)
     if not r.ok:
         return None, [f"{h.name}: the guest reset failed ({r.why}): its processes, poison and trace buffers "
                       "were not reset"]
@@ -192,11 +195,82 @@ def _guest(h, args: dict, run) -> tuple[dict | None, list[str]]:
     return out, [f"{h.name}: {p}" for p in out.get("not_undone", [])]
 
 
+# The helper's TCP port in the guest. QEMU forwards a free port of 127.0.0.1 to it
+# (hostfwd_add, after the first reset over SSH started the helper): the requests that
+# follow skip SSH's key exchange and the guest's sshd-session, 2-3 s for four guests on
+# a busy machine. The port and a token (the testbed's secret, as its SSH key: another
+# user of this machine who connects gets nothing without it) are in HELPER_FILE.
+HELPER_PORT = 47811
+HELPER_FILE = "reset-helper.json"
+HELPER_CONNECT_S = 2.0
+
+
+def _helper_record(tb) -> dict:
+    """{"token": hex, "hosts": {host: {"pid": QEMU pid, "port": forwarded port}}}."""
+    path = Path(tb.dir) / HELPER_FILE
+    try:
+        rec = json.loads(path.read_text())
+        if isinstance(rec.get("token"), str) and isinstance(rec.get("hosts"), dict):
+            return rec
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {"token": secrets.token_hex(16), "hosts": {}}
+
+
+def _save_helper_record(tb, rec: dict) -> None:
+    path = Path(tb.dir) / HELPER_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    paths.write_private(tmp, json.dumps(rec) + "\n")
+    os.replace(tmp, path)
+
+
+def _guest_tcp(h, port: int, token: str, args: dict) -> dict | None:
+    """The guest half through the helper's forwarded port; None when that did not work
+    (no helper listening, a wrong token, a lost connection): the caller asks over SSH."""
+    words = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in args.items())
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=HELPER_CONNECT_S) as c:
+            c.settimeout(GUEST_TIMEOUT_S)
+            c.sendall(f"{token} {Path(helper_dir()).name} {words}\n".encode())
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = c.recv(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+        return json.loads(data) if data.endswith(b"\n") else None
+    except (OSError, ValueError):
+        return None
+
+
+def _forward(h) -> int | None:
+    """A free port of 127.0.0.1 forwarded by h's QEMU to the helper's port; None if QEMU
+    refused (then the resets go on over SSH)."""
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            said = qmp.execute(h.files.qmp, "human-monitor-command",
+                               {"command-line": f"hostfwd_add net0 tcp:127.0.0.1:{port}-:{HELPER_PORT}"},
+                               timeout_s=5)
+        except Exception:  # noqa: BLE001 - the SSH way stays
+            return None
+        if not (isinstance(said, str) and said.strip()):  # HMP says nothing when it worked
+            return port
+    return None
+
+
 def reset(tb, *, poison: bool = True, run=None) -> ResetReport:
-    """Reset testbed `tb` (a lifecycle.Testbed); see the module's docstring. `run(host,
-    command, timeout_s) -> ssh.Result` runs the guest part (default: a new SSH connection
-    per host; the API passes its kept connections)."""
+    """Reset testbed `tb` (a lifecycle.Testbed); see the module's docstring. The guest half
+    goes to each guest's resident helper through its forwarded port where there is one,
+    else over SSH: `run(host, command, timeout_s) -> ssh.Result` (default: a new SSH
+    connection per host; the API passes its kept connections)."""
     run = run or _ssh_run(tb)
+    rec = _helper_record(tb)
+    forwards: dict[str, dict] = {}
     start = time.monotonic()
     hosts = tb.hosts
     not_undone: list[str] = []
@@ -209,8 +283,16 @@ def reset(tb, *, poison: bool = True, run=None) -> ResetReport:
 
     def one(h) -> tuple[HostReset, list[str]]:
         continued, problems = _qemu(h)
-        out, more = _guest(h, {"poison": poison}, run)
-        problems += more
+        fwd = rec["hosts"].get(h.name)
+        fwd = fwd if isinstance(fwd, dict) and fwd.get("pid") == h.pid else None
+        out = _guest_tcp(h, fwd["port"], rec["token"], {"poison": poison}) if fwd else None
+        if out is not None:
+            problems += [f"{h.name}: {p}" for p in out.get("not_undone", [])]
+        else:
+            out, more = _guest(h, {"poison": poison, "port": HELPER_PORT}, run, rec["token"])
+            problems += more
+            if out is not None and fwd is None and (port := _forward(h)) is not None:
+                forwards[h.name] = {"pid": h.pid, "port": port}
         out = out or {}
         cleared = tuple(f"{device_of.get(c.get('serial'), '?')} (guest {c['memdev']}) dpa {d:#x}+{n:#x}"
                         for c in out.get("poison_cleared", []) for d, n in c["ranges"])
@@ -220,6 +302,12 @@ def reset(tb, *, poison: bool = True, run=None) -> ResetReport:
     results = map_parallel(one, live)
     for _, problems in results:
         not_undone += problems
+    if forwards:
+        rec["hosts"].update(forwards)
+        try:
+            _save_helper_record(tb, rec)
+        except OSError:
+            pass  # the next reset asks over SSH again
     zeroed = 0
     for dev, f in sorted(tb.pool_files.items()):
         try:

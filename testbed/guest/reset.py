@@ -26,16 +26,21 @@ Puts a running guest back to its state right after `up`, without rebooting it:
 Prints what it did and, in "not_undone", everything it could not undo.
 
 The resident helper (helper=DIR): after its reset, the process forks a daemon that waits
-for the next reset request on the FIFO DIR/req, so later resets skip starting Python and
-compiling this file (0.5-0.6 s per guest under TCG on an idle machine, more than the
-reset's own work; several times that with four guests on two busy host cores). Its pid
-and the FIFO's fd number are in DIR/pid; it runs at nice -10, ahead of what it stops.
-It keeps itself when it resets; a one-shot reset kills any helper left (one of an older
-script, one that stopped answering) like every other process started after boot, then
-starts its own. A request is one line, `CLIENT_PID REPLY_FIFO WORDS...`: the reset runs
-as here, keeping CLIENT_PID's chain of parents instead of its own, and its JSON line
-goes to REPLY_FIFO (made by the client: testbed/reset.py's CLIENT shell script). DIR is
-named after a hash of this file's text, so a changed script never talks to an old helper.
+for the next reset request, so later resets skip starting Python and compiling this
+file (0.5-0.6 s per guest under TCG on an idle machine, more than the reset's own work;
+several times that with four guests on two busy host cores). Its pid and the FIFO's fd
+number are in DIR/pid; it runs at nice -10, ahead of what it stops. It keeps itself when
+it resets; a one-shot reset kills any helper left (one of an older script, one that
+stopped answering) like every other process started after boot, then starts its own.
+DIR is named after a hash of this file's text, so a changed script never talks to an
+old helper. Requests come two ways:
+
+* on the FIFO DIR/req, from an SSH session: `CLIENT_PID REPLY_FIFO WORDS...`; the reset
+  keeps CLIENT_PID's chain of parents instead of its own, and its JSON line goes to
+  REPLY_FIFO (made by the client: testbed/reset.py's CLIENT shell script);
+* on TCP port=PORT, from the host through QEMU's forward of a 127.0.0.1 port (no SSH
+  handshake, no shell): `TOKEN VERSION WORDS...`, answered only with the testbed's token
+  (given in the file DIR.token, or with a FIFO request) and this file's version.
 
 Imports nothing of the project: this file's text is what travels. Nor json, re or
 signal: under TCG, with four guests on two host cores, their imports (enum above all)
@@ -427,8 +432,10 @@ def parse_args(words):
         k, _, v = w.partition("=")
         if k == "poison":
             out[k] = v not in ("0", "false", "no")
-        elif k == "helper":
+        elif k in ("helper", "token"):
             out[k] = v
+        elif k == "port":
+            out[k] = int(v)
         else:
             out[k] = float(v)
     return out
@@ -445,14 +452,25 @@ def helper_alive(d):
         return False
 
 
-def start_helper(d):
+def take_token(path):
+    """The testbed's token that the client left in `path` (then removed), or None."""
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+        os.unlink(path)
+        return token or None
+    except OSError:
+        return None
+
+
+def start_helper(d, token=None, port=None):
     """Fork the resident helper for DIR (a daemon: its own session, stdio on /dev/null,
     so the SSH command that started it returns); nothing when one is alive."""
     if helper_alive(d):
         return
     top, mine = os.path.split(d)
     for name in os.listdir(top):  # an older script's folder and file (its helper is killed)
-        if name.startswith("reset-") and name not in (mine, mine + ".py"):
+        if name.startswith("reset-") and name not in (mine, mine + ".py", mine + ".token"):
             remove_tree(f"{top}/{name}", keep_top=False)
             try:
                 os.unlink(f"{top}/{name}")
@@ -469,12 +487,15 @@ def start_helper(d):
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.chdir("/")
-        serve(d)
+        serve(d, token, port)
     finally:
         os._exit(0)
 
 
-def serve(d):
+def serve(d, token=None, port=None):
+    """The helper's loop: requests on the FIFO DIR/req (from SSH sessions) and, where
+    `port` is given, on TCP (from the host, through QEMU's forward of a 127.0.0.1 port:
+    no SSH handshake, no shell), each line `TOKEN WORDS...` with the testbed's token."""
     os.makedirs(d, mode=0o700, exist_ok=True)
     req = f"{d}/req"
     try:
@@ -488,29 +509,100 @@ def serve(d):
         os.nice(HELPER_NICE)
     except OSError:
         pass
+    import select
+    state = {"token": token}
+    listener = listen(port) if port else None
     with open(f"{d}/pid.tmp", "w") as f:
         f.write(f"{os.getpid()} {fd}\n")
     os.rename(f"{d}/pid.tmp", f"{d}/pid")
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    if listener is not None:
+        poll.register(listener.fileno(), select.POLLIN)
     buf = b""
     while True:
-        data = os.read(fd, 4096)
-        buf += data
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            handle(d, line.decode(errors="replace"))
+        for ready, _ in poll.poll():
+            if ready != fd:
+                serve_tcp(d, listener, state)
+                continue
+            buf += os.read(fd, 4096)
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                handle(d, line.decode(errors="replace"), state)
 
 
-def handle(d, line):
-    """One request: `CLIENT_PID REPLY_FIFO WORDS...`; the reply is one JSON line."""
-    words = line.split()
-    if len(words) < 2 or not words[0].isdigit() or not words[1].startswith(f"{d}/out."):
-        return
+def listen(port):
+    # _socket, not socket: socket.py imports enum, which costs a TCG guest most of a second.
+    import _socket
     try:
-        out = main(parse_args(words[2:]), anchor=int(words[0]))
+        s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))
+        s.listen(4)
+        return s
+    except OSError:
+        return None  # the port is taken: requests come over SSH only
+
+
+def run_reset(args, anchor):
+    try:
+        out = main(args, anchor=anchor)
     except Exception as e:  # noqa: BLE001 - the helper outlives a failed reset; the client hears of it
         out = {"not_undone": [f"the reset helper failed: {type(e).__name__}: {e}"]}
     out["helper"] = True
-    reply(words[1], dumps(out) + "\n")
+    return dumps(out) + "\n"
+
+
+def handle(d, line, state):
+    """One request from the FIFO: `CLIENT_PID REPLY_FIFO WORDS...`; the reply is one JSON
+    line. A `token=` word is the testbed's token from then on."""
+    words = line.split()
+    if len(words) < 2 or not words[0].isdigit() or not words[1].startswith(f"{d}/out."):
+        return
+    args = parse_args(words[2:])
+    if args.get("token"):
+        state["token"] = args["token"]
+    reply(words[1], run_reset(args, int(words[0])))
+
+
+def serve_tcp(d, listener, state):
+    """One request over TCP: `TOKEN VERSION WORDS...`, VERSION the name of the helper's
+    folder (reset-<hash of this file>). A wrong token or another version gets the
+    connection closed without a word: the host then asks over SSH (with the key), where
+    another version's helper is replaced."""
+    import _socket
+    try:
+        fd, _ = listener._accept()
+    except OSError:
+        return
+    conn = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, 0, fd)
+    try:
+        conn.settimeout(10)
+        data = b""
+        while b"\n" not in data and len(data) < 4096:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            data += chunk
+        words = data.split(b"\n", 1)[0].decode(errors="replace").split()
+        if len(words) < 2 or not state["token"] or not same(words[0], state["token"]) \
+                or words[1] != os.path.basename(d):
+            return
+        conn.settimeout(None)
+        conn.sendall(run_reset(parse_args(words[2:]), os.getpid()).encode())
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def same(a, b):
+    """a == b in a time that does not depend on where they differ."""
+    a, b = a.encode(), b.encode()
+    diff = len(a) ^ len(b)
+    for x, y in zip(a, b):
+        diff |= x ^ y
+    return diff == 0
 
 
 def reply(path, text):
@@ -561,4 +653,4 @@ if __name__ == "__main__":
     ARGS = parse_args(sys.argv[1:])
     print(dumps(main(ARGS)))
     if ARGS.get("helper", "").startswith("/run/beluga/reset-"):
-        start_helper(ARGS["helper"])
+        start_helper(ARGS["helper"], take_token(ARGS["helper"] + ".token"), ARGS.get("port"))

@@ -116,6 +116,7 @@ class FakeTb:
             f.write_bytes(b"\x01" * 65536)
             self.pool_files[d.id] = f
         self.key = root / "key"
+        self.dir = root
 
 
 def test_the_report_says_what_was_undone_and_never_claims_more(tmp_path, monkeypatch):
@@ -138,7 +139,13 @@ def test_the_report_says_what_was_undone_and_never_claims_more(tmp_path, monkeyp
 
     r = reset.reset(tb, run=run)
     assert runs == ["host0"]  # the dead host is not tried
-    assert qmp_calls == [("host0.qmp", "query-status"), ("host0.qmp", "cont"), ("host0.qmp", "set_link")]
+    # The guest half went over SSH (no forward yet), which started the helper: QEMU is asked
+    # to forward a port to it for the next reset.
+    assert qmp_calls == [("host0.qmp", "query-status"), ("host0.qmp", "cont"), ("host0.qmp", "set_link"),
+                         ("host0.qmp", "human-monitor-command")]
+    rec = json.loads((tmp_path / reset.HELPER_FILE).read_text())
+    assert list(rec["hosts"]) == ["host0"] and len(rec["token"]) == 32
+    assert (tmp_path / reset.HELPER_FILE).stat().st_mode & 0o777 == 0o600
     assert r.hosts[0] == HostReset("host0", True, ("301: beluga serve",), ("mem0 (guest mem1) dpa 0x1000+0x80",), 2)
     assert r.hosts[1] == HostReset("host1")
     assert not r.complete
@@ -212,9 +219,9 @@ REPO = Path(__file__).resolve().parents[2]
 ONCE = "import json, sys\nprint(json.dumps({'once': sys.argv[1:]}))\n"
 
 
-def start_fake_helper(folder: Path, main_body: str) -> subprocess.Popen:
+def start_fake_helper(folder: Path, main_body: str, token=None, port=None) -> subprocess.Popen:
     code = ("import json, sys, time\nfrom testbed.guest import reset as g\n" + main_body
-            + f"\ng.main = main\ng.serve({str(folder)!r})\n")
+            + f"\ng.main = main\ng.serve({str(folder)!r}, {token!r}, {port!r})\n")
     p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)})
     for _ in range(500):
         if guest_reset.helper_alive(str(folder)):
@@ -308,3 +315,63 @@ def test_the_first_scan_walks_the_tree_under_init_and_skips_kernel_threads():
     finally:
         child.kill()
         child.wait()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_with_a_forwarded_port_the_helper_answers_over_tcp_with_the_token_only(folder, tmp_path, monkeypatch):
+    port = free_port()
+    h = start_fake_helper(folder, "def main(args, anchor=None):\n"
+                                  "    return {'killed': [{'pid': 7, 'cmd': 'sleep 60'}], 'not_undone': [],"
+                                  " 'anchor_is_me': anchor == __import__('os').getpid()}", token="t0ken", port=port)
+    try:
+        for _ in range(500):  # listening once a connection gets an answer
+            try:
+                __import__("socket").create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        tb = FakeTb(tmp_path)
+        monkeypatch.setattr(reset.qmp, "execute", lambda *a, **k: {"running": True, "status": "running"})
+        monkeypatch.setattr(reset, "helper_dir", lambda: str(folder))
+        runs = []
+
+        def run(h, command, timeout_s):
+            runs.append(h.name)
+            return ssh.Result(h.name, 0, json.dumps({"killed": [], "not_undone": []}) + "\n", "")
+
+        (tmp_path / reset.HELPER_FILE).write_text(json.dumps(
+            {"token": "t0ken", "hosts": {n: {"pid": 1, "port": port} for n in ("host0", "host1")}}))
+        r = reset.reset(tb, run=run)
+        assert runs == []  # no SSH at all
+        assert [x.killed for x in r.hosts] == [("7: sleep 60",)] * 2 and r.complete
+        assert reset._guest_tcp(None, port, "t0ken", {"poison": True})["anchor_is_me"] is True
+        # Without the token the helper says nothing: the reset goes over SSH.
+        (tmp_path / reset.HELPER_FILE).write_text(json.dumps(
+            {"token": "guess", "hosts": {n: {"pid": 1, "port": port} for n in ("host0", "host1")}}))
+        assert reset._guest_tcp(None, port, "guess", {"poison": True}) is None
+        # Nor to a request for another version of the script (its own replaces it, over SSH).
+        monkeypatch.setattr(reset, "helper_dir", lambda: str(folder) + "-new")
+        assert reset._guest_tcp(None, port, "t0ken", {"poison": True}) is None
+        monkeypatch.setattr(reset, "helper_dir", lambda: str(folder))
+        r = reset.reset(tb, run=run)
+        assert sorted(runs) == ["host0", "host1"] and r.complete
+        assert h.poll() is None
+    finally:
+        h.kill()
+        h.wait()
+
+
+def test_the_token_reaches_the_helper_through_a_file_never_its_command_line(folder):
+    cmd = reset.guest_command({"poison": True, "port": 1}, "s3cret", folder=str(folder),
+                              script="import sys\nprint(open(sys.argv[1].split('=')[1] + '.token').read())\n")
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60).stdout
+    assert out.strip() == "s3cret"
+    assert (folder.parent / (folder.name + ".token")).stat().st_mode & 0o777 == 0o600
+    assert guest_reset.take_token(str(folder) + ".token") == "s3cret"
+    assert not (folder.parent / (folder.name + ".token")).exists()
