@@ -4,11 +4,14 @@ In this order (each host in parallel where it can be):
 
 1. QEMU (QMP): a host that a hang left stopped is continued; every host's NIC link is
    set up again (a `nic` fault may have taken it down; QMP cannot say, so always).
-2. Each guest (one SSH call, testbed/guest/reset.py): every process started after boot
-   is killed (the store's `beluga serve` and clients, programs, tests' processes), the
-   devices' poison lists are cleared through their own mailbox (Clear Poison), the trace
-   events are disabled and the trace buffers emptied, and /tmp, /dev/shm and the
-   testbed's run files in /run/beluga are emptied.
+2. Each guest (testbed/guest/reset.py): every process started after boot is killed (the
+   store's `beluga serve` and clients, programs, tests' processes), the devices' poison
+   lists are cleared through their own mailbox (Clear Poison), the trace events are
+   disabled and the trace buffers emptied, and /tmp, /dev/shm and the testbed's run
+   files in /run/beluga are emptied. The first reset after `up` runs it over SSH, as a
+   Python process that stays behind as the guest's resident reset helper; the resets
+   that follow send one line to that helper over TCP (a 127.0.0.1 port QEMU forwards,
+   HELPER_PORT below), or over SSH where that fails.
 3. The pool: its backing files are zeroed from this machine (holes punched: every
    guest maps them with share=on and the CXL memory is emulated, so every host reads
    zeros at once; processes that had the pool mapped are gone by then).
@@ -215,6 +218,42 @@ def _helper_record(tb) -> dict:
     except (OSError, ValueError, AttributeError):
         pass
     return {"token": secrets.token_hex(16), "hosts": {}}
+
+
+def helper_token(tb) -> str:
+    """The testbed's token for its guests' reset helpers (made and saved on first use)."""
+    rec = _helper_record(tb)
+    if not (Path(tb.dir) / HELPER_FILE).exists():
+        _save_helper_record(tb, rec)
+    return rec["token"]
+
+
+def start_command(token: str) -> str:
+    """Shell commands that start the guest's reset helper in the background, without a
+    reset: `up` puts them before its last SSH call per guest, so the first reset finds
+    the helpers running. Python's start and this file's compile (most of a second of the
+    guest's CPU) run at nice 19, behind that call's own work, and go on while the host
+    verifies the pool; the helper then takes its own priority."""
+    return START.format(dir=shlex.quote(helper_dir()), token=shlex.quote(token),
+                        script=shlex.quote(GUEST_SCRIPT.read_text()), port=HELPER_PORT)
+
+
+START = """\
+d={dir}
+printf %s {script} > $d.py
+(umask 077; printf %s {token} > $d.token)
+nice -n 19 python3 -I -S $d.py helper=$d port={port} start=1 < /dev/null > /dev/null 2>&1 &
+"""
+
+
+def forward_helpers(tb) -> None:
+    """Forward a 127.0.0.1 port to the helper of every running guest that has none yet."""
+    rec = _helper_record(tb)
+    todo = [h for h in tb.hosts if h.alive() and (rec["hosts"].get(h.name) or {}).get("pid") != h.pid]
+    got = {h.name: {"pid": h.pid, "port": p} for h, p in zip(todo, map_parallel(_forward, todo)) if p is not None}
+    if got:
+        rec["hosts"].update(got)
+        _save_helper_record(tb, rec)
 
 
 def _save_helper_record(tb, rec: dict) -> None:

@@ -1,6 +1,6 @@
 """Runs INSIDE a guest (python3 of Debian trixie, stdlib only), sent over SSH by testbed/reset.py.
 
-    python3 -I -S reset.py [poison=0] [kill_deadline_s=5] [helper=DIR]   # prints one JSON line
+    python3 -I -S reset.py [poison=0] [kill_deadline_s=5] [helper=DIR [port=PORT] [start=1]]   # one JSON line
 
 Puts a running guest back to its state right after `up`, without rebooting it:
 
@@ -430,7 +430,7 @@ def parse_args(words):
     out = {}
     for w in words:
         k, _, v = w.partition("=")
-        if k == "poison":
+        if k in ("poison", "start"):
             out[k] = v not in ("0", "false", "no")
         elif k in ("helper", "token"):
             out[k] = v
@@ -506,7 +506,7 @@ def serve(d, token=None, port=None):
     fd = os.open(req, os.O_RDWR)  # a reader and a writer: never blocks, never sees EOF
     load_libc()
     try:  # ahead of what it stops on the guest's one vCPU (a test's Python still starting)
-        os.nice(HELPER_NICE)
+        os.setpriority(os.PRIO_PROCESS, 0, HELPER_NICE)
     except OSError:
         pass
     import select
@@ -651,6 +651,7 @@ def dumps(o):
 
 if __name__ == "__main__":
     ARGS = parse_args(sys.argv[1:])
-    print(dumps(main(ARGS)))
+    if not ARGS.get("start"):  # start=1: only start the helper (at `up`)
+        print(dumps(main(ARGS)))
     if ARGS.get("helper", "").startswith("/run/beluga/reset-"):
         start_helper(ARGS["helper"], take_token(ARGS["helper"] + ".token"), ARGS.get("port"))
