@@ -53,6 +53,8 @@ class HostReset:
     killed: tuple[str, ...] = ()  # "pid: command line" of every process stopped
     poison_cleared: tuple[str, ...] = ()  # "memN dpa 0x..+0x.." of every range cleared
     files_removed: int = 0
+    via: str = ""  # how the guest half ran: "tcp" (the helper, through its port), "ssh" (the
+    # helper, through an SSH session), "ssh-once" (a new Python over SSH, which starts the helper)
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ class ResetReport:
         return {"name": self.name, "seconds": self.seconds, "complete": self.complete,
                 "pool_bytes_zeroed": self.pool_bytes_zeroed, "not_undone": list(self.not_undone),
                 "hosts": [{"host": h.host, "continued": h.continued, "killed": list(h.killed),
-                           "poison_cleared": list(h.poison_cleared), "files_removed": h.files_removed}
+                           "poison_cleared": list(h.poison_cleared), "files_removed": h.files_removed,
+                           "via": h.via}
                           for h in self.hosts]}
 
 
@@ -325,18 +328,20 @@ def reset(tb, *, poison: bool = True, run=None) -> ResetReport:
         fwd = rec["hosts"].get(h.name)
         fwd = fwd if isinstance(fwd, dict) and fwd.get("pid") == h.pid else None
         out = _guest_tcp(h, fwd["port"], rec["token"], {"poison": poison}) if fwd else None
+        via = "tcp"
         if out is not None:
             problems += [f"{h.name}: {p}" for p in out.get("not_undone", [])]
         else:
             out, more = _guest(h, {"poison": poison, "port": HELPER_PORT}, run, rec["token"])
             problems += more
+            via = "ssh" if (out or {}).get("helper") else "ssh-once"
             if out is not None and fwd is None and (port := _forward(h)) is not None:
                 forwards[h.name] = {"pid": h.pid, "port": port}
         out = out or {}
         cleared = tuple(f"{device_of.get(c.get('serial'), '?')} (guest {c['memdev']}) dpa {d:#x}+{n:#x}"
                         for c in out.get("poison_cleared", []) for d, n in c["ranges"])
         return HostReset(h.name, continued, tuple(f"{k['pid']}: {k['cmd']}" for k in out.get("killed", [])),
-                         cleared, out.get("files_removed", 0)), problems
+                         cleared, out.get("files_removed", 0), via if out else ""), problems
 
     results = map_parallel(one, live)
     for _, problems in results:

@@ -146,7 +146,8 @@ def test_the_report_says_what_was_undone_and_never_claims_more(tmp_path, monkeyp
     rec = json.loads((tmp_path / reset.HELPER_FILE).read_text())
     assert list(rec["hosts"]) == ["host0"] and len(rec["token"]) == 32
     assert (tmp_path / reset.HELPER_FILE).stat().st_mode & 0o777 == 0o600
-    assert r.hosts[0] == HostReset("host0", True, ("301: beluga serve",), ("mem0 (guest mem1) dpa 0x1000+0x80",), 2)
+    assert r.hosts[0] == HostReset("host0", True, ("301: beluga serve",), ("mem0 (guest mem1) dpa 0x1000+0x80",), 2,
+                                   "ssh-once")
     assert r.hosts[1] == HostReset("host1")
     assert not r.complete
     assert any(x.startswith("host1: QEMU is not running") for x in r.not_undone)
@@ -349,6 +350,7 @@ def test_with_a_forwarded_port_the_helper_answers_over_tcp_with_the_token_only(f
         r = reset.reset(tb, run=run)
         assert runs == []  # no SSH at all
         assert [x.killed for x in r.hosts] == [("7: sleep 60",)] * 2 and r.complete
+        assert [x.via for x in r.hosts] == ["tcp", "tcp"]
         assert reset._guest_tcp(None, port, "t0ken", {"poison": True})["anchor_is_me"] is True
         # Without the token the helper says nothing: the reset goes over SSH.
         (tmp_path / reset.HELPER_FILE).write_text(json.dumps(
@@ -360,6 +362,7 @@ def test_with_a_forwarded_port_the_helper_answers_over_tcp_with_the_token_only(f
         monkeypatch.setattr(reset, "helper_dir", lambda: str(folder))
         r = reset.reset(tb, run=run)
         assert sorted(runs) == ["host0", "host1"] and r.complete
+        assert [x.via for x in r.hosts] == ["ssh-once", "ssh-once"]  # the fake SSH answers as a one-shot
         assert h.poll() is None
     finally:
         h.kill()
