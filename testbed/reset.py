@@ -227,18 +227,19 @@ def helper_token(tb) -> str:
     """The testbed's token for its guests' reset helpers (made and saved on first use)."""
     rec = _helper_record(tb)
     if not (Path(tb.dir) / HELPER_FILE).exists():
-        _save_helper_record(tb, rec)
+        with contextlib.suppress(OSError):  # then the first reset makes another, over SSH
+            _save_helper_record(tb, rec)
     return rec["token"]
 
 
-def start_command(token: str) -> str:
+def start_command(token: str, *, folder: str | None = None, port: int = HELPER_PORT) -> str:
     """Shell commands that start the guest's reset helper in the background, without a
     reset: `up` puts them before its last SSH call per guest, so the first reset finds
     the helpers running. Python's start and this file's compile (most of a second of the
     guest's CPU) run at nice 19, behind that call's own work, and go on while the host
     verifies the pool; the helper then takes its own priority."""
-    return START.format(dir=shlex.quote(helper_dir()), token=shlex.quote(token),
-                        script=shlex.quote(GUEST_SCRIPT.read_text()), port=HELPER_PORT)
+    return START.format(dir=shlex.quote(folder or helper_dir()), token=shlex.quote(token),
+                        script=shlex.quote(GUEST_SCRIPT.read_text()), port=port)
 
 
 START = """\
@@ -256,7 +257,8 @@ def forward_helpers(tb) -> None:
     got = {h.name: {"pid": h.pid, "port": p} for h, p in zip(todo, map_parallel(_forward, todo)) if p is not None}
     if got:
         rec["hosts"].update(got)
-        _save_helper_record(tb, rec)
+        with contextlib.suppress(OSError):  # then the resets go over SSH
+            _save_helper_record(tb, rec)
 
 
 def _save_helper_record(tb, rec: dict) -> None:

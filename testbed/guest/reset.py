@@ -653,5 +653,5 @@ if __name__ == "__main__":
     ARGS = parse_args(sys.argv[1:])
     if not ARGS.get("start"):  # start=1: only start the helper (at `up`)
         print(dumps(main(ARGS)))
-    if ARGS.get("helper", "").startswith("/run/beluga/reset-"):
+    if os.path.basename(ARGS.get("helper", "")).startswith("reset-"):
         start_helper(ARGS["helper"], take_token(ARGS["helper"] + ".token"), ARGS.get("port"))

@@ -377,3 +377,28 @@ def test_the_token_reaches_the_helper_through_a_file_never_its_command_line(fold
     assert (folder.parent / (folder.name + ".token")).stat().st_mode & 0o777 == 0o600
     assert guest_reset.take_token(str(folder) + ".token") == "s3cret"
     assert not (folder.parent / (folder.name + ".token")).exists()
+
+
+def test_up_starts_the_helper_in_the_background_with_its_token_and_port(folder):
+    """The real guest script in start mode (no reset is ever asked of it here: on this
+    machine a reset would stop this machine's processes)."""
+    port = free_port()
+    r = subprocess.run(["bash", "-c", reset.start_command("tok3n", folder=str(folder), port=port)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == ""  # in the background: the SSH call it rides on is not held
+    try:
+        for _ in range(1000):
+            if guest_reset.helper_alive(str(folder)):
+                break
+            time.sleep(0.02)
+        assert guest_reset.helper_alive(str(folder))
+        assert not (folder.parent / (folder.name + ".token")).exists()  # taken by the helper
+        import socket
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:  # listening; a wrong token:
+            c.sendall(b"wrong reset-0123456789ab poison=1\n")                 # closed without a word
+            c.settimeout(10)
+            assert c.recv(100) == b""
+    finally:
+        pid = int((folder / "pid").read_text().split()[0]) if (folder / "pid").exists() else None
+        if pid and guest_reset.helper_alive(str(folder)):
+            os.kill(pid, 9)
