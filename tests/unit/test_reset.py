@@ -402,3 +402,26 @@ def test_up_starts_the_helper_in_the_background_with_its_token_and_port(folder):
         pid = int((folder / "pid").read_text().split()[0]) if (folder / "pid").exists() else None
         if pid and guest_reset.helper_alive(str(folder)):
             os.kill(pid, 9)
+
+
+def test_up_forwards_a_port_to_each_running_guests_helper_and_records_it_privately(tmp_path, monkeypatch):
+    tb = FakeTb(tmp_path, dead=("host1",))
+    asked = []
+
+    def qmp(sock, cmd, args=None, **kw):
+        asked.append((sock.name, cmd, args["command-line"]))
+        return ""  # HMP says nothing when the forward is made
+    monkeypatch.setattr(reset.qmp, "execute", qmp)
+    token = reset.helper_token(tb)
+    reset.forward_helpers(tb)
+    rec = json.loads((tmp_path / reset.HELPER_FILE).read_text())
+    assert rec["token"] == token and list(rec["hosts"]) == ["host0"]  # host1's QEMU is not running
+    port = rec["hosts"]["host0"]["port"]
+    assert asked == [("host0.qmp", "human-monitor-command", f"hostfwd_add net0 tcp:127.0.0.1:{port}-:47811")]
+    reset.forward_helpers(tb)  # once per QEMU
+    assert len(asked) == 1
+    # A QEMU that refuses (its answer is an error text) leaves that host to SSH.
+    monkeypatch.setattr(reset.qmp, "execute", lambda *a, **k: "Could not set up host forwarding rule 'x'\r\n")
+    tb.hosts[0].pid = 2
+    reset.forward_helpers(tb)
+    assert json.loads((tmp_path / reset.HELPER_FILE).read_text())["hosts"]["host0"]["port"] == port
