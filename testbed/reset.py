@@ -151,12 +151,13 @@ def _ssh_run(tb):
     return lambda h, command, timeout_s: ssh.run(h.name, h.ssh_port, tb.key, command, timeout_s=timeout_s)
 
 
-# The guest half's command. With the resident helper alive (guest/reset.py's docstring),
-# a request costs the guest a shell and one mkfifo; without it (the first reset after
-# `up`, or the helper was killed) Python runs the reset once and leaves a helper behind.
-# While it waits for the reply, the shell checks every second that the helper still
-# lives; one that died mid-request (a reset that killed it? never: it is a base pid; a
-# test's `kill -9`) makes the shell run the reset itself instead.
+# The guest half's command over SSH (where the helper's port did not answer). With the
+# resident helper alive (guest/reset.py's docstring), a request costs the guest a shell
+# and one mkfifo; without it (a testbed that `up` gave no helper, or the helper was
+# killed) Python runs the reset once and leaves a helper behind. While it waits for the
+# reply, the shell checks every second that the helper still lives; one that died
+# mid-request (a test's `kill -9`; a reset keeps its helper) makes the shell run the
+# reset itself instead.
 CLIENT = """\
 d={dir}
 once() {{
@@ -202,7 +203,7 @@ def _guest(h, args: dict, run, token: str = "") -> tuple[dict | None, list[str]]
 
 
 # The helper's TCP port in the guest. QEMU forwards a free port of 127.0.0.1 to it
-# (hostfwd_add, after the first reset over SSH started the helper): the requests that
+# (hostfwd_add: made by `up`, or by a reset that started the helper over SSH): the requests that
 # follow skip SSH's key exchange and the guest's sshd-session, 2-3 s for four guests on
 # a busy machine. The port and a token (the testbed's secret, as its SSH key: another
 # user of this machine who connects gets nothing without it) are in HELPER_FILE.
@@ -284,9 +285,10 @@ def _guest_tcp(h, port: int, token: str, args: dict) -> dict | None:
                 if not chunk:
                     break
                 data += chunk
-        return json.loads(data) if data.endswith(b"\n") else None
+        out = json.loads(data) if data.endswith(b"\n") else None
     except (OSError, ValueError):
         return None
+    return out if isinstance(out, dict) else None  # (not the helper: some program on its port)
 
 
 def _forward(h) -> int | None:

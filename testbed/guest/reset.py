@@ -495,7 +495,8 @@ def start_helper(d, token=None, port=None):
 def serve(d, token=None, port=None):
     """The helper's loop: requests on the FIFO DIR/req (from SSH sessions) and, where
     `port` is given, on TCP (from the host, through QEMU's forward of a 127.0.0.1 port:
-    no SSH handshake, no shell), each line `TOKEN WORDS...` with the testbed's token."""
+    no SSH handshake, no shell); see handle() and serve_tcp(). It never ends on a bad
+    request: only a signal ends it."""
     os.makedirs(d, mode=0o700, exist_ok=True)
     req = f"{d}/req"
     try:
@@ -559,7 +560,10 @@ def handle(d, line, state):
     words = line.split()
     if len(words) < 2 or not words[0].isdigit() or not words[1].startswith(f"{d}/out."):
         return
-    args = parse_args(words[2:])
+    try:
+        args = parse_args(words[2:])
+    except ValueError:
+        return
     if args.get("token"):
         state["token"] = args["token"]
     reply(words[1], run_reset(args, int(words[0])))
@@ -577,7 +581,7 @@ def serve_tcp(d, listener, state):
         return
     conn = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, 0, fd)
     try:
-        conn.settimeout(10)
+        conn.settimeout(3)  # the host sends its line at once; anyone else is not waited for long
         data = b""
         while b"\n" not in data and len(data) < 4096:
             chunk = conn.recv(4096)
@@ -588,9 +592,10 @@ def serve_tcp(d, listener, state):
         if len(words) < 2 or not state["token"] or not same(words[0], state["token"]) \
                 or words[1] != os.path.basename(d):
             return
+        args = parse_args(words[2:])
         conn.settimeout(None)
-        conn.sendall(run_reset(parse_args(words[2:]), os.getpid()).encode())
-    except OSError:
+        conn.sendall(run_reset(args, os.getpid()).encode())
+    except (OSError, ValueError):
         pass
     finally:
         conn.close()

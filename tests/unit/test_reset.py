@@ -298,6 +298,9 @@ def test_a_failing_reset_in_the_helper_is_reported_and_the_helper_goes_on(folder
                        "helper": True}
         _, out = client(folder)
         assert out == {"not_undone": [], "helper": True}
+        (folder / "req").write_text(f"1 {folder}/out.1 poison=1 bogus\n")  # a malformed request: ignored
+        _, out = client(folder)
+        assert out == {"not_undone": [], "helper": True} and h.poll() is None
     finally:
         h.kill()
         h.wait()
