@@ -4,21 +4,25 @@ to its state right after `up`, after each run left a mess on every host.
 
     .venv/bin/python benchmarks/reset.py [--runs 5] [--topology 4hosts-1switch] [--json out.json]
 
-One `up`, then per round: every host gets processes started after boot (a `sleep` and a
-Python process that keeps the pool's devdax device mapped), a file in /tmp, the CXL trace
-events on; the pool gets 1 MiB of bytes from this machine and two poisoned lines in each
-guest's copy of its devices. Then, timed:
+One `up` (which starts each guest's resident reset helper and forwards a port to it:
+testbed/reset.py), then a first reset after a mess, timed alone. Then per round: every
+host gets processes started after boot (a `sleep` and a Python process that keeps the
+pool's devdax device mapped), a file in /tmp, the CXL trace events on; the pool gets
+1 MiB of bytes from this machine and two poisoned lines in each guest's copy of its
+devices. Then, timed:
 
-* `reset` as the pytest fixture runs it (`tb.reset()`: SSH connections kept open
-  between calls, as an API user's process keeps them), and
-* `reset_cold` as `beluga-testbed reset NAME` runs it (a new SSH connection per host),
-  after a second mess;
+* `reset` as the pytest fixture runs it (`tb.reset()` of an API object that keeps its
+  SSH connections open between calls), and
+* `reset_cold` as `beluga-testbed reset NAME` runs it (a new process's view: the state
+  read again, no connection kept), after a second mess;
 
 and, interleaved in the same round, the floor: one `true` on every host at once over the
-kept connections (what any reset must at least pay on this machine at this moment). Each
-reset is checked complete (nothing in `not_undone`, the pool reads zeros). Reports
-medians and spreads, the ratio to the floor, and the machine's load: the machine is
-shared, so the load average is printed with the figures.
+kept SSH connections (the cheapest way to run anything on every guest; the reset itself
+talks to the guests' helpers through their forwarded ports, or over SSH where that
+fails: how each guest was reached is printed). Each reset is checked complete (nothing
+in `not_undone`, the pool reads zeros). Reports medians and spreads, the ratio to the
+floor, and the machine's load: the machine is shared, so the load average is printed
+with the figures.
 """
 from __future__ import annotations
 
@@ -72,6 +76,12 @@ def check_clean(tb: Testbed, report) -> None:
         raise SystemExit(f"reset killed too few processes: {killed}")
 
 
+def via(report) -> str:
+    """How the guest halves ran, e.g. "tcp x4" or "tcp x3, ssh-once x1"."""
+    kinds = [h.via for h in report.hosts]
+    return ", ".join(f"{k} x{kinds.count(k)}" for k in sorted(set(kinds)))
+
+
 def floor(tb: Testbed) -> float:
     start = time.monotonic()
     tb.exec(None, ["true"], check=True)
@@ -88,17 +98,26 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--topology", default="4hosts-1switch")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--name", default="bench-reset", help="the testbed's name (default: bench-reset)")
     args = ap.parse_args()
     own_state = "BELUGA_TESTBED_STATE" not in os.environ
     state = tempfile.mkdtemp(prefix="bt-bench-", dir="/tmp") if own_state else None
     if state:
         os.environ["BELUGA_TESTBED_STATE"] = state
-    warm, cold, floors, loads = [], [], [], []
+    warm, cold, floors, loads, vias = [], [], [], [], []
     try:
         t0 = time.monotonic()
-        with Testbed.up(args.topology, name="bench-reset") as tb:
+        with Testbed.up(args.topology, name=args.name) as tb:
             up_s = time.monotonic() - t0
             tb.exec(None, ["true"], check=True)  # open the kept connections
+            first_load = os.getloadavg()[0]
+            mess(tb)
+            start = time.monotonic()
+            report = tb.reset()
+            first = time.monotonic() - start
+            check_clean(tb, report)
+            first_via = via(report)
+            print(f"• first reset {first:.2f} s ({first_via}), load {first_load:.1f}", file=sys.stderr, flush=True)
             for i in range(args.runs):
                 print(f"• round {i + 1}/{args.runs}", file=sys.stderr, flush=True)
                 loads.append(os.getloadavg()[0])
@@ -108,13 +127,15 @@ def main() -> int:
                 report = tb.reset()
                 warm.append(time.monotonic() - start)
                 check_clean(tb, report)
+                vias.append(via(report))
                 mess(tb)
                 start = time.monotonic()
-                report = reset_mod.reset(tb._state)  # a new SSH connection per host, as the CLI
+                report = reset_mod.reset(tb._state)  # a new process's view, as the CLI
                 cold.append(time.monotonic() - start)
                 check_clean(tb, report)
+                vias[-1] += " / " + via(report)
                 print(f"  reset {warm[-1]:.2f} s, cold {cold[-1]:.2f} s, floor {floors[-1]:.2f} s, "
-                      f"load {loads[-1]:.1f}", file=sys.stderr, flush=True)
+                      f"load {loads[-1]:.1f} ({vias[-1]})", file=sys.stderr, flush=True)
     finally:
         if state:
             shutil.rmtree(state, ignore_errors=True)
@@ -123,10 +144,15 @@ def main() -> int:
                     "loadavg_1min_per_round": [round(x, 1) for x in loads], "loadavg_at_end": os.getloadavg()},
         "topology": args.topology,
         "up_s": round(up_s, 1),
+        "first_reset_s": round(first, 2),
+        "first_reset_loadavg_1min": round(first_load, 1),
+        "first_reset_via": first_via,
+        "via_per_round": vias,
         "reset_s": summary(warm),
         "reset_cold_s": summary(cold),
         "floor_exec_true_all_hosts_s": summary(floors),
         "reset_x_floor": summary([w / f for w, f in zip(warm, floors)]),
+        "reset_cold_x_floor": summary([c / f for c, f in zip(cold, floors)]),
         "target": {"reset_s_median": TARGET_S},
     }
     print(json.dumps(result, indent=2))

@@ -336,8 +336,10 @@ def cmd_run(args) -> int:
     if junit is not None and junit.is_dir():  # found now, not after the run
         raise TestbedError(f"--junit {junit}: is a folder", hint=f"name the file to write, e.g. {junit / 'junit.xml'}")
     try:
+        from .kernel import UserKernel
         report, html = runner.run(sc, topology=args.topology, testbed=args.testbed, keep=args.keep,
-                                  report_dir=Path(args.report_dir) if args.report_dir else None)
+                                  report_dir=Path(args.report_dir) if args.report_dir else None,
+                                  kernel=UserKernel(args.kernel, args.initrd, args.modules, args.qemu))
     except KeyboardInterrupt:
         if junit is not None and args.report_dir:  # the interrupted run's report was written: pass it on
             _copy_junit(Path(args.report_dir), junit)
@@ -476,6 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--report-dir", help="where report.json and report.html go (default ./reports/NAME-TIME)")
     rn.add_argument("--junit", metavar="FILE", help="also write JUnit XML there (one test case per expectation; "
                                                     "report-dir/junit.xml is always written)")
+    rn.add_argument("--kernel", type=Path, metavar="PATH",
+                    help="boot this kernel (as 'up --kernel'; over the scenario's and the topology's kernel.kernel)")
+    rn.add_argument("--initrd", type=Path, metavar="PATH", help="with a kernel: this initrd (as 'up --initrd')")
+    rn.add_argument("--modules", type=Path, metavar="DIR", help="with a kernel: its modules tree (as 'up --modules')")
+    rn.add_argument("--qemu", type=Path, metavar="PATH", help="this QEMU binary (as 'up --qemu')")
     rn.add_argument("--check", action="store_true",
                     help="validate the scenario against its topology (or the --testbed's) and exit; boots nothing")
     rn.set_defaults(func=cmd_run)

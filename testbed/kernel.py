@@ -107,9 +107,51 @@ def problems(uk: UserKernel, *, whole: bool = True) -> dict[str, str]:
     return out
 
 
-def check(uk: UserKernel, option: dict[str, str] | None = None) -> None:
-    """A TestbedError naming every unusable path by its option (`--kernel`, ...)."""
-    bad = problems(uk)
+def from_yaml(c, value, path: tuple = ("kernel",), *, check_paths: bool = True) -> UserKernel | None:
+    """The `kernel: {kernel: PATH, initrd: PATH, modules: DIR, qemu: PATH}` mapping of a
+    topology or a scenario file, read with its yamlcheck.Checker `c`: every field
+    optional, a relative path relative to that file's folder, each path checked (located
+    errors: `file:line: kernel.modules: /src/mods: no such folder`)."""
+    data = c.mapping(value, path, {}, {f: str for f in FIELDS})
+    if not data:
+        return None
+    base = Path(c.doc.file).parent
+    uk = UserKernel(**{f: base / Path(v).expanduser() for f, v in data.items()})
+    if check_paths:
+        for f, why in problems(uk, whole=False).items():
+            c.err(path + (f,), why)
+    return uk
+
+
+def differences(state: dict | None, want: UserKernel) -> list[str]:
+    """How a running testbed's kernel and QEMU (the `kernel` of its state: None when it
+    booted the image's with the default QEMU) differ from `want`, for each field `want`
+    gives: ["kernel: /a/bzImage, not /b/bzImage", ...]; empty when they agree."""
+    state = state or {}
+    given = state.get("given") or {}
+    out = []
+    for f in FIELDS:
+        w = getattr(want, f)
+        if w is None:
+            continue
+        if f == "qemu":
+            from .qemucmd import QEMU
+            have = state.get("qemu") or QEMU
+        else:
+            have = given.get(f)
+        if have is None or _real(have) != _real(str(w)):
+            out.append(f"{f}: {have or 'the image' + chr(39) + 's'}, not {w}")
+    return out
+
+
+def _real(p: str) -> Path:
+    return Path(shutil.which(p) if "/" not in p and shutil.which(p) else p).resolve()
+
+
+def check(uk: UserKernel, option: dict[str, str] | None = None, *, whole: bool = True) -> None:
+    """A TestbedError naming every unusable path by its option (`--kernel`, ...); `whole`
+    as for problems()."""
+    bad = problems(uk, whole=whole)
     if bad:
         option = option or {f: f"--{f}" for f in FIELDS}
         raise TestbedError("\n".join(f"{option[f]}: {why}" for f, why in bad.items()),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import paths, ssh
+from . import reset as reset_mod
 from .log import TestbedError, step
 from .par import map_parallel
 from .state import PoolHost, PoolState
@@ -102,6 +103,7 @@ def _collect_at_boot(tb, sign: dict) -> tuple[dict[str, dict], dict[str, list[st
     then in place), the bytes at the signed offsets."""
     writer = tb.host(sign["host"])
     hosts = tb.hosts
+    reset_start = reset_mod.start_command(reset_mod.helper_token(tb))
 
     def collect(h):
         try:
@@ -116,11 +118,13 @@ def _collect_at_boot(tb, sign: dict) -> tuple[dict[str, dict], dict[str, list[st
             # The writer's own collect() reports why, should its region fail.
             writer.wait_said(POOL_READY, failed=POOL_FAILED, timeout_s=BOOT_POOL_TIMEOUT_S)
         args = {"offsets": sign["offsets"], "length": sign["length"]} if reads else {}
-        r = ssh.run_json(h, tb.key, f"python3 -S {FW_GUEST_SCRIPT} report {shlex.quote(json.dumps(args))}",
+        # The same call starts the guest's reset helper, in the background (testbed/reset.py).
+        r = ssh.run_json(h, tb.key, f"{reset_start}python3 -S {FW_GUEST_SCRIPT} report {shlex.quote(json.dumps(args))}",
                          what="pool create at boot", timeout_s=60)
         return h.name, r
 
     out = dict(map_parallel(collect, hosts))
+    reset_mod.forward_helpers(tb)
     return {n: r["region"] for n, r in out.items()}, {n: r["data"] for n, r in out.items() if "data" in r}
 
 

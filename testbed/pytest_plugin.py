@@ -4,6 +4,7 @@
         testbed.exec_ok("host0", ["true"])
 
     pytest --beluga-topology 2hosts-1switch [--beluga-keep] [--beluga-share DIR[:GUEST[:rw]]]
+           [--beluga-kernel PATH [--beluga-initrd PATH] [--beluga-modules DIR]] [--beluga-qemu PATH]
 
 Nothing boots unless a test asks for `testbed` or `testbed_session`: the plugin is loaded
 into every pytest run of an environment that has beluga-testbed installed. The session
@@ -13,6 +14,10 @@ test but the first after `up`, so each test starts from the state right after `u
 test that kills a host leaves a testbed that reset cannot repair: the next test gets a
 fresh one (down and up). Under pytest-xdist each worker has its own testbed, named
 `<name>-<worker id>` (gw0, gw1, ...).
+
+--beluga-kernel, --beluga-initrd, --beluga-modules and --beluga-qemu boot a user's kernel
+and QEMU, as `up --kernel/--initrd/--modules/--qemu` (over the topology's `kernel:`
+fields); a testbed of that name that is already up must run the same ones.
 
 The testbed's name is --beluga-name, else `pytest-<topology name>`. State and pool files
 go where BELUGA_TESTBED_STATE and BELUGA_TESTBED_POOLS say (as for the CLI).
@@ -27,6 +32,7 @@ from pathlib import Path
 import pytest
 
 DEFAULT_TOPOLOGY = "2hosts-1switch"
+KERNEL_FIELDS = ("kernel", "initrd", "modules", "qemu")  # testbed/kernel.py's FIELDS (imported lazily there)
 
 
 class BelugaResetWarning(UserWarning):
@@ -39,12 +45,22 @@ class Options:
     name: str | None = None
     keep: bool = False
     shares: tuple[str, ...] = field(default=())
+    kernel: str | None = None
+    initrd: str | None = None
+    modules: str | None = None
+    qemu: str | None = None
 
     @classmethod
     def from_config(cls, config) -> Options:
         return cls(topology=config.getoption("beluga_topology") or DEFAULT_TOPOLOGY,
                    name=config.getoption("beluga_name"), keep=bool(config.getoption("beluga_keep")),
-                   shares=tuple(config.getoption("beluga_share") or ()))
+                   shares=tuple(config.getoption("beluga_share") or ()),
+                   **{f: config.getoption(f"beluga_{f}") for f in KERNEL_FIELDS})
+
+    def up_kwargs(self) -> dict:
+        """What Testbed.up takes from these options."""
+        return {"shares": list(self.shares),
+                **{f: getattr(self, f) for f in KERNEL_FIELDS if getattr(self, f) is not None}}
 
 
 def pytest_addoption(parser) -> None:
@@ -57,6 +73,12 @@ def pytest_addoption(parser) -> None:
                 help="leave the testbed up after the run (a later run with the same name resets and reuses it)")
     g.addoption("--beluga-share", action="append", default=[], metavar="HOST_DIR[:GUEST_DIR[:rw]]",
                 help="mount a host folder in every guest (as 'up --share'); repeatable")
+    g.addoption("--beluga-kernel", default=None, metavar="PATH",
+                help="boot this kernel, a bzImage or vmlinux (as 'up --kernel'; over the topology's kernel.kernel)")
+    g.addoption("--beluga-initrd", default=None, metavar="PATH", help="with a kernel: this initrd (as 'up --initrd')")
+    g.addoption("--beluga-modules", default=None, metavar="DIR",
+                help="with a kernel: its `make modules_install INSTALL_MOD_PATH=DIR` tree (as 'up --modules')")
+    g.addoption("--beluga-qemu", default=None, metavar="PATH", help="this QEMU binary (as 'up --qemu')")
 
 
 def _topology_stem(topology: str) -> str:
@@ -88,6 +110,16 @@ def _testbed_class():
     return Testbed
 
 
+def _kernel_differences(name: str, opts: Options) -> list[str]:
+    """How the running testbed `name` differs from the kernel and QEMU options given."""
+    if not any(getattr(opts, f) for f in KERNEL_FIELDS):
+        return []
+    from . import lifecycle
+    from .kernel import UserKernel, differences
+    given = UserKernel(**{f: Path(getattr(opts, f)) if getattr(opts, f) else None for f in KERNEL_FIELDS})
+    return differences(lifecycle.status(name).get("kernel"), given)
+
+
 class Session:
     """The testbed of one pytest process, and whether it needs a reset before the next test."""
 
@@ -108,10 +140,13 @@ class Session:
             if tb.topology != want:
                 raise TestbedError(f"testbed '{self.name}' is up with topology '{tb.topology}', not '{want}'",
                                    hint=f"'beluga-testbed down {self.name}', or another --beluga-name")
+            if diff := _kernel_differences(self.name, self.opts):
+                raise TestbedError(f"testbed '{self.name}' is up with another kernel or QEMU: " + "; ".join(diff),
+                                   hint=f"'beluga-testbed down {self.name}', or another --beluga-name")
             self.tb = tb
             self.dirty = True  # left by an earlier run: reset before the first test
         else:
-            self.tb = Testbed.up(self.opts.topology, name=self.name, shares=list(self.opts.shares), keep=True)
+            self.tb = Testbed.up(self.opts.topology, name=self.name, keep=True, **self.opts.up_kwargs())
             self.started = True
         return self.tb
 
@@ -123,8 +158,8 @@ class Session:
             if not all(self.tb.alive(h) for h in self.tb.hosts):
                 self.tb.down()
                 # The same object (testbed_session's value) now stands for the new one.
-                self.tb._adopt(_testbed_class().up(self.opts.topology, name=self.name,
-                                                   shares=list(self.opts.shares), keep=True))
+                self.tb._adopt(_testbed_class().up(self.opts.topology, name=self.name, keep=True,
+                                                   **self.opts.up_kwargs()))
                 self.started = True
             elif not report.complete:
                 warnings.warn(BelugaResetWarning(f"reset of '{self.name}' could not undo: "

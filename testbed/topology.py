@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import names, paths, yamlcheck
-from .kernel import FIELDS as kernel_fields, UserKernel, problems as kernel_problems
+from .kernel import UserKernel, from_yaml as kernel_from_yaml
 from .yamlcheck import Checker, ConfigError, Doc, fmt_path, typename
 
 API_VERSION = "beluga.testbed/v1alpha1"
@@ -263,27 +263,13 @@ def _check(doc: Doc, machine: Machine, check_paths: bool = True) -> Topology:
             c.err(("host_bridges", i, "bus_nr"), f"bus number {b.bus_nr} already used by host_bridges[{bus_nrs[b.bus_nr]}]")
         bus_nrs[b.bus_nr] = i
     _bus_ranges(c, bridges)
-    kernel = _kernel(c, top["kernel"], check_paths) if "kernel" in top else None
+    kernel = kernel_from_yaml(c, top["kernel"], check_paths=check_paths) if "kernel" in top else None
 
     if c.errors:
         raise TopologyError(c.errors)
     return Topology(name=top["name"], description=top.get("description", ""), source=file,
                     hosts=tuple(hosts), host_bridges=tuple(bridges), devices=tuple(devices),
                     windows=tuple(windows), pool=pool, kernel=kernel)  # type: ignore[arg-type]
-
-
-def _kernel(c: Checker, value: Any, check_paths: bool) -> UserKernel | None:
-    """`kernel: {kernel: PATH, initrd: PATH, modules: DIR, qemu: PATH}`, every field optional;
-    a relative path is relative to the topology file's folder."""
-    data = c.mapping(value, ("kernel",), {}, {f: str for f in kernel_fields})
-    if not data:
-        return None
-    base = Path(c.doc.file).parent
-    uk = UserKernel(**{f: base / Path(v).expanduser() for f, v in data.items()})
-    if check_paths:
-        for f, why in kernel_problems(uk, whole=False).items():
-            c.err(("kernel", f), why)
-    return uk
 
 
 def _hosts(c: Checker, value: Any, path: tuple, machine: Machine) -> list[Host]:

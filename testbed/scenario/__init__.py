@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .. import names, yamlcheck
+from .. import kernel as kernel_mod
+from ..kernel import UserKernel
 from ..log import TestbedError
 from ..topology import API_VERSION, Topology
 from ..yamlcheck import Checker as _Checker
@@ -324,6 +326,10 @@ class Scenario:
     steps: tuple[Step, ...]
     expect: tuple[Expectation, ...] = ()
     shares: tuple[str, ...] = ()  # HOST_DIR[:GUEST_DIR[:rw]], as `up --share`; relative to the file's folder
+    # A user's kernel, initrd, modules tree and QEMU (`kernel:`, as a topology's; paths
+    # relative to the file's folder, checked when it is read): over the topology's, field
+    # by field; `run --kernel/--initrd/--modules/--qemu` over these.
+    kernel: UserKernel | None = None
     doc: Any = field(default=None, compare=False, repr=False)
 
     def share_list(self) -> list:
@@ -468,7 +474,8 @@ def parse(text: str, file: str = "<scenario>") -> Scenario:
 def _parse(doc: yamlcheck.Doc, file: str) -> Scenario:
     c = _Checker(doc, "scenario")
     top = c.mapping(doc.data, (), {"apiVersion": str, "kind": str, "name": str, "roles": dict, "steps": list},
-                    {"description": str, "topology": str, "store": dict, "expect": list, "shares": list})
+                    {"description": str, "topology": str, "store": dict, "expect": list, "shares": list,
+                     "kernel": dict})
     if top is None:
         raise ScenarioError(c.errors)
     if top.get("apiVersion") not in (None, API_VERSION):
@@ -503,6 +510,7 @@ def _parse(doc: yamlcheck.Doc, file: str) -> Scenario:
             shares.append(spec)
         else:
             _bad(c, ("shares", i), "a share 'HOST_DIR[:GUEST_DIR[:rw]]'", spec)
+    kernel = kernel_mod.from_yaml(c, top["kernel"]) if "kernel" in top else None
     steps: list[Step] = []
     for i, raw in enumerate(top.get("steps", [])):
         path = ("steps", i)
@@ -543,7 +551,8 @@ def _parse(doc: yamlcheck.Doc, file: str) -> Scenario:
     return Scenario(name=top["name"], description=top.get("description", ""), source=file,
                     topology=top.get("topology", "4hosts-1switch"), service=roles["service"],
                     writers=tuple(roles["writers"]), readers=tuple(readers) if isinstance(readers, list) else "others",
-                    store=store, steps=tuple(steps), expect=tuple(expect), shares=tuple(shares), doc=doc)
+                    store=store, steps=tuple(steps), expect=tuple(expect), shares=tuple(shares), kernel=kernel,
+                    doc=doc)
 
 
 # ---------------------------------------------------------------- against a topology
@@ -587,6 +596,12 @@ def check(sc: Scenario, t: Topology) -> None:
                 sc.share_list()  # across them: no guest folder twice, none inside another
             except TestbedError as e:
                 c.err(("shares",), e.message)
+    if sc.kernel is not None:  # with the topology's: modules or an initrd need a kernel from one of them
+        uk = sc.kernel.over(t.kernel)
+        paths_bad = kernel_mod.problems(uk, whole=False)  # each path: reported where it was read
+        for f, why in kernel_mod.problems(uk).items():
+            if f not in paths_bad:
+                c.err(("kernel", f) if getattr(sc.kernel, f) is not None else ("kernel",), why)
     pool = t.pool_size_bytes
     for k in ("block_size_bytes", "segment_size_bytes"):
         if sc.store.get(k, 0) > pool // 2:

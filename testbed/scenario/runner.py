@@ -24,8 +24,10 @@ from typing import Any
 import jinja2
 
 from .. import deploy, lifecycle, provision, ssh
+from .. import kernel as kernel_mod
 from .. import reset as reset_mod
 from .. import scenario as S
+from ..kernel import UserKernel
 from ..log import TestbedError, info
 from ..par import map_parallel
 from ..scenario import (Bool, Choice, Env, Expectation, Fault, Hosts, Int, Name, Regex, Scenario, Seconds, Step,
@@ -933,8 +935,15 @@ def _cell(v: Any) -> str:
 
 
 def run(sc: Scenario, *, topology: str | None = None, testbed: str | None = None, keep: bool = False,
-        report_dir: Path | None = None) -> tuple[dict, Path]:
+        report_dir: Path | None = None, kernel: UserKernel | None = None) -> tuple[dict, Path]:
+    """`kernel`: `run --kernel/--initrd/--modules/--qemu`, over the scenario's `kernel:`
+    fields, which are over the topology's (each field on its own)."""
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if kernel:
+        # Each path, named by its option, before anything else; whether modules come with
+        # a kernel is judged with the scenario's and the topology's fields, by `up`.
+        kernel_mod.check(kernel, whole=False)
+    uk = (kernel or UserKernel()).over(sc.kernel)
     topo = topology or S.own_topology(sc)
     name = testbed or f"scn-{sc.name}"
     report_dir = report_dir or Path("reports") / f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -972,10 +981,12 @@ def run(sc: Scenario, *, topology: str | None = None, testbed: str | None = None
         with phase(f"boot {topo}" if own else f"testbed {name} (already up)"):
             shares = sc.share_list()
             if own:
-                tb = lifecycle.up(topo, name=name, **({"shares": shares} if shares else {}))
+                tb = lifecycle.up(topo, name=name, **({"shares": shares} if shares else {}),
+                                  **{f: getattr(uk, f) for f in kernel_mod.FIELDS if getattr(uk, f) is not None})
             else:
                 tb = lifecycle.find(name)
                 _check_shares(tb, shares, sc)
+                _check_kernel(tb, uk, sc)
         if not own:
             # A running testbed is brought back to the state right after `up` (what an
             # earlier run or test left: processes, poison, trace, pool bytes), in seconds
@@ -1037,6 +1048,15 @@ def _check_shares(tb, wanted: list, sc: Scenario) -> None:
                            ", ".join(s.spec for s in lack),
                            hint="bring it up with " + " ".join(f"--share {s.spec}" for s in lack) +
                            ", or run without --testbed")
+
+
+def _check_kernel(tb, wanted: UserKernel, sc: Scenario) -> None:
+    """A scenario run on a running testbed (`--testbed`) needs the kernel and QEMU it names."""
+    if wanted and (diff := kernel_mod.differences(tb.data.get("kernel"), wanted)):
+        raise TestbedError(f"{sc.source}: testbed '{tb.name}' runs another kernel or QEMU than the run asks for: "
+                           + "; ".join(diff),
+                           hint="run without --testbed (a testbed of its own boots what it asks for), or "
+                                f"bring '{tb.name}' up with those --kernel/--initrd/--modules/--qemu")
 
 
 def passed(report: dict, sc: Scenario) -> bool:

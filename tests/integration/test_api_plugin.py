@@ -85,6 +85,8 @@ USER_TESTS = textwrap.dedent('''
         report = testbed.reset()
         assert report.complete, report.not_undone
         assert [(h.host, h.continued) for h in report.hosts] == [("host0", True), ("host1", False)]
+        # Each guest's resident helper (started by up) answered through its forwarded port.
+        assert [h.via for h in report.hosts] == ["tcp", "tcp"]
         assert testbed.exec(None, ["true"], timeout_s=30).ok  # host0 runs, host1's link is up
         hang.join()
 

@@ -59,6 +59,15 @@ def test_user_kernel_modules_and_qemu(isolated_dirs, tmp_path):
         assert where.endswith(f"/lib/modules/{ver}") and fstype == "9p" and options.startswith("ro,")
         assert lines[2] == "1"
         assert "modules" in cli("status", "ukernel").stdout
+        # A scenario that asks for another QEMU does not run on this testbed: it stops
+        # before its first step, naming what differs.
+        sc = tmp_path / "other-qemu.yaml"
+        sc.write_text("apiVersion: beluga.testbed/v1alpha1\nkind: Scenario\nname: other-qemu\n"
+                      "topology: 1host-1switch\nroles: {service: host0, writers: [host0]}\n"
+                      "kernel: {qemu: /bin/true}\nsteps:\n  - put: {on: writers, set: a, blocks: 1}\n")
+        r = cli("run", str(sc), "--testbed", "ukernel", "--report-dir", str(tmp_path / "report"), check=False)
+        assert r.returncode != 0
+        assert f"runs another kernel or QEMU than the run asks for: qemu: {wrapper}, not /bin/true" in r.stderr
     finally:
         cli("down", "ukernel")
     assert qemu_processes_under(state / "ukernel") == []

@@ -42,8 +42,8 @@ FAKE_CONFTEST = textwrap.dedent('''
             return sorted(cls.running_names)
 
         @classmethod
-        def up(cls, topology, *, name, shares, keep):
-            note("up", topology, name, list(shares), keep)
+        def up(cls, topology, *, name, shares, keep, **kernel):
+            note("up", topology, name, list(shares), keep, *([kernel] if kernel else []))
             cls.running_names.add(name)
             return cls(name)
 
@@ -134,6 +134,30 @@ def test_options_choose_topology_name_and_shares_and_keep_leaves_it_up(inner, tm
     result.assert_outcomes(passed=3)
     assert calls[0] == ["up", "1host-1switch", "ci-7", [f"{tmp_path}:/mnt/x"], True]
     assert ["down", "ci-7"] not in calls
+
+
+def test_kernel_and_qemu_options_boot_them(inner, tmp_path):
+    result, calls = inner(THREE_TESTS, "--beluga-kernel", "/k/bzImage", "--beluga-modules", "/k/mods",
+                          "--beluga-qemu", "/q/qemu")
+    result.assert_outcomes(passed=3)
+    assert calls[0] == ["up", "2hosts-1switch", "pytest-2hosts-1switch", [], True,
+                        {"kernel": "/k/bzImage", "modules": "/k/mods", "qemu": "/q/qemu"}]
+
+
+def test_a_testbed_already_up_with_another_kernel_is_not_used(inner, monkeypatch):
+    monkeypatch.setenv("FAKE_RUNNING", "ci")
+    seen = []
+    monkeypatch.setattr(pytest_plugin, "_kernel_differences",
+                        lambda name, opts: seen.append((name, opts.kernel)) or ["kernel: /a/bzImage, not /k/bzImage"])
+    result, calls = inner("def test_a(testbed):\n    pass\n", "--beluga-name", "ci", "--beluga-kernel", "/k/bzImage")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*beluga-testbed: testbed 'ci' is up with another kernel or QEMU: "
+                                 "kernel: /a/bzImage, not /k/bzImage*"])
+    assert seen == [("ci", "/k/bzImage")] and calls == [["attach", "ci"]]
+
+
+def test_without_kernel_options_a_running_testbeds_kernel_is_not_asked_for():
+    assert pytest_plugin._kernel_differences("no-such-testbed", Options()) == []
 
 
 def test_a_testbed_already_up_is_attached_and_reset_before_the_first_test(inner, monkeypatch):

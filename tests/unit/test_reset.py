@@ -2,6 +2,9 @@
 processes are the base system; poison lists parsed from the kernel's trace lines; the
 report says what was not undone. SSH results and QMP answers are the faked boundary."""
 import json
+import subprocess
+import sys
+import time
 import mmap
 import os
 from pathlib import Path
@@ -113,6 +116,7 @@ class FakeTb:
             f.write_bytes(b"\x01" * 65536)
             self.pool_files[d.id] = f
         self.key = root / "key"
+        self.dir = root
 
 
 def test_the_report_says_what_was_undone_and_never_claims_more(tmp_path, monkeypatch):
@@ -135,8 +139,15 @@ def test_the_report_says_what_was_undone_and_never_claims_more(tmp_path, monkeyp
 
     r = reset.reset(tb, run=run)
     assert runs == ["host0"]  # the dead host is not tried
-    assert qmp_calls == [("host0.qmp", "query-status"), ("host0.qmp", "cont"), ("host0.qmp", "set_link")]
-    assert r.hosts[0] == HostReset("host0", True, ("301: beluga serve",), ("mem0 (guest mem1) dpa 0x1000+0x80",), 2)
+    # The guest half went over SSH (no forward yet), which started the helper: QEMU is asked
+    # to forward a port to it for the next reset.
+    assert qmp_calls == [("host0.qmp", "query-status"), ("host0.qmp", "cont"), ("host0.qmp", "set_link"),
+                         ("host0.qmp", "human-monitor-command")]
+    rec = json.loads((tmp_path / reset.HELPER_FILE).read_text())
+    assert list(rec["hosts"]) == ["host0"] and len(rec["token"]) == 32
+    assert (tmp_path / reset.HELPER_FILE).stat().st_mode & 0o777 == 0o600
+    assert r.hosts[0] == HostReset("host0", True, ("301: beluga serve",), ("mem0 (guest mem1) dpa 0x1000+0x80",), 2,
+                                   "ssh-once")
     assert r.hosts[1] == HostReset("host1")
     assert not r.complete
     assert any(x.startswith("host1: QEMU is not running") for x in r.not_undone)
@@ -199,3 +210,221 @@ def test_emptying_tmp_removes_links_not_what_they_point_to(tmp_path):
     assert guest_reset.remove_tree(str(top)) == 5
     assert list(top.iterdir()) == []
     assert (outside / "keep.txt").read_text() == "keep"
+
+
+# ----------------------------------------------------------- the resident helper's protocol
+# The helper (guest/reset.py's serve) and the client (reset.CLIENT, run by bash) talk
+# through real FIFOs here; only the reset itself (`main`, which would stop this machine's
+# processes) is replaced by one that says what it was asked.
+REPO = Path(__file__).resolve().parents[2]
+ONCE = "import json, sys\nprint(json.dumps({'once': sys.argv[1:]}))\n"
+
+
+def start_fake_helper(folder: Path, main_body: str, token=None, port=None) -> subprocess.Popen:
+    code = ("import json, sys, time\nfrom testbed.guest import reset as g\n" + main_body
+            + f"\ng.main = main\ng.serve({str(folder)!r}, {token!r}, {port!r})\n")
+    p = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)})
+    for _ in range(500):
+        if guest_reset.helper_alive(str(folder)):
+            return p
+        time.sleep(0.02)
+    p.kill()
+    raise AssertionError("the helper did not start")
+
+
+def client(folder: Path, **args) -> tuple[int, dict]:
+    cmd = reset.guest_command(args or {"poison": True}, folder=str(folder), script=ONCE)
+    p = subprocess.Popen(["bash", "-c", cmd], stdout=subprocess.PIPE, text=True)
+    out, _ = p.communicate(timeout=60)
+    return p.pid, json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return tmp_path / "reset-0123456789ab"
+
+
+def test_the_helper_answers_a_request_and_keeps_the_clients_chain(folder):
+    h = start_fake_helper(folder, "def main(args, anchor=None):\n"
+                                  "    return {'anchor': anchor, 'poison': args['poison'], 'not_undone': []}")
+    try:
+        for poison in (False, True):  # one helper, several requests
+            pid, out = client(folder, poison=poison)
+            assert out == {"anchor": pid, "poison": poison, "not_undone": [], "helper": True}
+        assert h.poll() is None
+        assert not list(folder.glob("out.*"))  # the reply FIFOs are gone
+    finally:
+        h.kill()
+        h.wait()
+
+
+def test_without_a_live_helper_the_client_runs_the_reset_once_itself(folder):
+    pid, out = client(folder, poison=False)  # no helper ever started
+    assert out == {"once": [f"helper={folder}", "poison=0"]}
+    h = start_fake_helper(folder, "def main(args, anchor=None):\n    return {}")
+    h.kill()
+    h.wait()  # a pid file and a FIFO are left, nobody holds it
+    assert not guest_reset.helper_alive(str(folder))
+    pid, out = client(folder, poison=True)
+    assert out == {"once": [f"helper={folder}", "poison=1"]}
+
+
+def test_a_helper_that_dies_during_a_request_leaves_the_reset_to_the_client(folder, tmp_path):
+    started = tmp_path / "started"
+    h = start_fake_helper(folder, "def main(args, anchor=None):\n"
+                                  f"    open({str(started)!r}, 'w').close()\n    time.sleep(60)")
+    try:
+        c = subprocess.Popen(["bash", "-c", reset.guest_command({"poison": True}, folder=str(folder), script=ONCE)],
+                             stdout=subprocess.PIPE, text=True)
+        for _ in range(500):
+            if started.exists():
+                break
+            time.sleep(0.02)
+        h.kill()
+        out, _ = c.communicate(timeout=60)
+        assert json.loads(out.strip().splitlines()[-1]) == {"once": [f"helper={folder}", "poison=1"]}
+    finally:
+        h.kill()
+        h.wait()
+
+
+def test_a_failing_reset_in_the_helper_is_reported_and_the_helper_goes_on(folder):
+    h = start_fake_helper(folder, "n = [0]\ndef main(args, anchor=None):\n    n[0] += 1\n"
+                                  "    if n[0] == 1:\n        raise OSError(5, 'Input/output error')\n"
+                                  "    return {'not_undone': []}")
+    try:
+        _, out = client(folder)
+        assert out == {"not_undone": ["the reset helper failed: OSError: [Errno 5] Input/output error"],
+                       "helper": True}
+        _, out = client(folder)
+        assert out == {"not_undone": [], "helper": True}
+        (folder / "req").write_text(f"1 {folder}/out.1 poison=1 bogus\n")  # a malformed request: ignored
+        _, out = client(folder)
+        assert out == {"not_undone": [], "helper": True} and h.poll() is None
+    finally:
+        h.kill()
+        h.wait()
+
+
+def test_the_first_scan_walks_the_tree_under_init_and_skips_kernel_threads():
+    if not os.path.exists("/proc/1/task/1/children"):
+        pytest.skip("this kernel has no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN)")
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        procs = guest_reset.user_processes()
+        assert os.getpid() in procs and child.pid in procs
+        assert not any(p["flags"] & guest_reset.PF_KTHREAD for p in procs.values())
+        assert {os.getpid(), child.pid} <= set(guest_reset.processes())  # the full scan, kernel threads too
+    finally:
+        child.kill()
+        child.wait()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_with_a_forwarded_port_the_helper_answers_over_tcp_with_the_token_only(folder, tmp_path, monkeypatch):
+    port = free_port()
+    h = start_fake_helper(folder, "def main(args, anchor=None):\n"
+                                  "    return {'killed': [{'pid': 7, 'cmd': 'sleep 60'}], 'not_undone': [],"
+                                  " 'anchor_is_me': anchor == __import__('os').getpid()}", token="t0ken", port=port)
+    try:
+        for _ in range(500):  # listening once a connection gets an answer
+            try:
+                __import__("socket").create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        tb = FakeTb(tmp_path)
+        monkeypatch.setattr(reset.qmp, "execute", lambda *a, **k: {"running": True, "status": "running"})
+        monkeypatch.setattr(reset, "helper_dir", lambda: str(folder))
+        runs = []
+
+        def run(h, command, timeout_s):
+            runs.append(h.name)
+            return ssh.Result(h.name, 0, json.dumps({"killed": [], "not_undone": []}) + "\n", "")
+
+        (tmp_path / reset.HELPER_FILE).write_text(json.dumps(
+            {"token": "t0ken", "hosts": {n: {"pid": 1, "port": port} for n in ("host0", "host1")}}))
+        r = reset.reset(tb, run=run)
+        assert runs == []  # no SSH at all
+        assert [x.killed for x in r.hosts] == [("7: sleep 60",)] * 2 and r.complete
+        assert [x.via for x in r.hosts] == ["tcp", "tcp"]
+        assert reset._guest_tcp(None, port, "t0ken", {"poison": True})["anchor_is_me"] is True
+        # Without the token the helper says nothing: the reset goes over SSH.
+        (tmp_path / reset.HELPER_FILE).write_text(json.dumps(
+            {"token": "guess", "hosts": {n: {"pid": 1, "port": port} for n in ("host0", "host1")}}))
+        assert reset._guest_tcp(None, port, "guess", {"poison": True}) is None
+        # Nor to a request for another version of the script (its own replaces it, over SSH).
+        monkeypatch.setattr(reset, "helper_dir", lambda: str(folder) + "-new")
+        assert reset._guest_tcp(None, port, "t0ken", {"poison": True}) is None
+        monkeypatch.setattr(reset, "helper_dir", lambda: str(folder))
+        r = reset.reset(tb, run=run)
+        assert sorted(runs) == ["host0", "host1"] and r.complete
+        assert [x.via for x in r.hosts] == ["ssh-once", "ssh-once"]  # the fake SSH answers as a one-shot
+        assert h.poll() is None
+    finally:
+        h.kill()
+        h.wait()
+
+
+def test_the_token_reaches_the_helper_through_a_file_never_its_command_line(folder):
+    cmd = reset.guest_command({"poison": True, "port": 1}, "s3cret", folder=str(folder),
+                              script="import sys\nprint(open(sys.argv[1].split('=')[1] + '.token').read())\n")
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60).stdout
+    assert out.strip() == "s3cret"
+    assert (folder.parent / (folder.name + ".token")).stat().st_mode & 0o777 == 0o600
+    assert guest_reset.take_token(str(folder) + ".token") == "s3cret"
+    assert not (folder.parent / (folder.name + ".token")).exists()
+
+
+def test_up_starts_the_helper_in_the_background_with_its_token_and_port(folder):
+    """The real guest script in start mode (no reset is ever asked of it here: on this
+    machine a reset would stop this machine's processes)."""
+    port = free_port()
+    r = subprocess.run(["bash", "-c", reset.start_command("tok3n", folder=str(folder), port=port)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == ""  # in the background: the SSH call it rides on is not held
+    try:
+        for _ in range(1000):
+            if guest_reset.helper_alive(str(folder)):
+                break
+            time.sleep(0.02)
+        assert guest_reset.helper_alive(str(folder))
+        assert not (folder.parent / (folder.name + ".token")).exists()  # taken by the helper
+        import socket
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:  # listening; a wrong token:
+            c.sendall(b"wrong reset-0123456789ab poison=1\n")                 # closed without a word
+            c.settimeout(10)
+            assert c.recv(100) == b""
+    finally:
+        pid = int((folder / "pid").read_text().split()[0]) if (folder / "pid").exists() else None
+        if pid and guest_reset.helper_alive(str(folder)):
+            os.kill(pid, 9)
+
+
+def test_up_forwards_a_port_to_each_running_guests_helper_and_records_it_privately(tmp_path, monkeypatch):
+    tb = FakeTb(tmp_path, dead=("host1",))
+    asked = []
+
+    def qmp(sock, cmd, args=None, **kw):
+        asked.append((sock.name, cmd, args["command-line"]))
+        return ""  # HMP says nothing when the forward is made
+    monkeypatch.setattr(reset.qmp, "execute", qmp)
+    token = reset.helper_token(tb)
+    reset.forward_helpers(tb)
+    rec = json.loads((tmp_path / reset.HELPER_FILE).read_text())
+    assert rec["token"] == token and list(rec["hosts"]) == ["host0"]  # host1's QEMU is not running
+    port = rec["hosts"]["host0"]["port"]
+    assert asked == [("host0.qmp", "human-monitor-command", f"hostfwd_add net0 tcp:127.0.0.1:{port}-:47811")]
+    reset.forward_helpers(tb)  # once per QEMU
+    assert len(asked) == 1
+    # A QEMU that refuses (its answer is an error text) leaves that host to SSH.
+    monkeypatch.setattr(reset.qmp, "execute", lambda *a, **k: "Could not set up host forwarding rule 'x'\r\n")
+    tb.hosts[0].pid = 2
+    reset.forward_helpers(tb)
+    assert json.loads((tmp_path / reset.HELPER_FILE).read_text())["hosts"]["host0"]["port"] == port

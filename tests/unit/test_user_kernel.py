@@ -251,3 +251,101 @@ def test_the_guests_own_version_check_fails_the_boot_with_its_line(tmp_path):
     script = kernel.INIT_SCRIPT.read_bytes()
     assert b'echo "' + lifecycle.BOOT_FAILED + b': $*"' in script
     assert b'fail "the kernel is $release but the modules given (--modules) are for $want' in script
+
+
+# ---------------------------------------------------------------- scenario fields and the runner
+SCENARIO = (Path(T.__file__).parents[1] / "scenarios" / "functional" / "cross-host-put-get.yaml").read_text()
+
+
+def test_scenario_kernel_fields_are_checked_with_their_lines_and_relative_to_its_file(tmp_path):
+    from testbed import scenario
+    fake_bzimage(tmp_path / "bzImage", "6.13.0")
+    f = tmp_path / "mine.yaml"
+    f.write_text(SCENARIO + "kernel:\n  kernel: bzImage\n  qemu: /bin/sh\n")
+    assert scenario.load(str(f)).kernel == UserKernel(kernel=tmp_path / "bzImage", qemu=Path("/bin/sh"))
+    f.write_text(SCENARIO + "kernel:\n  kernel: no-such-bzImage\n  initrd: .\n  qemu: /bin/sh\n  modlues: m\n")
+    with pytest.raises(scenario.ScenarioError) as e:
+        scenario.load(str(f))
+    n = len(SCENARIO.splitlines())
+    assert e.value.errors == [
+        f"{f}:{n + 5}: kernel.modlues: unknown key (did you mean 'modules'?)",
+        f"{f}:{n + 2}: kernel.kernel: {tmp_path}/no-such-bzImage: no such file",
+        f"{f}:{n + 3}: kernel.initrd: {tmp_path}: not a file",
+    ]
+
+
+def test_scenario_modules_without_a_kernel_from_it_or_its_topology_is_a_located_error(tmp_path):
+    from testbed import scenario
+    modules_tree(tmp_path / "mods", "6.13.0")
+    f = tmp_path / "mine.yaml"
+    f.write_text(SCENARIO + "kernel:\n  modules: mods\n")
+    sc = scenario.load(str(f))
+    with pytest.raises(scenario.ScenarioError) as e:
+        scenario.check(sc, T.load("4hosts-1switch"))
+    n = len(SCENARIO.splitlines())
+    assert e.value.errors == [
+        f"{f}:{n + 2}: kernel.modules: modules given without a kernel: they are for a user's kernel (--kernel)"]
+    # The topology's kernel completes the scenario's modules.
+    fake_bzimage(tmp_path / "bzImage", "6.13.0")
+    (tmp_path / "topo.yaml").write_text((Path(T.__file__).parent / "topologies" / "4hosts-1switch.yaml").read_text()
+                                        + "kernel:\n  kernel: bzImage\n")
+    scenario.check(sc, T.load(str(tmp_path / "topo.yaml")))
+
+
+@pytest.fixture
+def runner_up(monkeypatch, tmp_path):
+    """The runner up to `up`: what it passes there (the boot stops the run)."""
+    from testbed.scenario import runner
+    seen = {}
+
+    def up(topo, name=None, **kw):
+        seen.update(kw, topology=topo)
+        raise TestbedError("stop here")
+    monkeypatch.setattr(lifecycle, "up", up)
+    monkeypatch.setattr(lifecycle, "down", lambda name: True)
+    monkeypatch.setattr(lifecycle, "export_logs", lambda name, dest: dest)
+    return runner, seen
+
+
+def test_the_runner_boots_the_scenarios_kernel_with_the_run_options_over_it(runner_up, tmp_path):
+    from testbed import scenario
+    runner, seen = runner_up
+    bz, other, q = fake_bzimage(tmp_path / "bzImage", "6.13.0"), fake_bzimage(tmp_path / "other", "6.14.0"), tmp_path / "q"
+    q.write_text("#!/bin/sh\n")
+    q.chmod(0o755)
+    f = tmp_path / "mine.yaml"
+    f.write_text(SCENARIO + "kernel:\n  kernel: bzImage\n  qemu: q\n")
+    sc = scenario.load(str(f))
+    report, _ = runner.run(sc, report_dir=tmp_path / "r1")
+    assert report["error"] == "stop here"
+    assert seen == {"topology": "4hosts-1switch", "kernel": bz, "qemu": q}
+    seen.clear()
+    runner.run(sc, report_dir=tmp_path / "r2", kernel=UserKernel(kernel=other))
+    assert seen == {"topology": "4hosts-1switch", "kernel": other, "qemu": q}
+    with pytest.raises(TestbedError) as e:  # a run option's path: named by its option, before the boot
+        runner.run(sc, report_dir=tmp_path / "r3", kernel=UserKernel(qemu=tmp_path / "nope"))
+    assert e.value.message == f"--qemu: {tmp_path}/nope: no such file"
+
+
+def test_run_options_reach_the_runner(monkeypatch, tmp_path):
+    from testbed.scenario import runner
+    got = {}
+
+    def run(sc, **kw):
+        got.update(kw)
+        raise TestbedError("stop here")
+    monkeypatch.setattr(runner, "run", run)
+    assert cli.main(["run", "functional/cross-host-put-get", "--kernel", "/k", "--modules", "/m",
+                     "--qemu", "/q"]) != 0
+    assert got["kernel"] == UserKernel(kernel=Path("/k"), modules=Path("/m"), qemu=Path("/q"))
+
+
+def test_a_running_testbed_with_another_kernel_or_qemu_is_named_field_by_field(tmp_path):
+    bz = fake_bzimage(tmp_path / "bzImage", "6.13.0")
+    state = {"given": {"kernel": str(bz), "initrd": None, "modules": None, "qemu": None},
+             "qemu": "/usr/bin/qemu-a", "kernel": "/state/_kernel/vmlinux", "initrd": "x", "version": "6.13.0"}
+    assert kernel.differences(state, UserKernel(kernel=bz)) == []
+    assert kernel.differences(state, UserKernel(kernel=tmp_path / "other", qemu=Path("/usr/bin/qemu-b"))) == [
+        f"kernel: {bz}, not {tmp_path}/other", "qemu: /usr/bin/qemu-a, not /usr/bin/qemu-b"]
+    assert kernel.differences(None, UserKernel(kernel=bz)) == [f"kernel: the image's, not {bz}"]
+    assert kernel.differences(None, UserKernel()) == []
