@@ -336,10 +336,9 @@ def cmd_run(args) -> int:
     if junit is not None and junit.is_dir():  # found now, not after the run
         raise TestbedError(f"--junit {junit}: is a folder", hint=f"name the file to write, e.g. {junit / 'junit.xml'}")
     try:
-        from .kernel import UserKernel
         report, html = runner.run(sc, topology=args.topology, testbed=args.testbed, keep=args.keep,
                                   report_dir=Path(args.report_dir) if args.report_dir else None,
-                                  kernel=UserKernel(args.kernel, args.initrd, args.modules, args.qemu))
+                                  kernel=runner.UserKernel(args.kernel, args.initrd, args.modules, args.qemu))
     except KeyboardInterrupt:
         if junit is not None and args.report_dir:  # the interrupted run's report was written: pass it on
             _copy_junit(Path(args.report_dir), junit)

@@ -1052,7 +1052,7 @@ def _check_shares(tb, wanted: list, sc: Scenario) -> None:
 
 def _check_kernel(tb, wanted: UserKernel, sc: Scenario) -> None:
     """A scenario run on a running testbed (`--testbed`) needs the kernel and QEMU it names."""
-    if wanted and (diff := kernel_mod.differences(tb.data.get("kernel"), wanted)):
+    if wanted and (diff := kernel_mod.differences(tb.kernel.to_json() if tb.kernel else None, wanted)):
         raise TestbedError(f"{sc.source}: testbed '{tb.name}' runs another kernel or QEMU than the run asks for: "
                            + "; ".join(diff),
                            hint="run without --testbed (a testbed of its own boots what it asks for), or "
