@@ -138,10 +138,19 @@ mkdir -p "$work/build"
     "${QEMU_CONFIGURE_OPTS[@]}" >&2)
 
 begin "build"
-make -C "$work/build" -j"$JOBS" >&2
+# Only what gets installed: `make` would also build QEMU's own test programs (a third of
+# the compiling, measured on 10.2: 2138 C files against 1348).
+mapfile -t targets < <(cd "$work/build" && ./pyvenv/bin/meson introspect --installed . |
+    /usr/bin/python3 -c 'import json, os, sys
+for built in json.load(sys.stdin):
+    rel = os.path.relpath(built)
+    if not rel.startswith(".."):
+        print(rel)')
+[ ${#targets[@]} -gt 0 ] || die "meson lists nothing to install in $work/build" "see the configure output above"
+ninja -C "$work/build" -j"$JOBS" "${targets[@]}" >&2
 
 begin "install"
-make -C "$work/build" install >&2
+(cd "$work/build" && ./pyvenv/bin/meson install --no-rebuild --quiet >&2)
 recipe_text "$version" "$PATCHES" > "$work/install/beluga-recipe.txt"
 printf 'mirror %s %s\n' "$mirror" "$QEMU_SOURCE_SUITE" >> "$work/install/beluga-recipe.txt"
 "$work/install/bin/qemu-system-x86_64" --version | head -n1 | grep -qF "beluga-$key" \
