@@ -3,13 +3,18 @@ VENV ?= .venv
 BT := $(VENV)/bin/beluga-testbed
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: setup image demo test test-unit test-integration coverage mutate clean
+.PHONY: setup image qemu demo test test-unit test-integration coverage mutate clean
 
 setup:
 	@scripts/setup-host.sh
 
 image: setup
 	$(BT) image build
+
+# A newer QEMU than the system's (Debian's source package plus qemu/patches/series), for
+# `up --qemu`; prints the binary's path. Slow the first time (qemu/README.md), then instant.
+qemu:
+	@qemu/build.sh
 
 demo: image
 	$(BT) doctor

@@ -26,24 +26,27 @@ apt_source_files() {
     return 0
 }
 
-# Every enabled entry in folder $1 as "URI SUITE" lines, one per URI and suite, in the
-# order apt reads them. Options in brackets ("deb [arch=amd64] URI ...") are skipped;
-# deb822 stanzas with "Enabled: no" are skipped; "deb-src" entries are skipped.
+# Every enabled entry of type $2 ("deb" when not given, or "deb-src") in folder $1 as
+# "URI SUITE" lines, one per URI and suite, in the order apt reads them. Options in
+# brackets ("deb [arch=amd64] URI ...") are skipped; deb822 stanzas with "Enabled: no"
+# are skipped; entries of the other type are skipped.
 apt_entries() {
-    local kind path
+    local kind path type=${2:-deb}
     apt_source_files "$1" | while read -r kind path; do
         if [ "$kind" = list ]; then
-            awk '
+            awk -v type="$type" '
                 { sub(/#.*/, "") }
-                $1 != "deb" { next }
+                $1 != type { next }
                 { i = 2 }
                 $i ~ /^\[/ { while (i <= NF && $i !~ /\]$/) i++; i++ }
                 i + 1 <= NF { print $i, $(i + 1) }
             ' "$path"
         else
-            awk '
-                function flush(   u, s, nu, ns, a, b) {
-                    if (types ~ /(^|[ \t])deb([ \t]|$)/ && enabled !~ /^(no|false|0)$/) {
+            awk -v type="$type" '
+                function flush(   u, s, nu, ns, a, b, t, nt) {
+                    nt = split(types, t, /[ \t]+/); is = 0
+                    for (u = 1; u <= nt; u++) if (t[u] == type) is = 1
+                    if (is && enabled !~ /^(no|false|0)$/) {
                         nu = split(uris, a, /[ \t]+/); ns = split(suites, b, /[ \t]+/)
                         for (u = 1; u <= nu; u++) for (s = 1; s <= ns; s++)
                             if (a[u] != "" && b[s] != "") print a[u], b[s]
@@ -79,4 +82,18 @@ debian_mirror() {
 # Whether folder $1 already has an enabled entry for suite $2 (exit status).
 apt_has_suite() {
     apt_entries "$1" | awk -v suite="$2" '$2 == suite { found = 1 } END { exit !found }'
+}
+
+# The mirror to fetch the source package of suite $2 from, for a machine whose own
+# release is suite $3 (for example "unstable" on a "bookworm" machine), from folder $1:
+# the first enabled deb-src entry for suite $2, else the first deb entry for suite $2,
+# else the first deb entry for suite $3 (the same Debian mirror serves every suite).
+# Prints nothing when there is none.
+source_mirror() {
+    local m
+    m=$( { apt_entries "$1" deb-src | awk -v s="$2" '$2 == s'
+           apt_entries "$1" | awk -v s="$2" '$2 == s'
+           apt_entries "$1" | awk -v s="$3" '$2 == s'; } |
+         awk '!found { sub(/\/+$/, "", $1); print $1; found = 1 }')
+    [ -z "$m" ] || printf '%s\n' "$m"
 }

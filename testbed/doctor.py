@@ -45,7 +45,8 @@ def check_qemu(which: Callable[[str], str | None] = shutil.which, run: Callable[
                          "give the path of a QEMU binary (qemu-system-x86_64) built with CXL support")
         return Check("qemu", False, "qemu-system-x86_64 not found",
                      "run 'make setup' (Debian 12: qemu-system-x86 from bookworm-backports)")
-    m = re.search(r"version (\d+)\.(\d+)\.?(\d*)", run([exe, "--version"]))
+    version_text = run([exe, "--version"])
+    m = re.search(r"version (\d+)\.(\d+)\.?(\d*)", version_text)
     if not m:
         return Check("qemu", False, f"{exe}: cannot read its version", "reinstall qemu-system-x86")
     ver = (int(m.group(1)), int(m.group(2)))
@@ -65,7 +66,11 @@ def check_qemu(which: Callable[[str], str | None] = shutil.which, run: Callable[
     if not which("qemu-img"):
         return Check("qemu", False, "qemu-img not found", "run 'make setup' (package qemu-utils)")
     where = f" at {exe}" if given else ""
-    return Check("qemu", True, f"QEMU {m.group(0).split()[-1]}{where} with {', '.join(QEMU_DEVICES)} (volatile-memdev)")
+    # A QEMU that qemu/build.sh built says which recipe: "version 10.2.2 (beluga-<key>)".
+    recipe = re.search(r"version \S+ \((beluga-[0-9a-f]+)\)", version_text)
+    built = f" ({recipe.group(1)}, built by qemu/build.sh)" if recipe else ""
+    return Check("qemu", True, f"QEMU {m.group(0).split()[-1]}{built}{where} with {', '.join(QEMU_DEVICES)} "
+                 "(volatile-memdev)")
 
 
 def check_accel(probe: Callable[[Path | None], accel.Probe] = accel.probe_kvm) -> Check:

@@ -4,10 +4,10 @@ from pathlib import Path
 from testbed import accel, doctor, image
 
 
-def fake_run(version="10.0.2", devices=doctor.QEMU_DEVICES, volatile=True):
+def fake_run(version="10.0.2", devices=doctor.QEMU_DEVICES, volatile=True, pkg="Debian"):
     def run(argv):
         if argv[1] == "--version":
-            return f"QEMU emulator version {version} (Debian)\n"
+            return f"QEMU emulator version {version} ({pkg})\n"
         if argv[2] == "help":
             return "".join(f'name "{d}", bus PCI\n' for d in devices)
         return "  volatile-memdev=<link<memory-backend>>\n" if volatile else "  persistent-memdev=<link>\n"
@@ -21,6 +21,15 @@ def which_all(name):
 def test_qemu_ok():
     c = doctor.check_qemu(which_all, fake_run())
     assert c.ok and c.detail.startswith("QEMU 10.0.2 with pxb-cxl")
+
+
+def test_qemu_built_by_the_recipe_says_which():
+    """qemu/build.sh marks its builds (--with-pkgversion=beluga-<key>): doctor names the key."""
+    which = lambda n: n if n.startswith("/") else f"/usr/bin/{n}"  # noqa: E731
+    c = doctor.check_qemu(which, fake_run("10.2.2", pkg="beluga-dda60a9c68e34143"), exe="/q/bin/qemu-system-x86_64")
+    assert c.ok
+    assert c.detail.startswith("QEMU 10.2.2 (beluga-dda60a9c68e34143, built by qemu/build.sh) "
+                               "at /q/bin/qemu-system-x86_64 with pxb-cxl")
 
 
 def test_qemu_missing():
