@@ -43,26 +43,33 @@ def service(path: str, out: str) -> None:
                 steps.setdefault(label, []).append(pc() - t)
         setattr(obj, name, timed)
 
-    real_serve = svc._serve_pool_request
+    # The service's index and CXL-RPC server are their own objects since the service was split
+    # into modules (beluga/index.py, beluga/cxlrpc.py); before, the service held both roles.
+    index, server = getattr(svc, "blocks", svc), getattr(svc, "cxl", svc)
+    serve_name = "_serve_request" if hasattr(server, "_serve_request") else "_serve_pool_request"
+    real_serve = getattr(server, serve_name)
 
     def serve_timed(c, seq, now):
         a = pc()
         r = real_serve(c, seq, now)
         seen[seq] = (a, pc())
         return r
-    svc._serve_pool_request = serve_timed
+    setattr(server, serve_name, serve_timed)
+
+    def public(obj, name):
+        return name.lstrip("_") if hasattr(obj, name.lstrip("_")) else name
     wrap(rpc, "decode_request", "decode request")
     wrap(rpc, "encode_response", "encode response")
-    wrap(svc, "_drain_touches", "drain touch rings")
-    wrap(svc, "_alloc_one", "ALLOC: one slot")
-    wrap(svc, "_segment_for", "ALLOC:   find a segment")
-    wrap(svc, "_set_owner", "ALLOC:     take over a sealed segment (persist it)")
-    wrap(svc, "_commit_one", "COMMIT: one block")
+    wrap(svc, public(svc, "_drain_touches"), "drain touch rings")
+    wrap(index, public(index, "_alloc_one"), "ALLOC: one slot")
+    wrap(index, "_segment_for", "ALLOC:   find a segment")
+    wrap(index, "_set_owner", "ALLOC:     take over a sealed segment (persist it)")
+    wrap(index, public(index, "_commit_one"), "COMMIT: one block")
     wrap(L, "block_header_matches", "COMMIT:   check the block header")
-    wrap(svc, "_unindex", "COMMIT:   free the replaced copy")
-    wrap(svc, "_publish", "COMMIT:   publish in the lookup table")
-    wrap(svc, "_maybe_seal", "COMMIT:   seal a full segment")
-    wrap(svc, "_persist_entry", "persist an index entry (each)")
+    wrap(index, "_unindex", "COMMIT:   free the replaced copy")
+    wrap(index, "_publish", "COMMIT:   publish in the lookup table")
+    wrap(index, "_maybe_seal", "COMMIT:   seal a full segment")
+    wrap(index, "_persist_entry", "persist an index entry (each)")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     open(out + ".ready", "w").close()
