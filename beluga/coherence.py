@@ -290,6 +290,133 @@ def publish(buf, word_off: int, word_len: int, payload: Iterable[tuple[int, int]
     fence(what)
 
 
+# ---------------------------------------------------------------- the store's flush policy
+
+ENV_POLICY = "BELUGA_FLUSH_POLICY"
+POLICIES = ("auto", "on", "off")
+ACTIVE = False
+"""True while some open pool flushes (policy on on a host that can flush) or is sanitized: the
+store's accessors (beluga/layout.py) test this one flag before calling ``pool_*`` below, so a
+coherent pool (a plain file, policy off) pays one attribute read per publication."""
+_flushing: list = []  # the mappings (Pool._mm) of open pools whose policy is on
+
+
+def env_policy() -> str:
+    policy = os.environ.get(ENV_POLICY, "").strip() or "auto"
+    if policy not in POLICIES:
+        raise ValueError(f"{ENV_POLICY}={policy!r}: expected one of {', '.join(POLICIES)}")
+    return policy
+
+
+def resolve_policy(policy: str | None, *, is_devdax: bool, sanitized: bool) -> str:
+    """"on" or "off" for a pool: ``policy`` (or $BELUGA_FLUSH_POLICY) "auto" means on for a devdax
+    device (the multi-host CXL case), off for a file (one host's page cache is coherent). A sanitized
+    pool always flushes (through the model)."""
+    p = policy if policy is not None else env_policy()
+    if p not in POLICIES:
+        raise ValueError(f"flush policy {p!r}: expected one of {', '.join(POLICIES)}")
+    if sanitized:
+        return "on"
+    if p == "auto":
+        return "on" if is_devdax else "off"
+    return p
+
+
+def _update_active() -> None:
+    global ACTIVE
+    ACTIVE = bool(_models) or (bool(_flushing) and _native is not None)
+
+
+def register_flushing(mm) -> None:
+    """A pool whose policy is on (not sanitized) was opened over ``mm``."""
+    with _lock:
+        _flushing.append(mm)
+        _update_active()
+
+
+def unregister_flushing(mm) -> None:
+    with _lock:
+        for i, o in enumerate(_flushing):
+            if o is mm:
+                del _flushing[i]
+                break
+        _update_active()
+
+
+def flushes(buf) -> bool:
+    """True if ``buf`` (a pool's ``buf``) belongs to a pool that flushes (policy on, or sanitized)."""
+    if not ACTIVE:
+        return False
+    if _models and _find(buf, 0, 0) is not None:
+        return True
+    obj = buf.obj if type(buf) is memoryview else buf
+    return any(obj is o for o in _flushing)
+
+
+def _target(buf, off: int, n: int):
+    """The model that holds ``buf[off:off+n]`` (with the pool offset), True for a flushing pool, else None."""
+    if _models:
+        hit = _find(buf, off, n)
+        if hit is not None:
+            return hit
+    if _flushing:
+        obj = buf.obj if type(buf) is memoryview else buf
+        for o in _flushing:
+            if obj is o:
+                return True
+    return None
+
+
+def pool_writeback(buf, off: int, n: int, what: str) -> None:
+    """``writeback`` for the store's accessors: only for a pool that flushes (policy or sanitizer)."""
+    t = _target(buf, off, n)
+    if t is None or _skip("writeback", what):
+        return
+    if t is True:
+        _native.writeback(buf, off, n)
+    else:
+        with t[0].lock:
+            t[0].writeback(t[1], n, what)
+
+
+def pool_invalidate(buf, off: int, n: int, what: str) -> None:
+    """``invalidate`` + ``note_read`` for the store's accessors: only for a pool that flushes."""
+    t = _target(buf, off, n)
+    if t is None:
+        return
+    if t is True:
+        if not _skip("invalidate", what):
+            _native.invalidate(buf, off, n)
+        return
+    with t[0].lock:
+        if not _skip("invalidate", what):
+            t[0].invalidate(t[1], n, what)
+        t[0].check_read(t[1], n, what)
+
+
+def pool_fence(buf, what: str) -> None:
+    """``fence`` for the store's accessors (one fence orders all of this host's writebacks)."""
+    if _target(buf, 0, 0) is None or _skip("fence", what):
+        return
+    for m in list(_models):
+        with m.lock:
+            m.fence()
+    if _native is not None:
+        _native.fence()
+
+
+def pool_publish(buf, word_off: int, word_len: int, payload: Iterable[tuple[int, int]], what: str) -> None:
+    """The word at ``word_off`` was just stored: check its payload was written back and fenced, write the
+    word back, fence (the last step of a publication, for the store's accessors)."""
+    t = _target(buf, word_off, word_len)
+    if t is None:
+        return
+    if t is not True:
+        note_publish(buf, word_off, payload, what)
+    pool_writeback(buf, word_off, word_len, what)
+    pool_fence(buf, what)
+
+
 # ---------------------------------------------------------------- the sanitizer
 
 def env_mode() -> str:
@@ -487,6 +614,7 @@ class _Model:
         with _lock:
             if self in _models:
                 _models.remove(self)
+            _update_active()
         self.buf.release()
         for v in self._views:
             v.release()
@@ -723,6 +851,7 @@ def attach(shared: mmap.mmap, size: int, *, pool_path: str, is_devdax: bool, geo
                scope=scope)
     with _lock:
         _models.append(m)
+        _update_active()
     return m
 
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 import os
 import threading
 
+from . import coherence as _coh
 from . import layout as L
 from .checksum import CRC32, copy_and_checksum, crc32
 
@@ -138,6 +139,8 @@ def py_read_into(buf, dest, header_off: int, data_off: int, key: bytes, generati
     h1 = _header(buf, header_off)
     if not L.block_header_matches(h1, key, generation, length, data_crc):
         return READ_HEADER
+    if _coh.ACTIVE:
+        L.fetch_block_data(buf, data_off, length)
     crc = copy_and_checksum(CRC32, dest[:length], memoryview(buf)[data_off : data_off + length])
     if crc != data_crc:
         return READ_CRC
@@ -154,6 +157,8 @@ def py_read_bytes(buf, header_off: int, data_off: int, key: bytes, generation: i
     h1 = _header(buf, header_off)
     if not L.block_header_matches(h1, key, generation, length, data_crc):
         return READ_HEADER
+    if _coh.ACTIVE:
+        L.fetch_block_data(buf, data_off, length)
     data = bytes(buf[data_off : data_off + length])
     if crc32(data) & 0xFFFFFFFF != data_crc:
         return READ_CRC
@@ -315,7 +320,12 @@ class PyReader:
 
 
 def reader(buf, g: L.Geometry, cls=None):
-    """The read path in use here (C or Python; ``cls`` chooses) for a client of the pool ``buf`` with geometry ``g``."""
+    """The read path in use here (C or Python; ``cls`` chooses) for a client of the pool ``buf`` with geometry ``g``.
+
+    A pool whose flush policy is on (or that is sanitized) gets the Python reader: it invalidates each
+    line it reads through ``layout`` (docs/coherence.md); the C Reader does not flush yet."""
+    if cls is None and _coh.flushes(buf):
+        cls = PyReader
     return (cls or _Reader)(buf, g.table_offset, g.table_buckets, g.table_seq_offset, g.slot_granularity_bytes,
                    g.max_slots_per_segment, g.segment_count, g.segment_size_bytes, g.headers_offset,
                    g.segments_offset)
