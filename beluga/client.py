@@ -313,6 +313,7 @@ class BelugaClient:
         buf = self.buf
         for (key, mv), a in zip(batch, allocs):
             n = mv.nbytes
+            L.claim_block_slot(buf, a.header_offset, a.data_offset, n)
             L.write_block_header(buf, a.header_offset, L.BlockHeader(L.BLOCK_WRITING, n, a.generation, 0, self._slot, key))
             if algo == CRC32:
                 crc = readpath.copy_crc(buf[a.data_offset : a.data_offset + n], mv)  # one pass

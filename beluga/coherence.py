@@ -651,8 +651,11 @@ class _Model:
             return
         sh = self._shared[s]
         c_d, sh_d, clean_d = c[dirty], sh[dirty], clean[dirty]
+        # Bytes (8 at a time) this host did not write, that another host changed since this one
+        # fetched the line: writing the whole line back puts the stale copy over them. Where this
+        # host wrote the word itself, overwriting is the write (a block rewritten line by line).
         theirs = sh_d != clean_d
-        theirs = theirs & (c_d != sh_d) if theirs.any() else None
+        theirs = theirs & (c_d != sh_d) & (c_d == clean_d) if theirs.any() else None
         sh[dirty] = c_d
         stamp = self.stamp()
         self._stamps[s][dirty] = stamp
@@ -677,7 +680,8 @@ class _Model:
             theirs, clean = bytes(smv[a:b]), bytes(lmv[a:b])
             if theirs != clean:
                 new = bytes(mine)
-                clobbered += [a + i for i in range(LINE_BYTES) if theirs[i] != clean[i] and new[i] != theirs[i]]
+                clobbered += [a + i for i in range(LINE_BYTES)
+                              if theirs[i] != clean[i] and new[i] != theirs[i] and new[i] == clean[i]]
             smv[a:b] = mine
             self._stq[line] = stamp
             self._mq[line] = stamp

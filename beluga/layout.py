@@ -399,6 +399,15 @@ def _pub(buf, word_off: int, word_len: int, payload, what: str) -> None:
         _coh.pool_publish(buf, word_off, word_len, payload, what)
 
 
+def claim_block_slot(buf, header_offset: int, data_offset: int, length: int) -> None:
+    """A writer is about to write a block into a slot another host may have written last: fetch the
+    line it writes only in part (the header is two whole lines; the data's last line may not be
+    whole), so that writing it back does not put this host's stale copy of the rest over the other's."""
+    if _coh.ACTIVE:
+        if length % 64:
+            _coh.pool_invalidate(buf, data_offset + length - length % 64, 64, "block slot")
+
+
 def write_block_data_done(buf, offset: int, length: int) -> None:
     """A writer copied a block's data to ``offset`` (a put): write it back (the COMPLETE header
     that ``write_block_header(..., data=...)`` writes next publishes it, after a fence)."""
