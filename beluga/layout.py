@@ -401,9 +401,12 @@ def _pub(buf, word_off: int, word_len: int, payload, what: str) -> None:
 
 def claim_block_slot(buf, header_offset: int, data_offset: int, length: int) -> None:
     """A writer is about to write a block into a slot another host may have written last: fetch the
-    line it writes only in part (the header is two whole lines; the data's last line may not be
-    whole), so that writing it back does not put this host's stale copy of the rest over the other's."""
+    header's lines and the data's last line (which it may write only in part), so that writing them
+    back puts nothing of this host's stale copy over the other host's bytes. (Hardware would not
+    need the header's: it is two whole lines. The sanitizer cannot tell a byte rewritten with its old
+    value from one left stale, so it would report a clobber.)"""
     if _coh.ACTIVE:
+        _coh.pool_invalidate(buf, header_offset, BLOCK_HEADER_BYTES, "block slot")
         if length % 64:
             _coh.pool_invalidate(buf, data_offset + length - length % 64, 64, "block slot")
 

@@ -240,13 +240,13 @@ class PyReader:
             if place is None:
                 return False  # not an entry this pool could have: let the service answer
             if dest is None:
-                got = read_bytes(buf, place[0], place[1], key, gen, length, crc)
+                got = py_read_bytes(buf, place[0], place[1], key, gen, length, crc)
                 st = got if isinstance(got, int) else READ_OK
             else:
                 if length > dest.nbytes:
                     raise ValueError(f"block for key {key.hex()[:16]}... has {length} bytes, "
                                      f"the destination only {dest.nbytes}")
-                st = got = read_into(buf, dest, place[0], place[1], key, gen, length, crc)
+                st = got = py_read_into(buf, dest, place[0], place[1], key, gen, length, crc)
             if st == READ_OK:
                 self._post(where, gen)
                 counts = self._counts
@@ -271,7 +271,7 @@ class PyReader:
         place = self._place(where, length)
         if place is None:
             return False
-        got = read_bytes(buf, place[0], place[1], key, gen, length, crc)
+        got = py_read_bytes(buf, place[0], place[1], key, gen, length, crc)
         if type(got) is not bytes:
             return self._read(key, None, hit, got)  # the rest of the attempts
         self._post(where, gen)
