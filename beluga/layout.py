@@ -968,8 +968,13 @@ def unpack_where(g: Geometry, where: int, length_bytes: int) -> tuple[int, int] 
 
 
 def write_bucket(buf, offset: int, key: bytes | None = None, generation: int = 0, where: int = 0,
-                 length_bytes: int = 0, data_crc: int = 0) -> None:
-    """The bucket's one writer (the service): sequence odd, body and CRC, sequence even. No key: empty."""
+                 length_bytes: int = 0, data_crc: int = 0, *, table_seq_offset: int | None = None) -> None:
+    """The bucket's one writer (the service): sequence odd, body and CRC, sequence even. No key: empty.
+
+    ``table_seq_offset``: the table sequence's last change must have reached memory before any bucket
+    changes (a reader checks it around its probe); the sanitizer checks that it has."""
+    if table_seq_offset is not None and _coh.ACTIVE:
+        _coh.note_publish(buf, offset, ((table_seq_offset, 8),), "table seq")
     odd = open_bucket(buf, offset)
     write_bucket_body(buf, offset, key, generation, where, length_bytes, data_crc)
     close_bucket(buf, offset, odd)

@@ -38,7 +38,7 @@ SITES = {
     ("writeback", "segment entry"): "restart: the new service recovers no segment (misses)",
     ("writeback", "index entry"): "restart: the new service recovers no block (misses); stat counts none",
     ("writeback", "table bucket"): "get: the reader finds no bucket (misses)",
-    ("writeback", "table seq"): "restart: the reader's probe reads the old table sequence (stale-read report)",
+    ("writeback", "table seq"): "restart: the new service rebuilds the table before its odd sequence is out (not-written-back report)",
     ("writeback", "block header"): "get: the header does not match (miss), commit refused",
     ("writeback", "block data"): "get: the bytes fail their CRC (not-written-back report)",
     ("writeback", "touch entry"): "evict: the service drops the block the reader read (not-written-back)",
@@ -138,6 +138,7 @@ def run_scenario(path: str, tmp: Path, remove: str = "") -> tuple[list[str], set
         expect("lookup_prefix after restart", reader.call("lookup_prefix", blocks=[0, 1, 2, 3]), 4)
         expect("put after restart", writer.call("put", blocks=[4]), None)
         expect("get after restart", reader.call("get", blocks=[4]), ["ok"])
+        expect("get all after restart", reader.call("get", blocks=[0, 1, 2, 3, 4]), ["ok"] * 5)
         expect("stat after restart", reader.call("report"), {"blocks": 5, "service_pid": services[1].pid})
     finally:
         for c in clients:
