@@ -128,7 +128,7 @@ def run_scenario(path: str, tmp: Path, remove: str = "") -> tuple[list[str], set
         expect("view", reader.call("view", block=3), "ok")
         expect("rewrite", reader.call("put", blocks=[2], version=0), None)  # another writer, a reused slot
         expect("get rewritten", writer.call("get", blocks=[2]), ["ok"])
-        expect("idle", reader.call("sleep", s=1.5), None)
+        expect("idle", reader.call("sleep", s=2.5), None)
         expect("reader still registered", reader.call("reregistrations"), 0)
         expect("stat", reader.call("report"), {"blocks": 4, "service_pid": services[0].pid})
         services[0].send_signal(signal.SIGTERM)
