@@ -636,9 +636,11 @@ class _Model:
             if self in _models:
                 _models.remove(self)
             _update_active()
-        self.buf.release()
-        for v in self._views:
-            v.release()
+        for v in (self.buf, *self._views):
+            try:
+                v.release()
+            except BufferError:
+                pass  # a caller still holds a view (a zero-copy block): freed with it
         del self._views, self._cmv, self._smv, self._lmv, self._stq, self._mq
         del self._shared, self._cache, self._clean, self._stamps, self._mine
         for mm in (self._table_mm, self.cache):
