@@ -128,7 +128,7 @@ def run_scenario(path: str, tmp: Path, remove: str = "") -> tuple[list[str], set
         expect("view", reader.call("view", block=3), "ok")
         expect("rewrite", reader.call("put", blocks=[2], version=0), None)  # another writer, a reused slot
         expect("get rewritten", writer.call("get", blocks=[2]), ["ok"])
-        expect("idle", reader.call("sleep", s=2.5), None)
+        expect("idle", reader.call("sleep", s=4.0), None)  # the service may forgive a stall or two
         expect("reader still registered", reader.call("reregistrations"), 0)
         expect("stat", reader.call("report"), {"blocks": 4, "service_pid": services[0].pid})
         services[0].send_signal(signal.SIGTERM)
@@ -167,12 +167,21 @@ def table() -> str:
     return "\n".join(rows) + "\n"
 
 
+@proof_run
 def test_the_scenario_passes_with_every_site_and_uses_each(pool_path, tmp_path):
     wrong, used = run_scenario(pool_path, tmp_path)
     assert wrong == []
     assert {s for s in used if s[0] != "fence"} == set(SITES)
 
 
+# The proof runs its own sanitized processes whatever this run's mode; it takes minutes, so it
+# runs once: in the sanitized pass of `make test` (or when asked for: BELUGA_COHERENCE_PROOF=1).
+proof_run = pytest.mark.skipif(
+    os.environ.get("BELUGA_COHERENCE", "off").strip() in ("", "off") and not os.environ.get("BELUGA_COHERENCE_PROOF"),
+    reason="the removal proof runs once, in the sanitized pass (BELUGA_COHERENCE=check) or with BELUGA_COHERENCE_PROOF=1")
+
+
+@proof_run
 @pytest.mark.parametrize("site", sorted(SITES), ids=lambda s: f"{s[0]}:{s[1]}")
 def test_removing_a_site_fails_the_scenario(site, pool_path, tmp_path):
     wrong, _ = run_scenario(pool_path, tmp_path, remove=f"{site[0]}:{site[1]}")
