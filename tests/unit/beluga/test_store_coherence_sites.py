@@ -60,6 +60,13 @@ SITES = {
 }
 
 
+# The proof runs its own sanitized processes whatever this run's mode; it takes minutes, so it
+# runs once: in the sanitized pass of `make test` (or when asked for: BELUGA_COHERENCE_PROOF=1).
+proof_run = pytest.mark.skipif(
+    os.environ.get("BELUGA_COHERENCE", "off").strip() in ("", "off") and not os.environ.get("BELUGA_COHERENCE_PROOF"),
+    reason="the removal proof runs once, in the sanitized pass (BELUGA_COHERENCE=check) or with BELUGA_COHERENCE_PROOF=1")
+
+
 class Client:
     def __init__(self, path: str, env: dict, log) -> None:
         self.proc = subprocess.Popen([sys.executable, str(HOST)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -172,13 +179,6 @@ def test_the_scenario_passes_with_every_site_and_uses_each(pool_path, tmp_path):
     wrong, used = run_scenario(pool_path, tmp_path)
     assert wrong == []
     assert {s for s in used if s[0] != "fence"} == set(SITES)
-
-
-# The proof runs its own sanitized processes whatever this run's mode; it takes minutes, so it
-# runs once: in the sanitized pass of `make test` (or when asked for: BELUGA_COHERENCE_PROOF=1).
-proof_run = pytest.mark.skipif(
-    os.environ.get("BELUGA_COHERENCE", "off").strip() in ("", "off") and not os.environ.get("BELUGA_COHERENCE_PROOF"),
-    reason="the removal proof runs once, in the sanitized pass (BELUGA_COHERENCE=check) or with BELUGA_COHERENCE_PROOF=1")
 
 
 @proof_run
