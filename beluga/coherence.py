@@ -374,6 +374,11 @@ def flushes(buf) -> bool:
     return any(obj is o for o in _flushing)
 
 
+def sanitized(buf) -> bool:
+    """True if ``buf`` is a sanitized pool's cache (code the model cannot follow, C, must not touch it)."""
+    return bool(_models) and _find(buf, 0, 0) is not None
+
+
 def _target(buf, off: int, n: int):
     """The model that holds ``buf[off:off+n]`` (with the pool offset), True for a flushing pool, else None."""
     if _models:

@@ -315,6 +315,9 @@ class PyReader:
             raise ValueError("set_ring: touch ring outside the pool")
         self._ring = (ring_off, head_off)
 
+    def set_flush(self, on: bool) -> None:
+        """Nothing to do: this reader reads through ``layout``, whose accessors flush for a pool that does."""
+
     def counts(self) -> dict:
         return dict(self._counts)
 
@@ -322,13 +325,18 @@ class PyReader:
 def reader(buf, g: L.Geometry, cls=None):
     """The read path in use here (C or Python; ``cls`` chooses) for a client of the pool ``buf`` with geometry ``g``.
 
-    A pool whose flush policy is on (or that is sanitized) gets the Python reader: it invalidates each
-    line it reads through ``layout`` (docs/coherence.md); the C Reader does not flush yet."""
-    if cls is None and _coh.flushes(buf):
+    A pool whose flush policy is on has its reader invalidate what it reads and write back the
+    touches it posts (docs/coherence.md): the C Reader in C (``set_flush``), the Python one through
+    ``layout``. A sanitized pool always gets the Python reader: the model follows only the flush calls."""
+    flush = _coh.flushes(buf)
+    if cls is None and flush and _coh.sanitized(buf):
         cls = PyReader
-    return (cls or _Reader)(buf, g.table_offset, g.table_buckets, g.table_seq_offset, g.slot_granularity_bytes,
+    r = (cls or _Reader)(buf, g.table_offset, g.table_buckets, g.table_seq_offset, g.slot_granularity_bytes,
                    g.max_slots_per_segment, g.segment_count, g.segment_size_bytes, g.headers_offset,
                    g.segments_offset)
+    if flush:
+        r.set_flush(True)
+    return r
 
 
 def _select():
