@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from beluga import coherence as C
-from beluga import layout as L
 from beluga.client import local_client
 from beluga.pool import Pool
 from beluga.service import MetadataService, ServiceConfig
