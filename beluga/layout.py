@@ -399,6 +399,12 @@ def _pub(buf, word_off: int, word_len: int, payload, what: str) -> None:
         _coh.pool_publish(buf, word_off, word_len, payload, what)
 
 
+def answer_off_pool(buf) -> None:
+    """An answer is about to leave the pool (a TCP response): fence the service records written
+    back while handling its request (index entries, segment table, buckets) before it goes."""
+    _fence(buf, "tcp response")
+
+
 def claim_block_slot(buf, header_offset: int, data_offset: int, length: int) -> None:
     """A writer is about to write a block into a slot another host may have written last: fetch the
     header's lines and the data's last line (which it may write only in part), so that writing them
