@@ -33,7 +33,7 @@ SITES = {
     ("writeback", "grant"): "registration: the client never sees the grant (RPC timeout)",
     ("writeback", "request"): "every call: the service reads an old request (stale-read report / timeout)",
     ("writeback", "response"): "every call: the client reads an old response (not-written-back report)",
-    ("writeback", "heartbeat"): "idle reader: the service sees no heartbeat and reaps it (re-registration)",
+    ("writeback", "heartbeat"): "idle reader: the service reaps it (re-registration), or its own stat drops the line (lost-write)",
     ("writeback", "service area"): "`beluga stat` on the reader: the service's pid is not there",
     ("writeback", "segment entry"): "restart: the new service recovers no segment (misses)",
     ("writeback", "index entry"): "restart: the new service recovers no block (misses); stat counts none",
@@ -136,6 +136,7 @@ def run_scenario(path: str, tmp: Path, remove: str = "") -> tuple[list[str], set
         expect("rewrite", reader.call("put", blocks=[2], version=0), None)  # another writer, a reused slot
         expect("get rewritten", writer.call("get", blocks=[2]), ["ok"])
         expect("idle", reader.call("sleep", s=4.0), None)  # the service may forgive a stall or two
+        expect("call after idling", reader.call("sync"), None)  # a reaped reader registers again here
         expect("reader still registered", reader.call("reregistrations"), 0)
         expect("stat", reader.call("report"), {"blocks": 4, "service_pid": services[0].pid})
         services[0].send_signal(signal.SIGTERM)
