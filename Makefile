@@ -20,17 +20,20 @@ demo: image
 	$(BT) doctor
 	BT=$(BT) scripts/demo.sh
 
-# The store's tests run twice: with its C read path (required: a missing build fails
-# instead of falling back) and with the Python one the guests use (BELUGA_NATIVE=0).
+# The store's tests run three times: with its C read path (required: a missing build fails
+# instead of falling back), with the Python one the guests use (BELUGA_NATIVE=0), and under the
+# coherence sanitizer (every process a host with a non-coherent cache: docs/coherence.md).
 STORE_TESTS := tests/unit/beluga
 
 test: image
 	BELUGA_NATIVE=1 $(PYTEST) tests
 	BELUGA_NATIVE=0 $(PYTEST) $(STORE_TESTS)
+	BELUGA_COHERENCE=check $(PYTEST) $(STORE_TESTS)
 
 test-unit: setup
 	BELUGA_NATIVE=1 $(PYTEST) tests -m "not integration"
 	BELUGA_NATIVE=0 $(PYTEST) $(STORE_TESTS)
+	BELUGA_COHERENCE=check $(PYTEST) $(STORE_TESTS)
 
 test-integration: image
 	$(PYTEST) tests -m integration

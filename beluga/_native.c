@@ -41,6 +41,13 @@
 
 enum { READ_OK = 0, READ_HEADER = 1, READ_CRC = 2, READ_MOVED = 3 };
 
+/* The cache-line flushes (defined in their section below), for a Reader whose pool flushes
+ * (docs/coherence.md): it invalidates what it reads and writes back the touches it posts. */
+static int flush_kind, inval_kind;
+static void flush_lines(int kind, const uint8_t *start, size_t n);
+static void fence_for(int kind);
+static void inval_lines(const uint8_t *p, size_t n);
+
 /* ------------------------------------------------------------ CRC-32 */
 static uint32_t crc_table[8][256];
 
@@ -279,9 +286,11 @@ static PyObject *py_crc32(PyObject *self, PyObject *args) {
 
 /* The table probe of readpath.py: 1 hit (fields in out[4]), 0 miss, -1 busy. */
 static int probe_one(const uint8_t *base, uint64_t table_off, uint64_t buckets, uint64_t tseq_off,
-                     const uint8_t *key, uint64_t out[4]) {
+                     const uint8_t *key, uint64_t out[4], int fl) {
     uint64_t home = ld64(key) % buckets;
     for (int attempt = 0; attempt < TABLE_RETRIES; attempt++) {
+        if (fl)
+            inval_lines(base + tseq_off, 8);
         uint64_t s = ld64v(base + tseq_off);
         BARRIER();
         if (s & 1)
@@ -293,6 +302,8 @@ static int probe_one(const uint8_t *base, uint64_t table_off, uint64_t buckets, 
             uint8_t raw[BUCKET_BYTES];
             int spins = 0;
             for (;;) {
+                if (fl)
+                    inval_lines(b, BUCKET_BYTES);
                 uint32_t s1 = ld32v(b);
                 BARRIER();
                 memcpy(raw, b, BUCKET_BYTES);
@@ -309,6 +320,8 @@ static int probe_one(const uint8_t *base, uint64_t table_off, uint64_t buckets, 
             uint64_t gen = ld64(raw + 40);
             if (gen == 0) {
                 BARRIER();
+                if (fl)
+                    inval_lines(base + tseq_off, 8);
                 if (ld64v(base + tseq_off) == s)
                     return 0;
                 moved = 1; /* an entry may have moved past us: probe again */
@@ -350,7 +363,7 @@ static PyObject *py_probe(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "probe: key or table outside the pool");
     } else if (check_table((size_t)pool.len, table_off, buckets, tseq_off)) {
         uint64_t f[4];
-        int r = probe_one(pool.buf, table_off, buckets, tseq_off, (const uint8_t *)key, f);
+        int r = probe_one(pool.buf, table_off, buckets, tseq_off, (const uint8_t *)key, f, 0);
         if (r > 0)
             result = Py_BuildValue("(KKkk)", (unsigned long long)f[0], (unsigned long long)f[1],
                                    (unsigned long)f[2], (unsigned long)f[3]);
@@ -396,7 +409,7 @@ static PyObject *py_probe_prefix(PyObject *self, PyObject *args) {
     uint64_t h = head;
     for (; n < nkeys; n++) {
         uint64_t f[4];
-        int r = probe_one(base, table_off, buckets, tseq_off, (const uint8_t *)PyBytes_AS_STRING(items[n]), f);
+        int r = probe_one(base, table_off, buckets, tseq_off, (const uint8_t *)PyBytes_AS_STRING(items[n]), f, 0);
         if (r <= 0) {
             busy = r < 0;
             break;
@@ -438,16 +451,22 @@ static PyObject *py_copy_crc(PyObject *self, PyObject *args) {
 
 /* Shared part of read_into/read_bytes: header, copy with CRC, CRC, header again. */
 static int read_block(const uint8_t *base, uint8_t *dst, uint64_t hoff, uint64_t doff, const uint8_t *key,
-                      uint64_t gen, uint64_t length, uint32_t dcrc) {
+                      uint64_t gen, uint64_t length, uint32_t dcrc, int fl) {
     uint8_t h1[HEADER_BYTES];
+    if (fl)
+        inval_lines(base + hoff, HEADER_BYTES);
     memcpy(h1, base + hoff, HEADER_BYTES);
     BARRIER();
     if (!header_matches(h1, key, gen, length, dcrc))
         return READ_HEADER;
+    if (fl)
+        inval_lines(base + doff, (size_t)length);
     uint32_t c = crc_copy(0, base + doff, dst, (size_t)length);
     if (c != dcrc)
         return READ_CRC;
     BARRIER();
+    if (fl)
+        inval_lines(base + hoff, HEADER_BYTES);
     if (memcmp(h1, base + hoff, HEADER_BYTES) != 0)
         return READ_MOVED;
     return READ_OK;
@@ -477,7 +496,7 @@ static PyObject *py_read_into(PyObject *self, PyObject *args) {
     } else if (check_span((size_t)pool.len, hoff, doff, length)) {
         int st;
         Py_BEGIN_ALLOW_THREADS
-        st = read_block(pool.buf, dest.buf, hoff, doff, (const uint8_t *)key, gen, length, (uint32_t)dcrc);
+        st = read_block(pool.buf, dest.buf, hoff, doff, (const uint8_t *)key, gen, length, (uint32_t)dcrc, 0);
         Py_END_ALLOW_THREADS
         result = PyLong_FromLong(st);
     }
@@ -503,7 +522,7 @@ static PyObject *py_read_bytes(PyObject *self, PyObject *args) {
             int st;
             uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(result);
             Py_BEGIN_ALLOW_THREADS
-            st = read_block(pool.buf, dst, hoff, doff, (const uint8_t *)key, gen, length, (uint32_t)dcrc);
+            st = read_block(pool.buf, dst, hoff, doff, (const uint8_t *)key, gen, length, (uint32_t)dcrc, 0);
             Py_END_ALLOW_THREADS
             if (st != READ_OK) {
                 Py_DECREF(result);
@@ -532,6 +551,7 @@ typedef struct {
     uint64_t gran, max_slots, seg_count, seg_size, headers_off, segments_off;
     uint64_t ring_off, head_off;
     int have_ring;
+    int flush; /* the pool's flush policy is on: invalidate what it reads, write back what it posts */
     unsigned long long gets, hits, misses, get_bytes;
 } ReaderObject;
 
@@ -558,6 +578,7 @@ static int reader_init(ReaderObject *r, PyObject *args, PyObject *kw) {
     r->table_off = t, r->buckets = b, r->tseq_off = q, r->gran = g, r->max_slots = ms, r->seg_count = sc;
     r->seg_size = ss, r->headers_off = ho, r->segments_off = so;
     r->have_ring = 0;
+    r->flush = 0;
     return 0;
 }
 
@@ -579,9 +600,18 @@ static inline void reader_post(ReaderObject *r, uint64_t where, uint64_t gen) {
     uint8_t *base = r->pool.buf;
     uint64_t h = ld64v(base + r->head_off);
     uint32_t entry[2] = {(uint32_t)where, (uint32_t)gen};
-    memcpy(base + r->ring_off + (h % TOUCH_RING_ENTRIES) * 8, entry, 8);
+    uint8_t *e = base + r->ring_off + (h % TOUCH_RING_ENTRIES) * 8;
+    memcpy(e, entry, 8);
+    if (r->flush) {
+        flush_lines(flush_kind, e, 8);
+        fence_for(flush_kind);
+    }
     BARRIER(); /* entries first, then the head (the service reads the head first) */
     __atomic_store_n((uint64_t *)(base + r->head_off), h + 1, __ATOMIC_RELEASE);
+    if (r->flush) {
+        flush_lines(flush_kind, base + r->head_off, 8);
+        fence_for(flush_kind);
+    }
 }
 
 static int reader_key(PyObject *key) {
@@ -603,7 +633,7 @@ static PyObject *reader_read(ReaderObject *r, PyObject *key, Py_buffer *dest) {
     int have_prev = 0, st = READ_OK;
     PyObject *out = NULL;
     for (int attempt = 0; attempt < READ_ATTEMPTS; attempt++) {
-        int found = probe_one(base, r->table_off, r->buckets, r->tseq_off, k, f);
+        int found = probe_one(base, r->table_off, r->buckets, r->tseq_off, k, f, r->flush);
         if (found <= 0) {
             Py_XDECREF(out);
             if (found < 0)
@@ -649,10 +679,10 @@ static PyObject *reader_read(ReaderObject *r, PyObject *key, Py_buffer *dest) {
         }
         if (length >= GIL_RELEASE_BYTES) {
             Py_BEGIN_ALLOW_THREADS
-            st = read_block(base, dst, hoff, doff, k, f[0], length, (uint32_t)f[3]);
+            st = read_block(base, dst, hoff, doff, k, f[0], length, (uint32_t)f[3], r->flush);
             Py_END_ALLOW_THREADS
         } else {
-            st = read_block(base, dst, hoff, doff, k, f[0], length, (uint32_t)f[3]);
+            st = read_block(base, dst, hoff, doff, k, f[0], length, (uint32_t)f[3], r->flush);
         }
         if (st == READ_OK) {
             reader_post(r, f[1], f[0]);
@@ -685,7 +715,7 @@ static PyObject *reader_probe(ReaderObject *r, PyObject *key) {
     if (!reader_key(key))
         return NULL;
     uint64_t f[4];
-    int found = probe_one(r->pool.buf, r->table_off, r->buckets, r->tseq_off, (const uint8_t *)PyBytes_AS_STRING(key), f);
+    int found = probe_one(r->pool.buf, r->table_off, r->buckets, r->tseq_off, (const uint8_t *)PyBytes_AS_STRING(key), f, r->flush);
     if (found > 0)
         return Py_BuildValue("(KKkk)", (unsigned long long)f[0], (unsigned long long)f[1], (unsigned long)f[2],
                              (unsigned long)f[3]);
@@ -711,7 +741,7 @@ static PyObject *reader_lookup_prefix(ReaderObject *r, PyObject *keys) {
     for (; n < nkeys; n++) {
         uint64_t f[4];
         int found = probe_one(r->pool.buf, r->table_off, r->buckets, r->tseq_off,
-                              (const uint8_t *)PyBytes_AS_STRING(items[n]), f);
+                              (const uint8_t *)PyBytes_AS_STRING(items[n]), f, r->flush);
         if (found <= 0) {
             busy = found < 0;
             break;
@@ -763,7 +793,17 @@ static PyObject *reader_counts(ReaderObject *r, PyObject *unused) {
     return Py_BuildValue("{sKsKsKsK}", "gets", r->gets, "hits", r->hits, "misses", r->misses, "get_bytes", r->get_bytes);
 }
 
+static PyObject *reader_set_flush(ReaderObject *r, PyObject *on) {
+    int v = PyObject_IsTrue(on);
+    if (v < 0)
+        return NULL;
+    r->flush = v;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef reader_methods[] = {
+    {"set_flush", (PyCFunction)reader_set_flush, METH_O,
+     "set_flush(on): invalidate what it reads and write back the touches it posts (a pool whose flush policy is on)"},
     {"get", (PyCFunction)reader_get, METH_O, "get(key) -> bytes, None (miss), False (ask the service) or (status, generation)"},
     {"get_into", (PyCFunction)(void (*)(void))reader_get_into, METH_FASTCALL,
      "get_into(key, dest) -> length, None, False or (status, generation)"},
@@ -894,6 +934,14 @@ static PyObject *py_writeback(PyObject *self, PyObject *args) {
         flush_lines(flush_kind, (const uint8_t *)view.buf + off, len);
     PyBuffer_Release(&view);
     Py_RETURN_NONE;
+}
+
+static void inval_lines(const uint8_t *p, size_t n) {
+    flush_lines(inval_kind, p, n);
+#ifdef HAVE_X86
+    if (inval_kind != FL_NONE)
+        _mm_mfence();
+#endif
 }
 
 static PyObject *py_invalidate(PyObject *self, PyObject *args) {

@@ -180,7 +180,8 @@ def cmd_serve(args) -> int:
     def ready(svc) -> None:
         line = json.dumps({"event": "ready", "pid": os.getpid(), "pool": args.pool, "transport": args.transport,
                            "tcp_address": svc.tcp_address, "recovery": svc.recovery,
-                           "coherence": coherence.status()}, sort_keys=True)
+                           "coherence": dict(coherence.status(), flush_policy=pool.flush_policy,
+                                             flush_status=pool.flush_status())}, sort_keys=True)
         print(line, flush=True)
         if args.ready_file:
             tmp = args.ready_file + ".tmp"
@@ -203,7 +204,9 @@ def cmd_stat(args) -> int:
 
     with Pool.open(args.pool) as pool:
         report = pool_report(pool)
-    report["coherence"] = coherence.status()  # this host's cache flushes (docs/coherence.md)
+        # this host's cache flushes, and whether the store uses them on this pool (docs/coherence.md)
+        report["coherence"] = dict(coherence.status(), flush_policy=pool.flush_policy,
+                                   flush_status=pool.flush_status())
     if args.service:
         c = _client(args)
         try:
@@ -224,6 +227,7 @@ def cmd_stat(args) -> int:
           + (f" pid {svc['pid']} on {svc['host']} tcp {svc['tcp_address'] or '-'}" if svc["running"] else ""))
     print(f"  clients: {len(report['clients'])}")
     print(f"  {coherence.status_line()}")
+    print(f"  {report['coherence']['flush_status']}")
     for problem in report["invalid_records"]:
         print(f"  invalid record (the service refuses to start on it): {problem}")
     if "service_stats" in report:

@@ -159,7 +159,7 @@ class BelugaClient:
             self._releases.clear()  # leases of the old session died with it
         self._slot, self._epoch, self._seq = slot, epoch, seq
         # The service starts draining our touch ring where its head is now.
-        self._touch_seen = L.read_touch_head(self.pool.buf, self.g, slot)
+        self._touch_seen = L.read_own_touch_head(self.pool.buf, self.g, slot)
         self._reader.set_ring(self.g.touch_ring_offset(slot), self.g.touch_head_offset(slot))
 
     def _drop_session(self) -> None:
@@ -189,7 +189,7 @@ class BelugaClient:
                 releases = self._releases[: rpc.MAX_RELEASES_PER_REQUEST]
                 self._seq = (self._seq + 1) & 0xFFFFFFFFFFFFFFFF or 1
                 msg = rpc.encode_request(self._seq, self._nonce, self._slot, op, body, flags=flags, releases=releases)
-                touched = L.read_touch_head(self.pool.buf, self.g, self._slot)  # every request drains the rings first
+                touched = L.read_own_touch_head(self.pool.buf, self.g, self._slot)  # every request drains the rings first
                 self._counts["rpc_calls"] += 1
                 try:
                     raw = self.channel.call(msg, self._seq, self.rpc_timeout_s)
@@ -234,7 +234,7 @@ class BelugaClient:
         """Send pending lease releases now instead of with the next request (and make sure the
         service has applied the reads this client posted for its LRU order)."""
         while self._releases or (self._slot is not None
-                                 and self._touch_seen != L.read_touch_head(self.pool.buf, self.g, self._slot)):
+                                 and self._touch_seen != L.read_own_touch_head(self.pool.buf, self.g, self._slot)):
             self._call(rpc.OP_NOP)
 
     def close(self) -> None:
@@ -313,15 +313,18 @@ class BelugaClient:
         buf = self.buf
         for (key, mv), a in zip(batch, allocs):
             n = mv.nbytes
+            L.claim_block_slot(buf, a.header_offset, a.data_offset, n)
             L.write_block_header(buf, a.header_offset, L.BlockHeader(L.BLOCK_WRITING, n, a.generation, 0, self._slot, key))
             if algo == CRC32:
                 crc = readpath.copy_crc(buf[a.data_offset : a.data_offset + n], mv)  # one pass
             else:
                 buf[a.data_offset : a.data_offset + n] = mv
                 crc = checksum(algo, mv)
+            L.write_block_data_done(buf, a.data_offset, n)
             # Publication: the COMPLETE header (its data CRC) is written only after the data.
             L.write_block_header(buf, a.header_offset,
-                                 L.BlockHeader(L.BLOCK_COMPLETE, n, a.generation, crc, self._slot, key))
+                                 L.BlockHeader(L.BLOCK_COMPLETE, n, a.generation, crc, self._slot, key),
+                                 data=(a.data_offset, n))
             commits.append((key, a.segment, a.slot, a.generation, n, crc))
         rows, errors, _ = rpc.STATUS_RESP.unpack(self._call(rpc.OP_COMMIT, rpc.COMMIT_REQ.pack(commits)))
         bad = [(i, r[0]) for i, r in enumerate(rows) if r[0] != rpc.OK]
@@ -469,6 +472,7 @@ class BelugaClient:
                 counts["misses"] += 1
                 out.append(None)
                 continue
+            L.fetch_block_data(buf, loc.data_offset, loc.length_bytes)
             data = bytes(buf[loc.data_offset : loc.data_offset + loc.length_bytes])
             self.queue_release(loc.lease)
             if not self._verify(key, loc, data):
@@ -535,6 +539,7 @@ class BelugaClient:
                 raise ValueError(f"block for key {key.hex()[:16]}... has {n} bytes, "
                                  f"the destination only {dest.nbytes}")
             # Checksum while copying: each chunk is checksummed right after it lands, still in cache.
+            L.fetch_block_data(buf, loc.data_offset, n)
             crc = copy_and_checksum(self._algo, dest, buf[loc.data_offset : loc.data_offset + n])
             if not self._verify(key, loc, None, crc):
                 self._corrupt(key, loc)
@@ -553,6 +558,7 @@ class BelugaClient:
         if loc is None:
             self._counts["misses"] += 1
             return None
+        L.fetch_block_data(self.buf, loc.data_offset, loc.length_bytes)
         data = self.buf[loc.data_offset : loc.data_offset + loc.length_bytes]
         if not self._verify(key, loc, data):
             self.queue_release(loc.lease)

@@ -217,6 +217,27 @@ def sites() -> set[tuple[str, str]]:
     return set(_seen)
 
 
+ENV_SITES = "BELUGA_COHERENCE_SITES"
+"""A file to which a process appends, as it exits, one JSON line: the (op, what) pairs it used."""
+
+
+def _save_sites() -> None:
+    path = os.environ.get(ENV_SITES, "").strip()
+    if path and _seen:
+        line = (json.dumps(sorted(_seen)) + "\n").encode()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+
+if os.environ.get(ENV_SITES, "").strip():
+    import atexit
+
+    atexit.register(_save_sites)
+
+
 def writeback(buf, off: int, n: int, what: str | None = None) -> None:
     if _skip("writeback", what):
         return
@@ -288,6 +309,138 @@ def publish(buf, word_off: int, word_len: int, payload: Iterable[tuple[int, int]
     note_publish(buf, word_off, payload, what)
     writeback(buf, word_off, word_len, what)
     fence(what)
+
+
+# ---------------------------------------------------------------- the store's flush policy
+
+ENV_POLICY = "BELUGA_FLUSH_POLICY"
+POLICIES = ("auto", "on", "off")
+ACTIVE = False
+"""True while some open pool flushes (policy on on a host that can flush) or is sanitized: the
+store's accessors (beluga/layout.py) test this one flag before calling ``pool_*`` below, so a
+coherent pool (a plain file, policy off) pays one attribute read per publication."""
+_flushing: list = []  # the mappings (Pool._mm) of open pools whose policy is on
+
+
+def env_policy() -> str:
+    policy = os.environ.get(ENV_POLICY, "").strip() or "auto"
+    if policy not in POLICIES:
+        raise ValueError(f"{ENV_POLICY}={policy!r}: expected one of {', '.join(POLICIES)}")
+    return policy
+
+
+def resolve_policy(policy: str | None, *, is_devdax: bool, sanitized: bool) -> str:
+    """"on" or "off" for a pool: ``policy`` (or $BELUGA_FLUSH_POLICY) "auto" means on for a devdax
+    device (the multi-host CXL case), off for a file (one host's page cache is coherent). A sanitized
+    pool always flushes (through the model)."""
+    p = policy if policy is not None else env_policy()
+    if p not in POLICIES:
+        raise ValueError(f"flush policy {p!r}: expected one of {', '.join(POLICIES)}")
+    if sanitized:
+        return "on"
+    if p == "auto":
+        return "on" if is_devdax else "off"
+    return p
+
+
+def _update_active() -> None:
+    global ACTIVE
+    ACTIVE = bool(_models) or (bool(_flushing) and _native is not None)
+
+
+def register_flushing(mm) -> None:
+    """A pool whose policy is on (not sanitized) was opened over ``mm``."""
+    with _lock:
+        _flushing.append(mm)
+        _update_active()
+
+
+def unregister_flushing(mm) -> None:
+    with _lock:
+        for i, o in enumerate(_flushing):
+            if o is mm:
+                del _flushing[i]
+                break
+        _update_active()
+
+
+def flushes(buf) -> bool:
+    """True if ``buf`` (a pool's ``buf``) belongs to a pool that flushes (policy on, or sanitized)."""
+    if not ACTIVE:
+        return False
+    if _models and _find(buf, 0, 0) is not None:
+        return True
+    obj = buf.obj if type(buf) is memoryview else buf
+    return any(obj is o for o in _flushing)
+
+
+def sanitized(buf) -> bool:
+    """True if ``buf`` is a sanitized pool's cache (code the model cannot follow, C, must not touch it)."""
+    return bool(_models) and _find(buf, 0, 0) is not None
+
+
+def _target(buf, off: int, n: int):
+    """The model that holds ``buf[off:off+n]`` (with the pool offset), True for a flushing pool, else None."""
+    if _models:
+        hit = _find(buf, off, n)
+        if hit is not None:
+            return hit
+    if _flushing:
+        obj = buf.obj if type(buf) is memoryview else buf
+        for o in _flushing:
+            if obj is o:
+                return True
+    return None
+
+
+def pool_writeback(buf, off: int, n: int, what: str) -> None:
+    """``writeback`` for the store's accessors: only for a pool that flushes (policy or sanitizer)."""
+    t = _target(buf, off, n)
+    if t is None or _skip("writeback", what):
+        return
+    if t is True:
+        _native.writeback(buf, off, n)
+    else:
+        with t[0].lock:
+            t[0].writeback(t[1], n, what)
+
+
+def pool_invalidate(buf, off: int, n: int, what: str) -> None:
+    """``invalidate`` + ``note_read`` for the store's accessors: only for a pool that flushes."""
+    t = _target(buf, off, n)
+    if t is None:
+        return
+    if t is True:
+        if not _skip("invalidate", what):
+            _native.invalidate(buf, off, n)
+        return
+    with t[0].lock:
+        if not _skip("invalidate", what):
+            t[0].invalidate(t[1], n, what)
+        t[0].check_read(t[1], n, what)
+
+
+def pool_fence(buf, what: str) -> None:
+    """``fence`` for the store's accessors (one fence orders all of this host's writebacks)."""
+    if _target(buf, 0, 0) is None or _skip("fence", what):
+        return
+    for m in list(_models):
+        with m.lock:
+            m.fence()
+    if _native is not None:
+        _native.fence()
+
+
+def pool_publish(buf, word_off: int, word_len: int, payload: Iterable[tuple[int, int]], what: str) -> None:
+    """The word at ``word_off`` was just stored: check its payload was written back and fenced, write the
+    word back, fence (the last step of a publication, for the store's accessors)."""
+    t = _target(buf, word_off, word_len)
+    if t is None:
+        return
+    if t is not True:
+        note_publish(buf, word_off, payload, what)
+    pool_writeback(buf, word_off, word_len, what)
+    pool_fence(buf, what)
 
 
 # ---------------------------------------------------------------- the sanitizer
@@ -487,9 +640,12 @@ class _Model:
         with _lock:
             if self in _models:
                 _models.remove(self)
-        self.buf.release()
-        for v in self._views:
-            v.release()
+            _update_active()
+        for v in (self.buf, *self._views):
+            try:
+                v.release()
+            except BufferError:
+                pass  # a caller still holds a view (a zero-copy block): freed with it
         del self._views, self._cmv, self._smv, self._lmv, self._stq, self._mq
         del self._shared, self._cache, self._clean, self._stamps, self._mine
         for mm in (self._table_mm, self.cache):
@@ -523,8 +679,11 @@ class _Model:
             return
         sh = self._shared[s]
         c_d, sh_d, clean_d = c[dirty], sh[dirty], clean[dirty]
+        # Bytes (8 at a time) this host did not write, that another host changed since this one
+        # fetched the line: writing the whole line back puts the stale copy over them. Where this
+        # host wrote the word itself, overwriting is the write (a block rewritten line by line).
         theirs = sh_d != clean_d
-        theirs = theirs & (c_d != sh_d) if theirs.any() else None
+        theirs = theirs & (c_d != sh_d) & (c_d == clean_d) if theirs.any() else None
         sh[dirty] = c_d
         stamp = self.stamp()
         self._stamps[s][dirty] = stamp
@@ -549,7 +708,8 @@ class _Model:
             theirs, clean = bytes(smv[a:b]), bytes(lmv[a:b])
             if theirs != clean:
                 new = bytes(mine)
-                clobbered += [a + i for i in range(LINE_BYTES) if theirs[i] != clean[i] and new[i] != theirs[i]]
+                clobbered += [a + i for i in range(LINE_BYTES)
+                              if theirs[i] != clean[i] and new[i] != theirs[i] and new[i] == clean[i]]
             smv[a:b] = mine
             self._stq[line] = stamp
             self._mq[line] = stamp
@@ -723,6 +883,7 @@ def attach(shared: mmap.mmap, size: int, *, pool_path: str, is_devdax: bool, geo
                scope=scope)
     with _lock:
         _models.append(m)
+        _update_active()
     return m
 
 

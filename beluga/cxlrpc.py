@@ -131,7 +131,7 @@ class CxlChannel:
             # Reaped while we were away: writing would scribble on another client's slot.
             raise SessionExpiredError(f"client slot {slot} on {self.pool.path} was reclaimed by the service")
         L.write_request(buf, g, slot, message)
-        L.publish_request_seq(buf, g, slot, seq)  # payload first, then the sequence number
+        L.publish_request_seq(buf, g, slot, seq, len(message))  # payload first, then the sequence number
         read_response_seq = L.read_response_seq
         # The answer often lands within a few microseconds: look before setting up the wait.
         ok = read_response_seq(buf, g, slot) == seq or self.backoff.wait(
@@ -148,7 +148,7 @@ class CxlChannel:
         slot = self.slot
         if slot is None or L.read_owner(self.buf, self.g, slot) != self.nonce:
             return False
-        L.write_heartbeat(self.buf, self.g, slot, L.read_heartbeat(self.buf, self.g, slot) + 1)
+        L.write_heartbeat(self.buf, self.g, slot, L.read_own_heartbeat(self.buf, self.g, slot) + 1)
         return True
 
     def close(self) -> None:
@@ -238,6 +238,6 @@ class CxlServer:
             resp = rpc.encode_response(req_seq, rpc.INTERNAL, b"response larger than the slot's buffer; "
                                                               b"send fewer items per request")
         L.write_response(self.buf, g, c.slot, resp)
-        L.publish_response_seq(self.buf, g, c.slot, req_seq)  # payload first, then the sequence number
+        L.publish_response_seq(self.buf, g, c.slot, req_seq, len(resp))  # payload first, then the sequence number
         c.handled_seq = req_seq
         return True

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from . import checksum as _checksum
+from . import coherence as _coh
 from . import rpc as _rpc
 from .errors import CorruptPoolError, LayoutVersionError, NotAPoolError, PoolTooSmallError, ProtocolError
 
@@ -369,6 +370,64 @@ SERVICE_AREA = struct.Struct("<4s4xQQIIQQ64s64s")
 SA_HEARTBEAT = 16
 
 
+# ---------------------------------------------------------------- cache-line flushes
+# Non-coherent pools (docs/coherence.md): every accessor below that publishes writes back
+# what it wrote and fences before the word that makes it visible; every accessor that
+# consumes invalidates the lines first. They act only where the pool's flush policy is on
+# (a devdax device, BELUGA_FLUSH_POLICY=on) or the pool is sanitized: else one flag test.
+# The label (``what``) names the record; it is the handle by which the removal proof
+# (tests/unit/beluga/test_store_coherence_sites.py) removes one kind of call.
+
+
+def _wb(buf, off: int, n: int, what: str) -> None:
+    if _coh.ACTIVE:
+        _coh.pool_writeback(buf, off, n, what)
+
+
+def _inv(buf, off: int, n: int, what: str) -> None:
+    if _coh.ACTIVE:
+        _coh.pool_invalidate(buf, off, n, what)
+
+
+def _fence(buf, what: str) -> None:
+    if _coh.ACTIVE:
+        _coh.pool_fence(buf, what)
+
+
+def _pub(buf, word_off: int, word_len: int, payload, what: str) -> None:
+    if _coh.ACTIVE:
+        _coh.pool_publish(buf, word_off, word_len, payload, what)
+
+
+def answer_off_pool(buf) -> None:
+    """An answer is about to leave the pool (a TCP response): fence the service records written
+    back while handling its request (index entries, segment table, buckets) before it goes."""
+    _fence(buf, "tcp response")
+
+
+def claim_block_slot(buf, header_offset: int, data_offset: int, length: int) -> None:
+    """A writer is about to write a block into a slot another host may have written last: fetch the
+    header's lines and the data's last line (which it may write only in part), so that writing them
+    back puts nothing of this host's stale copy over the other host's bytes. (Hardware would not
+    need the header's: it is two whole lines. The sanitizer cannot tell a byte rewritten with its old
+    value from one left stale, so it would report a clobber.)"""
+    if _coh.ACTIVE:
+        _coh.pool_invalidate(buf, header_offset, BLOCK_HEADER_BYTES, "block slot")
+        if length % 64:
+            _coh.pool_invalidate(buf, data_offset + length - length % 64, 64, "block slot")
+
+
+def write_block_data_done(buf, offset: int, length: int) -> None:
+    """A writer copied a block's data to ``offset`` (a put): write it back (the COMPLETE header
+    that ``write_block_header(..., data=...)`` writes next publishes it, after a fence)."""
+    _wb(buf, offset, length, "block data")
+
+
+def fetch_block_data(buf, offset: int, length: int) -> None:
+    """A reader is about to read a block's data (after its header): drop stale cached lines."""
+    _inv(buf, offset, length, "block data")
+
+
 @dataclass(frozen=True)
 class ServiceArea:
     nonce: int
@@ -395,17 +454,22 @@ class ServiceArea:
 
 
 def read_service_area(buf, g: Geometry) -> ServiceArea:
+    _inv(buf, g.service_offset, SERVICE_AREA.size, "service area")
     return ServiceArea.decode(buf[g.service_offset : g.service_offset + SERVICE_AREA.size])
 
 
 def write_service_area(buf, g: Geometry, area: ServiceArea) -> None:
     raw = area.encode()
     buf[g.service_offset : g.service_offset + len(raw)] = raw
+    _wb(buf, g.service_offset, len(raw), "service area")
+    _fence(buf, "service area")
 
 
 def write_service_heartbeat(buf, g: Geometry, value: int) -> None:
     """The service area's heartbeat word alone (the service's liveness, bumped every housekeeping pass)."""
     U64.pack_into(buf, g.service_offset + SA_HEARTBEAT, value & 0xFFFFFFFFFFFFFFFF)
+    _wb(buf, g.service_offset + SA_HEARTBEAT, 8, "service area")
+    _fence(buf, "service area")
 
 
 # ---------------------------------------------------------------- host slot lines
@@ -471,79 +535,117 @@ def _service_line(g: Geometry, slot: int) -> int:
 
 # client line (client-written, service-read)
 def read_claim(buf, g: Geometry, slot: int) -> int:
-    return _U64_AT(buf, g.host_slot_offsets[slot] + _CLAIM_AT)[0]
+    off = g.host_slot_offsets[slot] + _CLAIM_AT
+    _inv(buf, off, 8, "client line")
+    return _U64_AT(buf, off)[0]
 
 
 def write_client_info(buf, g: Geometry, slot: int, *, pid: int, host: str) -> None:
-    """A claimant's payload: heartbeat 0, pid and host name; ``publish_claim`` follows."""
+    """A claimant's payload: heartbeat 0, pid and host name; ``publish_claim`` follows (the payload
+    shares the claim word's line, so it is written back with the word)."""
     _CLIENT_INFO.pack_into(buf, _client_line(g, slot) + CL_HEARTBEAT, 0, pid, host.encode()[:32])
 
 
 def publish_claim(buf, g: Geometry, slot: int, nonce: int) -> None:
     """The claim word: a nonce asks the service for the slot; 0 withdraws (or, by the service, clears) it."""
-    U64.pack_into(buf, _client_line(g, slot) + CL_CLAIM, nonce)
+    off = _client_line(g, slot) + CL_CLAIM
+    U64.pack_into(buf, off, nonce)
+    _pub(buf, off, 8, ((off, CLIENT_LINE.size),), "claim")
 
 
 def read_client_line(buf, g: Geometry, slot: int) -> tuple[int, int, int]:
     """-> (claim nonce, request seq, heartbeat)."""
+    _inv(buf, _client_line(g, slot), CLIENT_LINE.size, "client line")
     claim, req_seq, heartbeat, _pid, _host = CLIENT_LINE.unpack_from(buf, _client_line(g, slot))
     return claim, req_seq, heartbeat
 
 
 def read_client_info(buf, g: Geometry, slot: int) -> tuple[int, int, str]:
     """-> (heartbeat, pid, host) of the client line (reports)."""
+    _inv(buf, _client_line(g, slot), CLIENT_LINE.size, "client line")
     _claim, _req_seq, heartbeat, pid, host = CLIENT_LINE.unpack_from(buf, _client_line(g, slot))
     return heartbeat, pid, host.rstrip(b"\0").decode(errors="replace")
 
 
 def read_request_seq(buf, g: Geometry, slot: int) -> int:
-    return _U64_AT(buf, g.host_slot_offsets[slot] + _REQ_SEQ_AT)[0]
+    off = g.host_slot_offsets[slot] + _REQ_SEQ_AT
+    _inv(buf, off, 8, "client line")
+    return _U64_AT(buf, off)[0]
 
 
-def publish_request_seq(buf, g: Geometry, slot: int, seq: int) -> None:
-    """Makes the request that ``write_request`` wrote visible to the service."""
-    U64.pack_into(buf, g.host_slot_offsets[slot] + _REQ_SEQ_AT, seq)
+def publish_request_seq(buf, g: Geometry, slot: int, seq: int, length: int = 0) -> None:
+    """Makes the request that ``write_request`` wrote (``length`` bytes) visible to the service."""
+    _fence(buf, "request")
+    off = g.host_slot_offsets[slot] + _REQ_SEQ_AT
+    U64.pack_into(buf, off, seq)
+    _pub(buf, off, 8, ((g.request_offset(slot), length),), "request")
 
 
 def read_heartbeat(buf, g: Geometry, slot: int) -> int:
+    off = g.host_slot_offsets[slot] + _HEARTBEAT_AT
+    _inv(buf, off, 8, "client line")
+    return _U64_AT(buf, off)[0]
+
+
+def read_own_heartbeat(buf, g: Geometry, slot: int) -> int:
+    """The client's own heartbeat counter (its one writer: nothing to invalidate)."""
     return _U64_AT(buf, g.host_slot_offsets[slot] + _HEARTBEAT_AT)[0]
 
 
 def write_heartbeat(buf, g: Geometry, slot: int, value: int) -> None:
-    U64.pack_into(buf, _client_line(g, slot) + CL_HEARTBEAT, value & 0xFFFFFFFFFFFFFFFF)
+    off = _client_line(g, slot) + CL_HEARTBEAT
+    U64.pack_into(buf, off, value & 0xFFFFFFFFFFFFFFFF)
+    _wb(buf, off, 8, "heartbeat")
+    _fence(buf, "heartbeat")
 
 
 # service line (service-written, client-read)
 def read_service_line(buf, g: Geometry, slot: int) -> tuple[int, int, int]:
     """-> (owner nonce, response seq, epoch)."""
-    return SERVICE_LINE.unpack_from(buf, _service_line(g, slot))
+    off = _service_line(g, slot)
+    _inv(buf, off, SERVICE_LINE.size, "service line")
+    return SERVICE_LINE.unpack_from(buf, off)
 
 
 def read_owner(buf, g: Geometry, slot: int) -> int:
-    return _U64_AT(buf, g.host_slot_offsets[slot] + _OWNER_AT)[0]
+    off = g.host_slot_offsets[slot] + _OWNER_AT
+    _inv(buf, off, 8, "service line")
+    return _U64_AT(buf, off)[0]
 
 
 def read_epoch(buf, g: Geometry, slot: int) -> int:
-    return _U64_AT(buf, g.host_slot_offsets[slot] + _EPOCH_AT)[0]
+    off = g.host_slot_offsets[slot] + _EPOCH_AT
+    _inv(buf, off, 8, "service line")
+    return _U64_AT(buf, off)[0]
 
 
 def write_grant(buf, g: Geometry, slot: int, *, resp_seq: int, epoch: int) -> None:
-    """A grant's payload (``publish_owner`` follows): nothing pending, the new epoch."""
+    """A grant's payload (``publish_owner`` follows): nothing pending, the new epoch (in the owner
+    word's line: written back with it)."""
     _GRANT.pack_into(buf, _service_line(g, slot) + SL_RESP_SEQ, resp_seq, epoch)
 
 
 def publish_owner(buf, g: Geometry, slot: int, nonce: int) -> None:
     """The owner word: the claimant with this nonce holds the slot; 0 releases it."""
-    U64.pack_into(buf, _service_line(g, slot) + SL_OWNER, nonce)
+    off = _service_line(g, slot) + SL_OWNER
+    U64.pack_into(buf, off, nonce)
+    _pub(buf, off, 8, ((off, SERVICE_LINE.size),), "grant")
 
 
 def read_response_seq(buf, g: Geometry, slot: int) -> int:
-    return _U64_AT(buf, g.host_slot_offsets[slot] + _RESP_SEQ_AT)[0]
+    off = g.host_slot_offsets[slot] + _RESP_SEQ_AT
+    _inv(buf, off, 8, "service line")
+    return _U64_AT(buf, off)[0]
 
 
-def publish_response_seq(buf, g: Geometry, slot: int, seq: int) -> None:
-    """Makes the response that ``write_response`` wrote visible to the client."""
-    U64.pack_into(buf, g.host_slot_offsets[slot] + _RESP_SEQ_AT, seq)
+def publish_response_seq(buf, g: Geometry, slot: int, seq: int, length: int = 0) -> None:
+    """Makes the response that ``write_response`` wrote (``length`` bytes) visible to the client. The
+    fence also orders every service record written back while handling the request (index entries,
+    segment-table entries, table buckets) before the answer."""
+    _fence(buf, "response")
+    off = g.host_slot_offsets[slot] + _RESP_SEQ_AT
+    U64.pack_into(buf, off, seq)
+    _pub(buf, off, 8, ((g.response_offset(slot), length),), "response")
 
 
 # request and response buffers (RPC payload)
@@ -551,15 +653,18 @@ def write_request(buf, g: Geometry, slot: int, message: bytes) -> None:
     """The request payload (client-written); ``publish_request_seq`` follows."""
     off = g.request_offset(slot)
     buf[off : off + len(message)] = message
+    _wb(buf, off, len(message), "request")
 
 
 def read_request(buf, g: Geometry, slot: int) -> bytes:
     """The request in a slot's buffer, as long as its header says (ProtocolError if it is not one,
     or is longer than the buffer); the caller checks its CRC and seq (it may still be being written)."""
     off = g.request_offset(slot)
+    _inv(buf, off, _rpc.REQUEST_HEADER.size, "request")
     length = _rpc.request_length(buf[off : off + _rpc.REQUEST_HEADER.size])
     if length > g.rpc_buffer_bytes:
         raise ProtocolError(f"request of {length} bytes exceeds the {g.rpc_buffer_bytes}-byte buffer")
+    _inv(buf, off, length, "request")
     return bytes(buf[off : off + length])
 
 
@@ -567,12 +672,15 @@ def write_response(buf, g: Geometry, slot: int, message: bytes) -> None:
     """The response payload (service-written); ``publish_response_seq`` follows."""
     off = g.response_offset(slot)
     buf[off : off + len(message)] = message
+    _wb(buf, off, len(message), "response")
 
 
 def read_response(buf, g: Geometry, slot: int) -> bytes:
     """The response in a slot's buffer (at most the buffer's size: the decoder refuses a cut one)."""
     off = g.response_offset(slot)
+    _inv(buf, off, _rpc.RESPONSE_HEADER.size, "response")
     length = _rpc.response_length(buf[off : off + _rpc.RESPONSE_HEADER.size])
+    _inv(buf, off, min(length, g.rpc_buffer_bytes), "response")
     return bytes(buf[off : off + min(length, g.rpc_buffer_bytes)])
 
 
@@ -651,13 +759,19 @@ def index_entry_problem(entry: "IndexEntry", data_slot_bytes: int) -> str | None
 
 def write_segment_entry(buf, offset: int, entry: SegmentEntry) -> None:
     # Copy A, then copy B: if the writer dies mid-way, one intact copy (old or new) remains.
+    # Non-coherent: copy A is written back and fenced before copy B is written, so memory, too,
+    # never holds both copies torn.
     raw = entry.encode()
     buf[offset : offset + SEGMENT_RECORD_BYTES] = raw
+    _wb(buf, offset, SEGMENT_RECORD_BYTES, "segment entry")
+    _fence(buf, "segment entry")
     buf[offset + SEGMENT_RECORD_BYTES : offset + SEGMENT_ENTRY_BYTES] = raw
+    _wb(buf, offset + SEGMENT_RECORD_BYTES, SEGMENT_RECORD_BYTES, "segment entry")
 
 
 def read_segment_entry(buf, offset: int) -> SegmentEntry | None:
     """The first intact copy, or None if both are damaged; all zeros (never written) is free."""
+    _inv(buf, offset, SEGMENT_ENTRY_BYTES, "segment entry")
     for off in (offset, offset + SEGMENT_RECORD_BYTES):
         raw = bytes(buf[off : off + SEGMENT_RECORD_BYTES])
         if raw == bytes(SEGMENT_RECORD_BYTES):
@@ -719,6 +833,7 @@ def write_index_entry(buf, g: Geometry, segment: int, slot: int, entry: IndexEnt
     """The entry's one writer (the service). Writing a COMMITTED entry is a block's commit point."""
     off = g.index_entry_offset(segment, slot)
     buf[off : off + INDEX_ENTRY_BYTES] = entry.encode()
+    _wb(buf, off, INDEX_ENTRY_BYTES, "index entry")  # the response's fence orders it before the answer
 
 
 def read_index_entry(buf, g: Geometry, segment: int, slot: int) -> "IndexEntry | None":
@@ -729,6 +844,7 @@ def read_index_entry(buf, g: Geometry, segment: int, slot: int) -> "IndexEntry |
 def read_index_entries(buf, g: Geometry, segment: int, count: int) -> "list[IndexEntry | None]":
     """The first ``count`` entries of a segment in one read (recovery, reports)."""
     base = g.index_entry_offset(segment, 0)
+    _inv(buf, base, count * INDEX_ENTRY_BYTES, "index entry")
     raw = bytes(buf[base : base + count * INDEX_ENTRY_BYTES])
     return [IndexEntry.decode(raw[i * INDEX_ENTRY_BYTES : (i + 1) * INDEX_ENTRY_BYTES]) for i in range(count)]
 
@@ -788,14 +904,27 @@ def block_header_matches(raw: bytes, key: bytes, generation: int, length_bytes: 
             and crc == _checksum.meta_crc(memoryview(raw)[:_HEADER_BODY_BYTES]))
 
 
-def write_block_header(buf, offset: int, header: BlockHeader) -> None:
+def write_block_header(buf, offset: int, header: BlockHeader, data: tuple[int, int] | None = None) -> None:
     """The header's one writer (the client holding the slot's reservation). A put writes it
-    WRITING, then the data, then COMPLETE: the COMPLETE header publishes the data."""
+    WRITING, then the data, then COMPLETE: the COMPLETE header publishes the data.
+
+    Non-coherent: the WRITING header is written back and fenced before the data is written (a reader
+    that sees any new data then sees the header change); with ``data`` = (offset, length), the data's
+    writeback (``write_block_data_done``) is fenced before the header is stored and the header is
+    written back and fenced: the COMMIT request that follows may then name it."""
+    if data is not None:
+        _fence(buf, "block data")
     buf[offset : offset + BLOCK_HEADER_BYTES] = header.encode()
+    if data is None:
+        _wb(buf, offset, BLOCK_HEADER_BYTES, "block header")
+        _fence(buf, "block header")
+    else:
+        _pub(buf, offset, BLOCK_HEADER_BYTES, (data,), "block header")
 
 
 def read_header_bytes(buf, offset: int) -> bytes:
     """A block header as it is in the pool now (readers compare two reads, ``block_header_matches``)."""
+    _inv(buf, offset, BLOCK_HEADER_BYTES, "block header")
     return bytes(buf[offset : offset + BLOCK_HEADER_BYTES])
 
 
@@ -845,8 +974,13 @@ def unpack_where(g: Geometry, where: int, length_bytes: int) -> tuple[int, int] 
 
 
 def write_bucket(buf, offset: int, key: bytes | None = None, generation: int = 0, where: int = 0,
-                 length_bytes: int = 0, data_crc: int = 0) -> None:
-    """The bucket's one writer (the service): sequence odd, body and CRC, sequence even. No key: empty."""
+                 length_bytes: int = 0, data_crc: int = 0, *, table_seq_offset: int | None = None) -> None:
+    """The bucket's one writer (the service): sequence odd, body and CRC, sequence even. No key: empty.
+
+    ``table_seq_offset``: the table sequence's last change must have reached memory before any bucket
+    changes (a reader checks it around its probe); the sanitizer checks that it has."""
+    if table_seq_offset is not None and _coh.ACTIVE:
+        _coh.note_publish(buf, offset, ((table_seq_offset, 8),), "table seq")
     odd = open_bucket(buf, offset)
     write_bucket_body(buf, offset, key, generation, where, length_bytes, data_crc)
     close_bucket(buf, offset, odd)
@@ -857,6 +991,8 @@ def open_bucket(buf, offset: int) -> int:
     (seq,) = U32.unpack_from(buf, offset)
     odd = (seq + 1 if seq % 2 == 0 else seq + 2) & 0xFFFFFFFF
     U32.pack_into(buf, offset, odd)
+    _wb(buf, offset, 4, "table bucket")
+    _fence(buf, "table bucket")
     return odd
 
 
@@ -868,16 +1004,22 @@ def write_bucket_body(buf, offset: int, key: bytes | None, generation: int = 0, 
     else:
         body = _BUCKET_BODY.pack(key, generation, where, length_bytes, data_crc)
     buf[offset + 4 : offset + TABLE_BUCKET_BYTES] = U32.pack(_checksum.meta_crc(body) if key else 0) + body
+    _wb(buf, offset, TABLE_BUCKET_BYTES, "table bucket")
+    _fence(buf, "table bucket")
 
 
 def close_bucket(buf, offset: int, odd: int) -> None:
     """Seqlock step 3, the publication: the sequence word becomes even again."""
     U32.pack_into(buf, offset, (odd + 1) & 0xFFFFFFFF)
+    _wb(buf, offset, 4, "table bucket")
+    _fence(buf, "table bucket")
 
 
 def read_bucket(buf, offset: int):
     """The bucket's one reader: None if empty, False if being written or damaged (try again),
     else (key, generation, where, length, data_crc). ``beluga/_native.c`` reads it the same way."""
+    if _coh.ACTIVE:
+        _coh.pool_invalidate(buf, offset, TABLE_BUCKET_BYTES, "table bucket")
     (s1,) = U32.unpack_from(buf, offset)
     if s1 & 1:
         return False
@@ -898,18 +1040,24 @@ def read_table_seq(buf, g: Geometry) -> int:
 
 def read_table_seq_at(buf, offset: int) -> int:
     """``read_table_seq`` for a reader that cached the word's offset (the probe's signature)."""
+    if _coh.ACTIVE:
+        _coh.pool_invalidate(buf, offset, 8, "table seq")
     return U64.unpack_from(buf, offset)[0]
 
 
 def write_table_seq(buf, g: Geometry, value: int) -> None:
     """Odd: the table is being rebuilt; moved on by 2: entries are about to be relocated."""
     U64.pack_into(buf, g.table_seq_offset, value & 0xFFFFFFFFFFFFFFFF)
+    _wb(buf, g.table_seq_offset, 8, "table seq")
+    _fence(buf, "table seq")
 
 
 def clear_table(buf, g: Geometry) -> None:
     """Every bucket empty at once (a rebuild, with the table sequence odd meanwhile)."""
     buf[g.table_offset : g.table_offset + g.table_buckets * TABLE_BUCKET_BYTES] = bytes(
         g.table_buckets * TABLE_BUCKET_BYTES)
+    _wb(buf, g.table_offset, g.table_buckets * TABLE_BUCKET_BYTES, "table bucket")
+    _fence(buf, "table bucket")
 
 
 # ---------------------------------------------------------------- touch rings (client-written)
@@ -928,36 +1076,70 @@ def read_touch_head_at(buf, head_offset: int) -> int:
 
 
 def read_touch_head(buf, g: Geometry, slot: int) -> int:
+    """A client's touch head as the service reads it (another host's word: invalidated first)."""
+    off = g.touch_head_offset(slot)
+    _inv(buf, off, 8, "touch head")
+    return U64.unpack_from(buf, off)[0]
+
+
+def read_own_touch_head(buf, g: Geometry, slot: int) -> int:
+    """The touch head as its client (the one writer) reads it."""
     return U64.unpack_from(buf, g.touch_head_offset(slot))[0]
 
 
 def post_touches(buf, g: Geometry, slot: int, head: int, touches) -> int:
     """The ring's one writer (its client): entries first, then the head. -> the new head."""
     ring = g.touch_ring_offset(slot)
+    first = head
     for where, generation in touches:
         write_touch_entry(buf, ring, head, where, generation)
         head += 1
-    publish_touch_head(buf, g.touch_head_offset(slot), head)
+    _publish_touches(buf, ring, g.touch_head_offset(slot), first, head)
     return head
 
 
 def write_touch_entry(buf, ring_offset: int, index: int, where: int, generation: int) -> None:
     """A touch's payload: entry ``index`` (mod the ring) of the ring at ``ring_offset``."""
-    TOUCH_ENTRY.pack_into(buf, ring_offset + (index % TOUCH_RING_ENTRIES) * TOUCH_ENTRY_BYTES,
-                          where & 0xFFFFFFFF, generation & 0xFFFFFFFF)
+    off = ring_offset + (index % TOUCH_RING_ENTRIES) * TOUCH_ENTRY_BYTES
+    TOUCH_ENTRY.pack_into(buf, off, where & 0xFFFFFFFF, generation & 0xFFFFFFFF)
+    if _coh.ACTIVE:
+        _coh.pool_writeback(buf, off, TOUCH_ENTRY_BYTES, "touch entry")
 
 
 def publish_touch_head(buf, head_offset: int, head: int) -> None:
     """Makes the entries before ``head`` visible to the service."""
     U64.pack_into(buf, head_offset, head)
+    _wb(buf, head_offset, 8, "touch head")
+    _fence(buf, "touch head")
+
+
+def _ring_spans(ring_offset: int, first: int, head: int):
+    """The (offset, length) spans of ring entries first..head-1 (at most two: the ring wraps)."""
+    if head - first >= TOUCH_RING_ENTRIES:
+        return ((ring_offset, TOUCH_RING_BYTES),)
+    a, b = first % TOUCH_RING_ENTRIES, head % TOUCH_RING_ENTRIES
+    if head == first:
+        return ()
+    if a < b:
+        return ((ring_offset + a * TOUCH_ENTRY_BYTES, (b - a) * TOUCH_ENTRY_BYTES),)
+    return ((ring_offset + a * TOUCH_ENTRY_BYTES, TOUCH_RING_BYTES - a * TOUCH_ENTRY_BYTES),
+            (ring_offset, b * TOUCH_ENTRY_BYTES)) if b else ((ring_offset + a * TOUCH_ENTRY_BYTES,
+                                                             TOUCH_RING_BYTES - a * TOUCH_ENTRY_BYTES),)
+
+
+def _publish_touches(buf, ring_offset: int, head_offset: int, first: int, head: int) -> None:
+    if _coh.ACTIVE:
+        _coh.pool_fence(buf, "touch entry")
+    U64.pack_into(buf, head_offset, head)
+    if _coh.ACTIVE:
+        _coh.pool_publish(buf, head_offset, 8, _ring_spans(ring_offset, first, head), "touch head")
 
 
 def post_touch(buf, ring_offset: int, head_offset: int, head: int, where: int, generation: int) -> int:
     """``post_touches`` of one touch, for a client that cached its ring's offsets (the get hot path)."""
     write_touch_entry(buf, ring_offset, head, where, generation)
-    head += 1
-    publish_touch_head(buf, head_offset, head)
-    return head
+    _publish_touches(buf, ring_offset, head_offset, head, head + 1)
+    return head + 1
 
 
 def read_touches(buf, g: Geometry, slot: int, tail: int) -> tuple[int, list[tuple[int, int]]]:
@@ -968,6 +1150,8 @@ def read_touches(buf, g: Geometry, slot: int, tail: int) -> tuple[int, list[tupl
     if head < tail or head - tail > TOUCH_RING_ENTRIES:
         tail = max(0, head - TOUCH_RING_ENTRIES)  # overrun (or a reset head): keep the newest
     ring = g.touch_ring_offset(slot)
+    for off, n in _ring_spans(ring, tail, head):
+        _inv(buf, off, n, "touch entry")
     out = [TOUCH_ENTRY.unpack_from(buf, ring + (i % TOUCH_RING_ENTRIES) * TOUCH_ENTRY_BYTES) for i in range(tail, head)]
     return head, out
 

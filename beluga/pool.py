@@ -89,7 +89,7 @@ class Pool:
     """An open, validated pool mapping. ``buf`` is a writable memoryview of all of it."""
 
     def __init__(self, info: DeviceInfo, superblock: L.Superblock, *, coherence: str | None = None,
-                 coherence_report: str | None = None) -> None:
+                 coherence_report: str | None = None, flush: str | None = None) -> None:
         self.info = info
         self.superblock = superblock
         self.geometry: L.Geometry = superblock.geometry
@@ -117,6 +117,29 @@ class Pool:
                 self._mm.close()
                 raise
             self.buf = self.coherence.buf
+        # The flush policy (docs/coherence.md): whether the store writes back what it publishes and
+        # invalidates what it reads. On for a devdax device (a multi-host CXL pool need not be
+        # coherent), off for a file (one host's page cache is); always on under the sanitizer.
+        from . import coherence as _coh
+
+        self.flush_policy = _coh.resolve_policy(flush, is_devdax=info.is_devdax,
+                                                sanitized=self.coherence is not None)
+        self._flushing = self.flush_policy == "on" and self.coherence is None
+        if self._flushing:
+            _coh.register_flushing(self._mm)
+
+    def flush_status(self) -> str:
+        """One line for ready lines and `beluga stat`: the policy in force and what it does here."""
+        from . import coherence as _coh
+
+        if self.coherence is not None:
+            return f"flush policy on (coherence sanitizer {self.coherence.mode})"
+        if self.flush_policy == "off":
+            why = "devdax device, forced off" if self.info.is_devdax else "a file: one host's page cache is coherent"
+            return f"flush policy off ({why})"
+        if not _coh.can_flush():
+            return "flush policy on, but this host cannot flush (see cache flushes): unsafe on a non-coherent pool"
+        return f"flush policy on ({_coh.flush_method()})"
 
     @property
     def path(self) -> str:
@@ -124,18 +147,24 @@ class Pool:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, sysfs_root: str = DEFAULT_SYSFS, coherence: str | None = None,
-             coherence_report: str | None = None) -> "Pool":
+             coherence_report: str | None = None, flush: str | None = None) -> "Pool":
         """``coherence``: "off", "check" or "check-collect" (default: $BELUGA_COHERENCE, else off);
-        ``coherence_report``: the sanitizer's report file (default: $BELUGA_COHERENCE_REPORT)."""
+        ``coherence_report``: the sanitizer's report file (default: $BELUGA_COHERENCE_REPORT);
+        ``flush``: the flush policy, "auto", "on" or "off" (default: $BELUGA_FLUSH_POLICY, else auto:
+        on for a devdax device, off for a file; a sanitized pool always flushes)."""
         info = device_info(path, sysfs_root=sysfs_root)
         raw = _probe_superblock(info)
         sb = L.decode_superblock(raw, where=info.path, actual_size_bytes=_map_length(info))
-        return cls(info, sb, coherence=coherence, coherence_report=coherence_report)
+        return cls(info, sb, coherence=coherence, coherence_report=coherence_report, flush=flush)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self._flushing:
+            from . import coherence as _coh
+
+            _coh.unregister_flushing(self._mm)
         if self.coherence is not None:
             self.coherence.close()
         try:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import os
 import threading
 
+from . import coherence as _coh
 from . import layout as L
 from .checksum import CRC32, copy_and_checksum, crc32
 
@@ -138,6 +139,8 @@ def py_read_into(buf, dest, header_off: int, data_off: int, key: bytes, generati
     h1 = _header(buf, header_off)
     if not L.block_header_matches(h1, key, generation, length, data_crc):
         return READ_HEADER
+    if _coh.ACTIVE:
+        L.fetch_block_data(buf, data_off, length)
     crc = copy_and_checksum(CRC32, dest[:length], memoryview(buf)[data_off : data_off + length])
     if crc != data_crc:
         return READ_CRC
@@ -154,6 +157,8 @@ def py_read_bytes(buf, header_off: int, data_off: int, key: bytes, generation: i
     h1 = _header(buf, header_off)
     if not L.block_header_matches(h1, key, generation, length, data_crc):
         return READ_HEADER
+    if _coh.ACTIVE:
+        L.fetch_block_data(buf, data_off, length)
     data = bytes(buf[data_off : data_off + length])
     if crc32(data) & 0xFFFFFFFF != data_crc:
         return READ_CRC
@@ -235,13 +240,13 @@ class PyReader:
             if place is None:
                 return False  # not an entry this pool could have: let the service answer
             if dest is None:
-                got = read_bytes(buf, place[0], place[1], key, gen, length, crc)
+                got = py_read_bytes(buf, place[0], place[1], key, gen, length, crc)
                 st = got if isinstance(got, int) else READ_OK
             else:
                 if length > dest.nbytes:
                     raise ValueError(f"block for key {key.hex()[:16]}... has {length} bytes, "
                                      f"the destination only {dest.nbytes}")
-                st = got = read_into(buf, dest, place[0], place[1], key, gen, length, crc)
+                st = got = py_read_into(buf, dest, place[0], place[1], key, gen, length, crc)
             if st == READ_OK:
                 self._post(where, gen)
                 counts = self._counts
@@ -266,7 +271,7 @@ class PyReader:
         place = self._place(where, length)
         if place is None:
             return False
-        got = read_bytes(buf, place[0], place[1], key, gen, length, crc)
+        got = py_read_bytes(buf, place[0], place[1], key, gen, length, crc)
         if type(got) is not bytes:
             return self._read(key, None, hit, got)  # the rest of the attempts
         self._post(where, gen)
@@ -310,15 +315,28 @@ class PyReader:
             raise ValueError("set_ring: touch ring outside the pool")
         self._ring = (ring_off, head_off)
 
+    def set_flush(self, on: bool) -> None:
+        """Nothing to do: this reader reads through ``layout``, whose accessors flush for a pool that does."""
+
     def counts(self) -> dict:
         return dict(self._counts)
 
 
 def reader(buf, g: L.Geometry, cls=None):
-    """The read path in use here (C or Python; ``cls`` chooses) for a client of the pool ``buf`` with geometry ``g``."""
-    return (cls or _Reader)(buf, g.table_offset, g.table_buckets, g.table_seq_offset, g.slot_granularity_bytes,
+    """The read path in use here (C or Python; ``cls`` chooses) for a client of the pool ``buf`` with geometry ``g``.
+
+    A pool whose flush policy is on has its reader invalidate what it reads and write back the
+    touches it posts (docs/coherence.md): the C Reader in C (``set_flush``), the Python one through
+    ``layout``. A sanitized pool always gets the Python reader: the model follows only the flush calls."""
+    flush = _coh.flushes(buf)
+    if cls is None and flush and _coh.sanitized(buf):
+        cls = PyReader
+    r = (cls or _Reader)(buf, g.table_offset, g.table_buckets, g.table_seq_offset, g.slot_granularity_bytes,
                    g.max_slots_per_segment, g.segment_count, g.segment_size_bytes, g.headers_offset,
                    g.segments_offset)
+    if flush:
+        r.set_flush(True)
+    return r
 
 
 def _select():

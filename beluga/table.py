@@ -49,7 +49,7 @@ class LookupTable:
             self.where[key] = i
         rec = (key, generation, L.pack_where(self.g, segment, slot, data_slot_bytes), length_bytes, data_crc)
         self.slots[i] = rec
-        L.write_bucket(self.buf, self._bucket(i), *rec)
+        L.write_bucket(self.buf, self._bucket(i), *rec, table_seq_offset=self.g.table_seq_offset)
 
     def withdraw(self, key: bytes) -> None:
         """Remove ``key`` (no-op if absent), shifting the rest of its run back over the hole."""
@@ -70,13 +70,13 @@ class LookupTable:
                 if not moved_seq:
                     L.write_table_seq(self.buf, self.g, L.read_table_seq(self.buf, self.g) + 2)
                     moved_seq = True
-                L.write_bucket(self.buf, self._bucket(i), *other)
+                L.write_bucket(self.buf, self._bucket(i), *other, table_seq_offset=self.g.table_seq_offset)
                 self.slots[i] = other
                 self.where[other[0]] = i
                 self.relocations += 1
                 i = j
         self.slots[i] = None
-        L.write_bucket(self.buf, self._bucket(i))
+        L.write_bucket(self.buf, self._bucket(i), table_seq_offset=self.g.table_seq_offset)
 
     def rebuild(self, entries) -> None:
         """Write the whole table from ``entries`` (key, generation, segment, slot, data_slot_bytes, length, crc)."""

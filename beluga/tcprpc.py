@@ -315,6 +315,7 @@ class TcpServer:
             resp = self._dispatch(conn, msg)
             if resp is None:
                 return  # the connection was closed
+            L.answer_off_pool(self.service.buf)  # what the request changed in the pool is out first
             if not self._send(conn, rpc.frame(resp)):
                 return
         else:

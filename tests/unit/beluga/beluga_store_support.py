@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from beluga import coherence
 from beluga.client import local_client
 from beluga.layout import KiB
 from beluga.pool import Pool, format_pool
@@ -57,6 +58,14 @@ def pool_path():
 
 
 SMALL = dict(size_bytes=8 << 20, segment_size_bytes=256 * KiB, max_clients=8, rpc_buffer_bytes=16 * KiB)
+
+
+def written_back(buf, off: int, n: int) -> None:
+    """A test wrote pool bytes directly (damage, a crafted record, another writer): write them back
+    and fence, as the store does with its own writes, so that under the coherence sanitizer
+    (BELUGA_COHERENCE=check) the other hosts, and this one's next invalidate, see them."""
+    coherence.writeback(buf, off, n, "test")
+    coherence.fence("test")
 
 
 def make_pool(path: str, **overrides):

@@ -22,7 +22,7 @@ from beluga.keys import name_key
 from beluga.pool import Pool
 from beluga.table import LookupTable
 
-from beluga_store_support import REPO, make_pool
+from beluga_store_support import REPO, LocalStore, make_pool
 
 try:
     from beluga import _native
@@ -63,6 +63,18 @@ def read_all(buf, g, key, hit, dest_size=None):
 
 
 # ---------------------------------------------------------------- the native module is what runs
+@pytest.fixture
+def raw_store(pool_path, monkeypatch):
+    """A store whose pool is never sanitized: the tests below compare the C read path with the
+    Python one on the same raw pool bytes, which they damage in place. The C functions read and
+    post touches without the flush calls the sanitizer follows (docs/coherence.md: the C Reader
+    does not flush yet), so under BELUGA_COHERENCE=check their writes would count as lost."""
+    monkeypatch.setenv("BELUGA_COHERENCE", "off")
+    s = LocalStore(pool_path)
+    yield s
+    s.close()
+
+
 def test_the_c_read_path_runs_when_it_is_expected():
     """Under CI (and with BELUGA_NATIVE=1) a missing or unloadable C module fails, never falls back silently."""
     want = os.environ.get("BELUGA_NATIVE", "")
@@ -147,7 +159,8 @@ def test_lease_free_reads_keep_lru_order(store):
 
 
 # ---------------------------------------------------------------- readers agree and refuse bad bytes
-def test_both_read_paths_agree_on_hits_misses_and_every_kind_of_damage(store):
+def test_both_read_paths_agree_on_hits_misses_and_every_kind_of_damage(raw_store):
+    store = raw_store
     c = store.client()
     g, buf = store.pool.geometry, store.pool.buf
     data = os.urandom(20_000)
@@ -177,7 +190,8 @@ def test_both_read_paths_agree_on_hits_misses_and_every_kind_of_damage(store):
     assert read_all(buf, g, k("a"), hit) == (data, readpath.READ_OK)
 
 
-def test_a_bucket_mid_write_or_damaged_and_a_table_being_rebuilt_send_readers_to_the_service(store):
+def test_a_bucket_mid_write_or_damaged_and_a_table_being_rebuilt_send_readers_to_the_service(raw_store):
+    store = raw_store
     c = store.client()
     g, buf = store.pool.geometry, store.pool.buf
     c.put(k("a"), b"A" * 5000)
@@ -272,7 +286,8 @@ def test_recovery_rebuilds_the_table_from_metadata_whatever_it_held(store):
     store.service.check_invariants()
 
 
-def test_both_paths_probe_prefixes_post_the_same_touches_and_copy_with_the_same_crc(store):
+def test_both_paths_probe_prefixes_post_the_same_touches_and_copy_with_the_same_crc(raw_store):
+    store = raw_store
     c = store.client()
     g, buf = store.pool.geometry, store.pool.buf
     c.put_many([(k(i), bytes([i]) * 700) for i in range(5)])
@@ -304,7 +319,8 @@ def test_both_paths_probe_prefixes_post_the_same_touches_and_copy_with_the_same_
 READERS = {"python": readpath.PyReader} | ({"native": _native.Reader} if _native is not None else {})
 
 
-def test_both_readers_give_the_same_answers_post_the_same_touches_and_count_the_same(store):
+def test_both_readers_give_the_same_answers_post_the_same_touches_and_count_the_same(raw_store):
+    store = raw_store
     """readpath.reader: get / get_into / lookup_prefix / probe in one call each, C and Python alike."""
     c = store.client()
     g, buf = store.pool.geometry, store.pool.buf
