@@ -337,6 +337,19 @@ def _op(state: _State, system: str, op: str, block_bytes: int):
             return mbatch
         if op == "lookup":
             return lambda k: (0, mc.exists(k.hex()))
+    elif system == "bare":
+        # The get's copy + CRC alone, over the same pool mapping, at offsets (not keys) given by the
+        # parent: the machine's own limit for this access pattern, with no store around it.
+        from beluga import readpath
+
+        buf = state.client("cxl").buf
+        dest = memoryview(state.out(block_bytes))
+
+        def bare(off):
+            readpath.copy_crc(dest, buf[off : off + block_bytes])
+            return (block_bytes, True)
+
+        return bare
     else:
         c = state.client(system)
         if op == "put":
