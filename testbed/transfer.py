@@ -71,26 +71,51 @@ def _rstat(sftp, path: str):
         raise
 
 
-def _put(sftp, src: Path, dst: str) -> None:
-    st = src.stat()
+def _put(sftp, src: Path, dst: str, *, top: bool = True) -> None:
+    """src (followed when it is a link named on the command line) to dst. Inside a folder a
+    symbolic link is made again as a link, never followed: a link out of the folder copies
+    nothing from outside it, and a link to a parent folder is no endless loop."""
+    st = src.stat() if top else src.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        sftp.symlink(os.readlink(src), dst)
+        return
     if stat.S_ISDIR(st.st_mode):
         if _rstat(sftp, dst) is None:
             sftp.mkdir(dst)
         for child in sorted(src.iterdir()):
-            _put(sftp, child, posixpath.join(dst, child.name))
-    else:
+            _put(sftp, child, posixpath.join(dst, child.name), top=False)
+    elif stat.S_ISREG(st.st_mode):
         sftp.put(str(src), dst)
+    else:
+        raise TestbedError(f"{src}: not a file, folder or symbolic link; not copied")
     sftp.chmod(dst, stat.S_IMODE(st.st_mode))
 
 
-def _get(sftp, src: str, dst: Path) -> None:
-    st = sftp.stat(src)
+def _local_name(name: str, where: str) -> str:
+    """A name a host listed, as one local path component (a hostile guest may list anything)."""
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise TestbedError(f"{where}: the host listed an entry named {name!r}; refusing to write it")
+    return name
+
+
+def _get(sftp, src: str, dst: Path, *, host: str, top: bool = True) -> None:
+    """The mirror of _put: links inside a folder come back as links, and nothing is ever
+    written through a local link (one an earlier copy made could point anywhere)."""
+    if dst.is_symlink():
+        raise TestbedError(f"{dst}: is a symbolic link; will not write through it")
+    st = sftp.stat(src) if top else sftp.lstat(src)
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(sftp.readlink(src), dst)
+        return
     if stat.S_ISDIR(st.st_mode):
         dst.mkdir(exist_ok=True)
         for a in sorted(sftp.listdir_attr(src), key=lambda a: a.filename):
-            _get(sftp, posixpath.join(src, a.filename), dst / a.filename)
-    else:
+            name = _local_name(a.filename, f"{host}:{src}")
+            _get(sftp, posixpath.join(src, name), dst / name, host=host, top=False)
+    elif stat.S_ISREG(st.st_mode):
         sftp.get(src, str(dst))
+    else:
+        raise TestbedError(f"{host}:{src}: not a file, folder or symbolic link; not copied")
     os.chmod(dst, stat.S_IMODE(st.st_mode))
 
 
@@ -170,7 +195,7 @@ def copy_out(tb, hosts: list, src: str, dst: Path, *, recursive: bool) -> list[s
                 if target.exists() and target.is_dir() != stat.S_ISDIR(a.st_mode):
                     raise TestbedError(f"{target}: is {'a folder' if target.is_dir() else 'a file'}; "
                                        f"will not replace it with {where}")
-                _get(sftp, src, target)
+                _get(sftp, src, target, host=h.name)
                 return str(target)
         except TestbedError:
             raise

@@ -43,6 +43,15 @@ class FolderSFTP:
     def listdir_attr(self, path):
         return [SimpleNamespace(filename=n) for n in os.listdir(self._p(path))]
 
+    def lstat(self, path):
+        return os.lstat(self._p(path))
+
+    def symlink(self, source, dest):
+        os.symlink(source, self._p(dest))
+
+    def readlink(self, path):
+        return os.readlink(self._p(path))
+
 
 @pytest.fixture
 def tb(tmp_path, monkeypatch):
@@ -97,6 +106,56 @@ def test_a_folder_needs_r_and_then_lands_whole(tb, prog):
     # A new name: the folder is copied as that name, like cp -r.
     transfer.copy(tb, str(prog), "host1:/tmp/renamed", all_hosts=False, recursive=True)
     assert (tb.roots["host1"] / "tmp/renamed/run.py").exists()
+
+
+def test_links_inside_a_folder_are_copied_as_links_never_followed(tb, prog, tmp_path):
+    """A link out of the folder copies nothing from outside it; a link to a parent is no loop."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside the folder")
+    (prog / "lib" / "secret").symlink_to(secret)
+    (prog / "lib" / "up").symlink_to("..")
+    assert transfer.copy(tb, str(prog), "host0:/tmp", all_hosts=False, recursive=True) == ["host0:/tmp/prog"]
+    lib = tb.roots["host0"] / "tmp/prog/lib"
+    assert os.readlink(lib / "secret") == str(secret) and os.readlink(lib / "up") == ".."
+    assert (lib / "util.py").read_text() == "X = 1\n"
+    # and back out: links come back as links
+    out = tmp_path / "back"
+    out.mkdir()
+    transfer.copy(tb, "host0:/tmp/prog", str(out), all_hosts=False, recursive=True)
+    assert os.readlink(out / "prog/lib/up") == ".." and (out / "prog/run.py").read_text() == "print('hi')\n"
+
+
+def test_copying_out_never_writes_through_a_local_link(tb, tmp_path):
+    """A guest's link, copied out, becomes a local link; a later copy whose file has that name
+    must not write through it to wherever it points."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    guest = tb.roots["host0"] / "tmp/res"
+    guest.mkdir()
+    (guest / "f").symlink_to(victim)
+    out = tmp_path / "out"
+    out.mkdir()
+    transfer.copy(tb, "host0:/tmp/res", str(out), all_hosts=False, recursive=True)
+    assert os.readlink(out / "res/f") == str(victim)
+    (guest / "f").unlink()
+    (guest / "f").write_text("overwritten")
+    with pytest.raises(TestbedError, match=f"^{out / 'res/f'}: is a symbolic link; will not write through it$"):
+        transfer.copy(tb, "host0:/tmp/res", str(out), all_hosts=False, recursive=True)
+    assert victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/../../x", ""])
+def test_a_name_no_file_can_have_from_a_hostile_guest_is_refused(tb, tmp_path, monkeypatch, name):
+    guest = tb.roots["host0"] / "tmp/res"
+    guest.mkdir()
+    (guest / "ok").write_text("x")
+    real = FolderSFTP.listdir_attr
+    monkeypatch.setattr(FolderSFTP, "listdir_attr",
+                        lambda self, path: real(self, path) + [SimpleNamespace(filename=name)])
+    with pytest.raises(TestbedError, match=f"^host0:/tmp/res: the host listed an entry named {name!r}; "
+                                           f"refusing to write it$".replace(".", r"\.")):
+        transfer.copy(tb, "host0:/tmp/res", str(tmp_path / "out"), all_hosts=False, recursive=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["guests", "out"]
 
 
 def test_relative_remote_paths_are_in_roots_home(tb, prog):
