@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,25 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+@contextmanager
+def no_hang(what: str, seconds: int = 60):
+    """Fail, rather than hang the suite, when the block never returns.
+
+    A guard against a hang, not a speed check: the calls it wraps end in well under a
+    second (their own timeouts say so), and the bound is far above any machine's noise.
+    """
+    def hung(signum, frame):
+        raise AssertionError(f"{what} hung: it had not returned after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 class FakeClock:

@@ -12,7 +12,7 @@ from beluga.errors import InvalidKeyError, ServiceUnavailableError
 from beluga.keys import PrefixContext, name_key, prefix_keys
 from beluga.service import ServiceConfig, ServiceThread
 
-from beluga_store_support import make_pool
+from beluga_store_support import make_pool, no_hang
 
 TRANSPORTS = ["cxl", "tcp"]
 
@@ -119,15 +119,13 @@ def test_service_down_is_a_clear_bounded_error_and_clients_carry_on(running, poo
     c = BelugaClient(pool_path, transport=transport, rpc_timeout_s=0.5, heartbeat_interval_s=0.1)
     c.put(name_key("before"), b"committed before the outage")
     svc.stop(clean=False)  # like a crash: the pool still says a service owns it
-    t0 = time.monotonic()
     said = {"cxl": r"metadata service did not answer request \d+ on client slot \d+ of .* within 0.5s "
                    r"\(is `beluga serve` running\? it may have died; retry once it is back\)",
             # the service closed the connection when it stopped: the client sees that before
             # sending and connects afresh, to nobody
             "tcp": r"cannot reach the metadata service at 127\.0\.0\.1:\d+: \[Errno 111\] Connection refused"}
-    with pytest.raises(ServiceUnavailableError, match=said[transport]):
-        c.put(name_key("during"), b"needs the service")
-    assert time.monotonic() - t0 < 10  # an error, not a hang
+    with no_hang("a put with the service gone"), pytest.raises(ServiceUnavailableError, match=said[transport]):
+        c.put(name_key("during"), b"needs the service")  # an error, not a hang
     # Committed blocks stay readable: a get reads the pool's lookup table, not the service.
     assert c.get(name_key("before")) == b"committed before the outage"
     running()  # a new service instance recovers from the pool
@@ -140,12 +138,11 @@ def test_service_down_is_a_clear_bounded_error_and_clients_carry_on(running, poo
 
 def test_no_service_at_all_fails_fast(pool_path):
     make_pool(pool_path)
-    t0 = time.monotonic()
-    with pytest.raises(ServiceUnavailableError, match="no metadata service granted a client slot"):
-        BelugaClient(pool_path, rpc_timeout_s=0.3)
-    with pytest.raises(ServiceUnavailableError, match="no TCP address"):
-        BelugaClient(pool_path, transport="tcp", rpc_timeout_s=0.3)
-    assert time.monotonic() - t0 < 10
+    with no_hang("a client with no service at all"):
+        with pytest.raises(ServiceUnavailableError, match="no metadata service granted a client slot"):
+            BelugaClient(pool_path, rpc_timeout_s=0.3)
+        with pytest.raises(ServiceUnavailableError, match="no TCP address"):
+            BelugaClient(pool_path, transport="tcp", rpc_timeout_s=0.3)
     # the failed claim was withdrawn: no client slot is left pinned
     from beluga.pool import Pool
     from beluga.report import pool_report
