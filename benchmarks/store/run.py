@@ -48,7 +48,7 @@ from array import array
 from pathlib import Path
 
 from beluga import layout as L
-from .children import stop as stop_child
+from .children import remove_orphans, stop as stop_child
 from .mooncake import MooncakeServer, MooncakeUnavailable
 from .sizing import POOL_MAX_CLIENTS, memcpy_buffer_bytes, plan_working_set, segment_bytes_for
 from .store import BATCH, PREFIX, KiB, MiB, RespClient, Workers, block_keys
@@ -277,6 +277,9 @@ def run(args) -> dict:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="beluga-bench-"))
+    if not args.pool:
+        for gone in remove_orphans("/dev/shm", "beluga-bench-"):
+            print(f"beluga bench: removed {gone}, left by a bench run that was killed", file=sys.stderr)
     pool = args.pool or f"/dev/shm/beluga-bench-{os.getpid()}.pool"
     report: dict = {
         "machine": machine,

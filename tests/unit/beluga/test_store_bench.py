@@ -378,3 +378,32 @@ def test_flush_bench_runs_and_reports_every_variant(capsys):
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"beluga-flush-bench-{os.getpid()}")]
     assert flush.main(["--sizes", "4K", "--rounds", "1"]) == 0
     assert "| 4 KiB | copy+writeback |" in capsys.readouterr().out
+
+
+def test_pools_of_killed_runs_are_removed_and_nothing_else(tmp_path):
+    """A bench or test run killed with SIGKILL leaves its pool in /dev/shm: the next run removes it,
+    and only it: not a live run's pool, not another name, not a folder, not through a symlink."""
+    import subprocess
+
+    from benchmarks.store.children import remove_orphans
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    dead, alive = p.pid, os.getpid()
+    outside = tmp_path / "outside.pool"
+    outside.write_bytes(b"not ours")
+    folder = tmp_path / "shm"
+    folder.mkdir()
+    orphans = [f"beluga-bench-{dead}.pool", f"beluga-test-{dead}-0a1b2c3d.pool", f"beluga-test-{dead}-0a1b2c3d.pool.tmp"]
+    kept = [f"beluga-bench-{alive}.pool", f"beluga-test-{alive}-0a1b2c3d.pool", "beluga-bench-x.pool",
+            f"beluga-benchmark-{dead}.pool", f"other-{dead}.pool"]
+    for name in orphans + kept:
+        (folder / name).write_bytes(b"x")
+    (folder / f"beluga-test-{dead}-dir").mkdir()
+    (folder / f"beluga-test-{dead}-link.pool").symlink_to(outside)
+    removed = remove_orphans(str(folder), "beluga-bench-") + remove_orphans(str(folder), "beluga-test-")
+    assert sorted(Path(r).name for r in removed) == sorted(orphans)
+    left = {x.name for x in folder.iterdir()}
+    assert left == set(kept) | {f"beluga-test-{dead}-dir", f"beluga-test-{dead}-link.pool"}
+    assert outside.read_bytes() == b"not ours"
+    assert remove_orphans(str(tmp_path / "missing"), "beluga-test-") == []
