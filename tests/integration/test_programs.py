@@ -1,6 +1,7 @@
 """A user's program on real guests: `up --share` brings it in, testbed.programs runs it in
 the background on both hosts of 2hosts-1switch and joins, `cp` copies in and out, and the
 example program (scenarios/examples/dax-records) survives its writer's host crashing."""
+import os
 import time
 
 import pytest
@@ -86,6 +87,15 @@ def test_cp_into_every_host_and_back_out(bed, tmp_path):
         ["tool on host0\n", "tool on host1\n"]
     r = cli("cp", "progs", "host1:/tmp/nope", str(tmp_path), check=False)
     assert r.returncode == 1 and "host1:/tmp/nope: no such file or folder" in r.stderr
+    # A folder with a link in it: over the real SFTP server the link lands as a link, and comes back as one.
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_text("A")
+    (tree / "ln").symlink_to("a")
+    cli("cp", "progs", "-r", str(tree), "host0:/tmp/")
+    assert cli("exec", "progs", "host0", "--", "readlink /tmp/tree/ln; cat /tmp/tree/ln").stdout.split() == ["a", "A"]
+    cli("cp", "progs", "-r", "host0:/tmp/tree", str(tmp_path / "back"))
+    assert os.readlink(tmp_path / "back" / "ln") == "a" and (tmp_path / "back" / "a").read_text() == "A"
 
 
 def test_example_readers_check_every_record_when_the_writer_host_crashes(bed, tmp_path):
