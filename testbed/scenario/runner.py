@@ -471,6 +471,16 @@ def _program_hosts(r: Run, run: str, on) -> tuple[dict, list[str]] | str:
     return results, hosts
 
 
+def _judge_program(r: Run, run: str, on, head: str, one) -> tuple[bool, str]:
+    """`one(result) -> (ok, text)` on each host `_program_hosts` names: every host's text, after `head`."""
+    got = _program_hosts(r, run, on)
+    if isinstance(got, str):
+        return False, got
+    results, hosts = got
+    verdicts = [one(results[h]) for h in hosts]
+    return all(ok for ok, _ in verdicts), head + "; ".join(f"{h}: {text}" for h, (_, text) in zip(hosts, verdicts))
+
+
 @expectation("exit_code", "the program exited with this code on each host (default: the hosts it ran on "
                           "that were not killed)")
 class ExitCode(Expectation):
@@ -480,24 +490,16 @@ class ExitCode(Expectation):
     check = _run_target
 
     def check_run(self, r: Run) -> tuple[bool, str]:
-        got = _program_hosts(r, self.run, self.on)
-        if isinstance(got, str):
-            return False, got
-        results, hosts = got
-        parts, ok = [], True
-        for h in hosts:
-            p = results[h]
+        def one(p) -> tuple[bool, str]:
             if p.timed_out:
-                parts.append(f"{h}: timed out")
-                ok = False
-            elif p.exit_code != self.equals:
+                return False, "timed out"
+            if p.exit_code != self.equals:
                 last = (p.stderr_tail.strip().splitlines() or [""])[-1][:200]
-                parts.append(f"{h}: exit {'none (host or connection lost)' if p.exit_code is None else p.exit_code}"
-                             + (f" ({last})" if last else ""))
-                ok = False
-            else:
-                parts.append(f"{h}: exit {p.exit_code}")
-        return ok, f"program '{self.run}' (want exit {self.equals}): " + "; ".join(parts)
+                return False, (f"exit {'none (host or connection lost)' if p.exit_code is None else p.exit_code}"
+                               + (f" ({last})" if last else ""))
+            return True, f"exit {p.exit_code}"
+
+        return _judge_program(r, self.run, self.on, f"program '{self.run}' (want exit {self.equals}): ", one)
 
 
 @expectation("output_matches", "a regular expression matches the program's stdout (or stderr) on each host")
@@ -509,25 +511,19 @@ class OutputMatches(Expectation):
     check = _run_target
 
     def check_run(self, r: Run) -> tuple[bool, str]:
-        got = _program_hosts(r, self.run, self.on)
-        if isinstance(got, str):
-            return False, got
-        results, hosts = got
         pattern = re.compile(self.regex, re.MULTILINE)
-        parts, ok = [], True
-        for h in hosts:
-            p = results[h]
+
+        def one(p) -> tuple[bool, str]:
             path = Path(p.stdout_path if self.stream == "stdout" else p.stderr_path)
             text = path.read_text(errors="replace") if path.is_file() else (
                 p.stdout_tail if self.stream == "stdout" else p.stderr_tail)
             m = pattern.search(text)
             if m:
-                parts.append(f"{h}: matched {m.group(0)[:100]!r}")
-            else:
-                ok = False
-                tail = text.strip().splitlines()[-1][:200] if text.strip() else "(empty)"
-                parts.append(f"{h}: no match in {len(text)} bytes of {self.stream}, last line {tail!r}")
-        return ok, f"/{self.regex}/ in {self.stream} of '{self.run}': " + "; ".join(parts)
+                return True, f"matched {m.group(0)[:100]!r}"
+            tail = text.strip().splitlines()[-1][:200] if text.strip() else "(empty)"
+            return False, f"no match in {len(text)} bytes of {self.stream}, last line {tail!r}"
+
+        return _judge_program(r, self.run, self.on, f"/{self.regex}/ in {self.stream} of '{self.run}': ", one)
 
 
 @expectation("file_written", "a file exists at `path` on each host of `on`, at least `min_bytes` long")
