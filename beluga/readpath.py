@@ -128,19 +128,29 @@ def _check_span(buf, header_off: int, data_off: int, length: int) -> None:
         raise ValueError("read: block outside the pool")
 
 
-def py_read_into(buf, dest, header_off: int, data_off: int, key: bytes, generation: int, length: int,
-                 data_crc: int) -> int:
+def _checked_header(what: str, buf, header_off: int, data_off: int, key: bytes, generation: int, length: int,
+                    data_crc: int, dest_bytes: int | None = None):
+    """The part of both reads before the copy: the arguments, then the block's header (its bytes,
+    to compare after the copy), or None when it is not the block asked for."""
     if len(key) != L.KEY_BYTES:
-        raise ValueError("read_into: key must be 32 bytes")
-    dest = memoryview(dest).cast("B")
-    if length > dest.nbytes:
-        raise ValueError("read_into: destination smaller than the block")
+        raise ValueError(f"{what}: key must be 32 bytes")
+    if dest_bytes is not None and length > dest_bytes:
+        raise ValueError(f"{what}: destination smaller than the block")
     _check_span(buf, header_off, data_off, length)
     h1 = _header(buf, header_off)
     if not L.block_header_matches(h1, key, generation, length, data_crc):
-        return READ_HEADER
+        return None
     if _coh.ACTIVE:
         L.fetch_block_data(buf, data_off, length)
+    return h1
+
+
+def py_read_into(buf, dest, header_off: int, data_off: int, key: bytes, generation: int, length: int,
+                 data_crc: int) -> int:
+    dest = memoryview(dest).cast("B")
+    h1 = _checked_header("read_into", buf, header_off, data_off, key, generation, length, data_crc, dest.nbytes)
+    if h1 is None:
+        return READ_HEADER
     crc = copy_and_checksum(CRC32, dest[:length], memoryview(buf)[data_off : data_off + length])
     if crc != data_crc:
         return READ_CRC
@@ -151,14 +161,9 @@ def py_read_into(buf, dest, header_off: int, data_off: int, key: bytes, generati
 
 def py_read_bytes(buf, header_off: int, data_off: int, key: bytes, generation: int, length: int,
                   data_crc: int):
-    if len(key) != L.KEY_BYTES:
-        raise ValueError("read_bytes: key must be 32 bytes")
-    _check_span(buf, header_off, data_off, length)
-    h1 = _header(buf, header_off)
-    if not L.block_header_matches(h1, key, generation, length, data_crc):
+    h1 = _checked_header("read_bytes", buf, header_off, data_off, key, generation, length, data_crc)
+    if h1 is None:
         return READ_HEADER
-    if _coh.ACTIVE:
-        L.fetch_block_data(buf, data_off, length)
     data = bytes(buf[data_off : data_off + length])
     if crc32(data) & 0xFFFFFFFF != data_crc:
         return READ_CRC
