@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +52,34 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null")}
 
 
+_LINE = re.compile(r"([^\n]*?):(\d+): ")
+
+
+def _in_file_order(errors: list[str]) -> list[str]:
+    """Errors that name a line (`FILE:LINE: ...`) sorted by it within their file, as a compiler
+    lists them (the checks find them in another order); files stay in the order they came
+    (`scenario validate` gathers several). The others (about a whole file, "... and N more")
+    keep their places; errors on one line keep theirs among themselves."""
+    at = [i for i, e in enumerate(errors) if _LINE.match(e)]
+    files: dict[str, int] = {}
+    for i in at:
+        files.setdefault(_LINE.match(errors[i]).group(1), len(files))
+
+    def key(e: str) -> tuple[int, int]:
+        m = _LINE.match(e)
+        return files[m.group(1)], int(m.group(2))
+
+    out = list(errors)
+    for i, e in zip(at, sorted((errors[i] for i in at), key=key)):
+        out[i] = e
+    return out
+
+
 class ConfigError(TestbedError):
     """Every mistake found in one configuration file (`kind`: "topology", "scenario", ...)."""
 
     def __init__(self, kind: str, errors: list[str], *, hint: str | None = None) -> None:
+        errors = _in_file_order(errors)
         super().__init__(f"invalid {kind}:\n" + "\n".join(f"  {e}" for e in errors), hint=hint)
         self.kind = kind
         self.errors = errors

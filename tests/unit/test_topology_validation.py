@@ -247,13 +247,13 @@ RULE = "use lower-case letters, digits and '-', starting with a letter or digit,
 def test_device_id_that_is_a_path_or_qemu_options_is_refused():
     text = BASE.replace("mem0", "../../../cache/images/KEY/rootfs").replace(
         "mem1", "'mem0,share=off,mem-path=/etc/passwd'")
-    assert errors(text) == [
-        f"my.yaml:18: devices[0].id: invalid name '../../../cache/images/KEY/rootfs': {RULE}",
-        f"my.yaml:19: devices[1].id: invalid name 'mem0,share=off,mem-path=/etc/passwd': {RULE}",
+    assert errors(text) == [  # in the file's order
         f"my.yaml:16: host_bridges[0].root_ports[0].switch.devices[0]: invalid name "
         f"'../../../cache/images/KEY/rootfs': {RULE}",
         f"my.yaml:16: host_bridges[0].root_ports[0].switch.devices[1]: invalid name "
         f"'mem0,share=off,mem-path=/etc/passwd': {RULE}",
+        f"my.yaml:18: devices[0].id: invalid name '../../../cache/images/KEY/rootfs': {RULE}",
+        f"my.yaml:19: devices[1].id: invalid name 'mem0,share=off,mem-path=/etc/passwd': {RULE}",
         f"my.yaml:24: pool.devices[0]: invalid name '../../../cache/images/KEY/rootfs': {RULE}",
         f"my.yaml:24: pool.devices[1]: invalid name 'mem0,share=off,mem-path=/etc/passwd': {RULE}"]
 
@@ -355,5 +355,6 @@ def test_topology_validate_refuses_a_path_in_a_device_id(tmp_path, capsys):
     f.write_text(BASE.replace("{id: mem0,", "{id: ../../../cache/images/KEY/rootfs,"))
     assert cli.main(["topology", "validate", str(f)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"✗ invalid topology:\n  {f}:18: devices[0].id: invalid name "
-                          f"'../../../cache/images/KEY/rootfs': {RULE}\n")
+    assert err.startswith(f"✗ invalid topology:\n  {f}:16: host_bridges[0].root_ports[0].switch.devices[0]: "
+                          f"unknown device 'mem0'")  # in the file's order
+    assert f"\n  {f}:18: devices[0].id: invalid name '../../../cache/images/KEY/rootfs': {RULE}\n" in err

@@ -112,8 +112,8 @@ def test_topology_kernel_fields_are_checked_with_their_lines(tmp_path):
         T.load(str(f))
     n = len(TOPO.splitlines())
     assert e.value.errors == [
-        f"{f}:{n + 4}: kernel.qmeu: unknown key (did you mean 'qemu'?)",
         f"{f}:{n + 3}: kernel.modules: {tmp_path}/no-such-folder: no such folder",
+        f"{f}:{n + 4}: kernel.qmeu: unknown key (did you mean 'qemu'?)",
     ]
 
 
@@ -268,9 +268,9 @@ def test_scenario_kernel_fields_are_checked_with_their_lines_and_relative_to_its
         scenario.load(str(f))
     n = len(SCENARIO.splitlines())
     assert e.value.errors == [
-        f"{f}:{n + 5}: kernel.modlues: unknown key (did you mean 'modules'?)",
         f"{f}:{n + 2}: kernel.kernel: {tmp_path}/no-such-bzImage: no such file",
         f"{f}:{n + 3}: kernel.initrd: {tmp_path}: not a file",
+        f"{f}:{n + 5}: kernel.modlues: unknown key (did you mean 'modules'?)",
     ]
 
 

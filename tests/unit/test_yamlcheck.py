@@ -48,3 +48,16 @@ def test_read_names_a_missing_file(tmp_path):
     with pytest.raises(Y.ConfigError) as e:
         Y.read(tmp_path / "none.yaml", "scenario", "none.yaml")
     assert e.value.errors == ["none.yaml: cannot read: No such file or directory"]
+
+
+def test_errors_are_listed_in_each_files_order_files_as_they_came():
+    """The checks find mistakes field by field; a user reads them top to bottom, as a compiler lists them."""
+    from testbed.yamlcheck import ConfigError
+
+    e = ConfigError("scenario", [
+        "b.yaml:9: steps[2]: unknown action", "b.yaml: ... and 3 more errors of these kinds",
+        "b.yaml:2: name: invalid name", "a.yaml:7: x: bad", "b.yaml:2: name: second on line 2", "a.yaml:1: y: bad"])
+    assert e.errors == [
+        "b.yaml:2: name: invalid name", "b.yaml: ... and 3 more errors of these kinds",
+        "b.yaml:2: name: second on line 2", "b.yaml:9: steps[2]: unknown action", "a.yaml:1: y: bad", "a.yaml:7: x: bad"]
+    assert str(e).splitlines()[1:3] == ["  b.yaml:2: name: invalid name", "  b.yaml: ... and 3 more errors of these kinds"]
