@@ -63,8 +63,13 @@ class ServiceConfig:
     bad_request_grace_s: float = 0.5
     """A pool request that stays unreadable (CRC) this long is answered as malformed."""
     claim_scan_interval_s: float = 0.001
-    """How often the serve loop looks at free host slots for claims and reads heartbeats
-    (requests of registered clients are looked at on every pass)."""
+    """How often the serve loop looks at free host slots for claims, reads heartbeats and drains
+    the touch rings (requests of registered clients are looked at on every pass)..."""
+    claim_scan_idle_interval_s: float = 0.01
+    """...and how often once no request came for ``poll_warm_s``: clients that only read (gets need
+    no service) then leave it idle, and a scan of every slot each millisecond took 7-10 % of a
+    core from them (two readers on two cores). A claim waits at most this long more; heartbeat
+    timeouts are seconds; a touch ring (2048 entries) holds far more reads than come in 10 ms."""
     stall_threshold_s: float = 0.25
     """A gap this long between two passes of the serve loop is the service's own stall (a GC pause,
     a descheduled or stopped process, slow pool memory): client heartbeat deadlines move by the gap,
@@ -513,7 +518,8 @@ class MetadataService:
                 t = time.monotonic()
                 scan = t >= next_scan
                 if scan:
-                    next_scan = t + self.cfg.claim_scan_interval_s
+                    idle = t - last_work >= self.cfg.poll_warm_s
+                    next_scan = t + (self.cfg.claim_scan_idle_interval_s if idle else self.cfg.claim_scan_interval_s)
                 worked = self.poll_pool(claims=scan)
                 if tcp is not None:
                     worked |= tcp.poll(0)
