@@ -407,3 +407,20 @@ def test_pools_of_killed_runs_are_removed_and_nothing_else(tmp_path):
     assert left == set(kept) | {f"beluga-test-{dead}-dir", f"beluga-test-{dead}-link.pool"}
     assert outside.read_bytes() == b"not ours"
     assert remove_orphans(str(tmp_path / "missing"), "beluga-test-") == []
+
+
+@needs_no_sanitizer
+def test_put_breakdown_times_every_step_of_real_puts(capsys):
+    from benchmarks.store import put_breakdown
+
+    assert put_breakdown.main(["--size", "64K", "--rounds", "2", "--puts", "20", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["size"] == 65536 and len(out["rounds"]) == 2
+    for r in out["rounds"]:
+        steps = {"put", "alloc", "commit", "copy + CRC", "headers", "ping", "the rest (put - the parts)"}
+        assert steps <= set(r), r  # every step of the put was seen (the wrappers were called)
+        assert all(r[s] > 0 for s in steps - {"the rest (put - the parts)"}), r
+        assert r["put"] > r["alloc"] + r["commit"], r  # the parts are inside the whole
+        if shutil.which("redis-server"):
+            assert r["Redis SET"] > 0
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"beluga-bench-{os.getpid()}")]
