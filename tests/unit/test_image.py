@@ -6,7 +6,6 @@ import lzma
 import os
 import shutil
 import struct
-import time
 from pathlib import Path
 
 import pytest
@@ -59,8 +58,8 @@ def test_recipe_errors_name_file_and_field(recipe):
     r.write_text(r.read_text().replace("disk_size_mib: 2048", "disk_size_mb: 2048"))
     with pytest.raises(TestbedError) as e:
         image.load_recipe(recipe)
-    assert e.value.errors == [f"{r}:29: disk_size_mb: unknown key (did you mean 'disk_size_mib'?)",
-                              f"{r}:3: (top): missing required key 'disk_size_mib'"]
+    assert e.value.errors == [f"{r}:3: (top): missing required key 'disk_size_mib'",  # in the file's order
+                              f"{r}:29: disk_size_mb: unknown key (did you mean 'disk_size_mib'?)"]
     assert str(e.value).startswith("invalid image recipe:\n  ")
 
 
@@ -73,9 +72,9 @@ def test_recipe_values_stay_inside_the_rootfs_and_debootstrap_argument(recipe):
     with pytest.raises(TestbedError) as e:
         image.load_recipe(recipe)
     assert e.value.errors == [
-        f"{r}:29: disk_size_mib: expected an integer, got a string '1e9'",
         f"{r}:13: packages[4]: expected a Debian package name, got a string 'kmod,evil'",
-        f"{r}:23: strip[0]: expected a path pattern inside the rootfs (relative, no '..'), got '../../home'"]
+        f"{r}:23: strip[0]: expected a path pattern inside the rootfs (relative, no '..'), got '../../home'",
+        f"{r}:29: disk_size_mib: expected an integer, got a string '1e9'"]
 
 
 def _fake_image(cache: Path, key: str) -> Path:
@@ -91,10 +90,8 @@ def _fake_image(cache: Path, key: str) -> Path:
 def test_up_to_date_image_is_not_rebuilt(cache, monkeypatch):
     _fake_image(cache, image.recipe_key())
     monkeypatch.setattr(image, "_run", lambda *a: pytest.fail("must not run debootstrap"))
-    start = time.monotonic()
     img, built = image.build()
     assert not built and img.key == image.recipe_key()
-    assert time.monotonic() - start < 5
 
 
 def test_incomplete_image_does_not_count(cache):
