@@ -474,9 +474,15 @@ def _round_ratio(num: list | None, den: list | None, fallback: float) -> float:
     The machine's speed drifts over a run (other tenants of the host), so ratios
     taken within each round are steadier than a ratio of two medians.
     """
+    per_round = _per_round(num, den)
+    return statistics.median(per_round) if per_round else fallback
+
+
+def _per_round(num: list | None, den: list | None) -> list[float] | None:
+    """num[i] / den[i] for each round, or None when the rounds do not pair up (or a den is 0)."""
     if num and den and len(num) == len(den) and all(d > 0 for d in den):
-        return statistics.median(a / b for a, b in zip(num, den))
-    return fallback
+        return [a / b for a, b in zip(num, den)]
+    return None
 
 
 def _rounds(m: dict | None, key: str) -> list | None:
@@ -492,12 +498,10 @@ def _bare_scaling(report: dict, size: int, a: dict, b: dict) -> dict | None:
     ba, bb = find(report, "bare", "get", size, 1), find(report, "bare", "get", size, 2)
     if not (ba and bb):
         return None
-    ratio = _round_ratio(_rounds(bb, "gbps"), _rounds(ba, "gbps"), bb["gbps"] / ba["gbps"])
-    store, bare = (_rounds(b, "gbps"), _rounds(a, "gbps")), (_rounds(bb, "gbps"), _rounds(ba, "gbps"))
-    if all(x and len(x) == len(store[0]) for x in (*store, *bare)) and all(store[1]) and all(bare[1]) and all(bare[0]):
-        relative = statistics.median((s2 / s1) / (b2 / b1) for s2, s1, b2, b1 in zip(*store, *bare))
-    else:
-        relative = (b["gbps"] / a["gbps"]) / (bb["gbps"] / ba["gbps"])
+    store = _per_round(_rounds(b, "gbps"), _rounds(a, "gbps"))
+    bare = _per_round(_rounds(bb, "gbps"), _rounds(ba, "gbps"))
+    ratio = statistics.median(bare) if bare else bb["gbps"] / ba["gbps"]
+    relative = _round_ratio(store, bare, (b["gbps"] / a["gbps"]) / (bb["gbps"] / ba["gbps"]))
     return {"a": ba["gbps"], "b": bb["gbps"], "ratio": ratio, "relative": relative}
 
 
