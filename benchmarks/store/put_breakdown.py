@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -37,33 +38,22 @@ def _p50(xs: list[float]) -> float:
 
 def _round(client, redis, keys: list[bytes], data: bytes, puts: int, rng: random.Random) -> dict:
     """One round: ``puts`` timed puts (their steps too), then as many pings and Redis SETs."""
-    import beluga.client as bc
-
     steps: dict[str, list[float]] = {"put": [], "alloc": [], "commit": [], "copy + CRC": [], "headers": []}
     real_call, real_copy, real_header = client._call, readpath.copy_crc, L.write_block_header
 
-    def call(op, body=b"", **kw):
-        t = time.perf_counter()
-        try:
-            return real_call(op, body, **kw)
-        finally:
-            steps.setdefault(rpc.OP_NAMES.get(op, str(op)), []).append(time.perf_counter() - t)
+    def timed(fn, name):
+        """``fn``, its time appended to steps[name(args)] (or steps[name])."""
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                steps.setdefault(name(a) if callable(name) else name, []).append(time.perf_counter() - t)
+        return wrapper
 
-    def copy(dest, src):
-        t = time.perf_counter()
-        try:
-            return real_copy(dest, src)
-        finally:
-            steps["copy + CRC"].append(time.perf_counter() - t)
-
-    def header(*a, **kw):
-        t = time.perf_counter()
-        try:
-            return real_header(*a, **kw)
-        finally:
-            steps["headers"].append(time.perf_counter() - t)
-
-    client._call, bc.readpath.copy_crc, bc.L.write_block_header = call, copy, header
+    # The client calls readpath.copy_crc and L.write_block_header through their modules: patched there.
+    client._call = timed(real_call, lambda a: rpc.OP_NAMES.get(a[0], str(a[0])))
+    readpath.copy_crc, L.write_block_header = timed(real_copy, "copy + CRC"), timed(real_header, "headers")
     try:
         for _ in range(puts):
             k = keys[rng.randrange(len(keys))]
@@ -72,7 +62,7 @@ def _round(client, redis, keys: list[bytes], data: bytes, puts: int, rng: random
             steps["put"].append(time.perf_counter() - t)
     finally:
         del client._call
-        bc.readpath.copy_crc, bc.L.write_block_header = real_copy, real_header
+        readpath.copy_crc, L.write_block_header = real_copy, real_header
     steps["ping"] = []
     for _ in range(puts):
         t = time.perf_counter()
@@ -132,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             redis_server.stop()
         if service is not None:
             service.stop()
-        for f in (pool,):
-            try:
-                os.unlink(f)
-            except FileNotFoundError:
-                pass
+        try:
+            os.unlink(pool)
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         print(json.dumps({"size": args.size, "puts_per_round": args.puts, "rounds": rounds}, indent=1))
         return 0

@@ -411,9 +411,16 @@ def test_pools_of_killed_runs_are_removed_and_nothing_else(tmp_path):
 
 @needs_no_sanitizer
 def test_put_breakdown_times_every_step_of_real_puts(capsys):
+    import tempfile
+
     from benchmarks.store import put_breakdown
 
+    def tmp_dirs():
+        return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("beluga-put-")}
+
+    before = tmp_dirs()
     assert put_breakdown.main(["--size", "64K", "--rounds", "2", "--puts", "20", "--json"]) == 0
+    assert tmp_dirs() == before  # its folder (the service's and Redis's files) is removed
     out = json.loads(capsys.readouterr().out)
     assert out["size"] == 65536 and len(out["rounds"]) == 2
     for r in out["rounds"]:
