@@ -77,6 +77,8 @@ def _put(sftp, src: Path, dst: str, *, top: bool = True) -> None:
     nothing from outside it, and a link to a parent folder is no endless loop."""
     st = src.stat() if top else src.lstat()
     if stat.S_ISLNK(st.st_mode):
+        if _is_remote_link(sftp, dst):
+            sftp.remove(dst)  # a link from an earlier copy: replaced, as files are (nothing is written through it)
         sftp.symlink(os.readlink(src), dst)
         return
     if stat.S_ISDIR(st.st_mode):
@@ -91,6 +93,15 @@ def _put(sftp, src: Path, dst: str, *, top: bool = True) -> None:
     sftp.chmod(dst, stat.S_IMODE(st.st_mode))
 
 
+def _is_remote_link(sftp, path: str) -> bool:
+    try:
+        return stat.S_ISLNK(sftp.lstat(path).st_mode)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+
+
 def _local_name(name: str, where: str) -> str:
     """A name a host listed, as one local path component (a hostile guest may list anything)."""
     if name in ("", ".", "..") or "/" in name or "\0" in name:
@@ -101,12 +112,14 @@ def _local_name(name: str, where: str) -> str:
 def _get(sftp, src: str, dst: Path, *, host: str, top: bool = True) -> None:
     """The mirror of _put: links inside a folder come back as links, and nothing is ever
     written through a local link (one an earlier copy made could point anywhere)."""
-    if dst.is_symlink():
-        raise TestbedError(f"{dst}: is a symbolic link; will not write through it")
     st = sftp.stat(src) if top else sftp.lstat(src)
     if stat.S_ISLNK(st.st_mode):
+        if dst.is_symlink():
+            dst.unlink()  # a link from an earlier copy: replaced, as files are (nothing is written through it)
         os.symlink(sftp.readlink(src), dst)
         return
+    if dst.is_symlink():
+        raise TestbedError(f"{dst}: is a symbolic link; will not write through it")
     if stat.S_ISDIR(st.st_mode):
         dst.mkdir(exist_ok=True)
         for a in sorted(sftp.listdir_attr(src), key=lambda a: a.filename):

@@ -94,8 +94,12 @@ def test_cp_into_every_host_and_back_out(bed, tmp_path):
     (tree / "ln").symlink_to("a")
     cli("cp", "progs", "-r", str(tree), "host0:/tmp/")
     assert cli("exec", "progs", "host0", "--", "readlink /tmp/tree/ln; cat /tmp/tree/ln").stdout.split() == ["a", "A"]
-    cli("cp", "progs", "-r", "host0:/tmp/tree", str(tmp_path / "back"))
-    assert os.readlink(tmp_path / "back" / "ln") == "a" and (tmp_path / "back" / "a").read_text() == "A"
+    cli("cp", "progs", "-r", str(tree), "host0:/tmp/")  # again: the link is replaced, as the file is
+    back = tmp_path / "back"
+    back.mkdir()
+    for _ in range(2):  # twice into the same folder: the second copy replaces the link the first made
+        cli("cp", "progs", "-r", "host0:/tmp/tree", str(back))
+    assert os.readlink(back / "tree" / "ln") == "a" and (back / "tree" / "a").read_text() == "A"
 
 
 def test_example_readers_check_every_record_when_the_writer_host_crashes(bed, tmp_path):

@@ -49,6 +49,9 @@ class FolderSFTP:
     def symlink(self, source, dest):
         os.symlink(source, self._p(dest))
 
+    def remove(self, path):
+        os.unlink(self._p(path))
+
     def readlink(self, path):
         return os.readlink(self._p(path))
 
@@ -123,6 +126,13 @@ def test_links_inside_a_folder_are_copied_as_links_never_followed(tb, prog, tmp_
     out.mkdir()
     transfer.copy(tb, "host0:/tmp/prog", str(out), all_hosts=False, recursive=True)
     assert os.readlink(out / "prog/lib/up") == ".." and (out / "prog/run.py").read_text() == "print('hi')\n"
+    # Copied again, both ways, after the link changed: it is replaced, as the files are.
+    (prog / "lib" / "up").unlink()
+    (prog / "lib" / "up").symlink_to("../lib")
+    transfer.copy(tb, str(prog), "host0:/tmp", all_hosts=False, recursive=True)
+    assert os.readlink(lib / "up") == "../lib"
+    transfer.copy(tb, "host0:/tmp/prog", str(out), all_hosts=False, recursive=True)
+    assert os.readlink(out / "prog/lib/up") == "../lib" and os.readlink(out / "prog/lib/secret") == str(secret)
 
 
 def test_copying_out_never_writes_through_a_local_link(tb, tmp_path):
