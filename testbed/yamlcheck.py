@@ -60,18 +60,14 @@ def _in_file_order(errors: list[str]) -> list[str]:
     lists them (the checks find them in another order); files stay in the order they came
     (`scenario validate` gathers several). The others (about a whole file, "... and N more")
     keep their places; errors on one line keep theirs among themselves."""
-    at = [i for i, e in enumerate(errors) if _LINE.match(e)]
+    lined = [(i, m) for i, e in enumerate(errors) if (m := _LINE.match(e))]
     files: dict[str, int] = {}
-    for i in at:
-        files.setdefault(_LINE.match(errors[i]).group(1), len(files))
-
-    def key(e: str) -> tuple[int, int]:
-        m = _LINE.match(e)
-        return files[m.group(1)], int(m.group(2))
-
+    for _, m in lined:
+        files.setdefault(m.group(1), len(files))
+    ordered = sorted((m for _, m in lined), key=lambda m: (files[m.group(1)], int(m.group(2))))
     out = list(errors)
-    for i, e in zip(at, sorted((errors[i] for i in at), key=key)):
-        out[i] = e
+    for (i, _), m in zip(lined, ordered):
+        out[i] = m.string
     return out
 
 
