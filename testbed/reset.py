@@ -183,11 +183,15 @@ def helper_dir() -> str:
     return "/run/beluga/reset-" + hashlib.sha256(GUEST_SCRIPT.read_bytes()).hexdigest()[:12]
 
 
+def _words(args: dict) -> str:
+    """The guest half's arguments as guest/reset.py reads them: `poison=1 port=47811`."""
+    return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in args.items())
+
+
 def guest_command(args: dict, token: str = "", *, folder: str | None = None, script: str | None = None) -> str:
     """The shell command of the guest half (`folder` and `script` are for tests)."""
-    words = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in args.items())
     return CLIENT.format(dir=shlex.quote(folder or helper_dir()), token=shlex.quote(token),
-                         script=shlex.quote(GUEST_SCRIPT.read_text() if script is None else script), words=words)
+                         script=shlex.quote(GUEST_SCRIPT.read_text() if script is None else script), words=_words(args))
 
 
 def _guest(h, args: dict, run, token: str = "") -> tuple[dict | None, list[str]]:
@@ -274,11 +278,10 @@ def _save_helper_record(tb, rec: dict) -> None:
 def _guest_tcp(h, port: int, token: str, args: dict) -> dict | None:
     """The guest half through the helper's forwarded port; None when that did not work
     (no helper listening, a wrong token, a lost connection): the caller asks over SSH."""
-    words = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in args.items())
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=HELPER_CONNECT_S) as c:
             c.settimeout(GUEST_TIMEOUT_S)
-            c.sendall(f"{token} {Path(helper_dir()).name} {words}\n".encode())
+            c.sendall(f"{token} {Path(helper_dir()).name} {_words(args)}\n".encode())
             data = b""
             while not data.endswith(b"\n"):
                 chunk = c.recv(1 << 16)
