@@ -5,7 +5,7 @@
  *   crc32(data, value=0) -> int          CRC-32 (zlib polynomial), as zlib.crc32
  *   probe(buf, table_off, buckets, tseq_off, key) -> (gen, where, length, crc) | None | False
  *   probe_prefix(buf, table_off, buckets, tseq_off, keys, ring_off, head_off, head) -> (hits, head, busy)
- *   copy_crc(dest, src) -> CRC-32 of the bytes copied (one pass)
+ *   copy_crc(dest, src, stream=False) -> CRC-32 of the bytes copied (one pass; stream: non-temporal stores)
  *   read_into(buf, dest, header_off, data_off, key, gen, length, crc) -> int status
  *   read_bytes(buf, header_off, data_off, key, gen, length, crc) -> bytes | int status
  *   Reader(buf, geometry...): get / get_into / probe / lookup_prefix / post_touches in one call each
@@ -133,7 +133,7 @@ static inline uint32_t crc_tail(__m128i a, __m128i b, __m128i d, __m128i e, cons
  * (one pass: each 16 bytes are loaded once, stored and folded). Returns the state
  * after floor(n/16)*16 bytes; *done says how many. */
 __attribute__((target("pclmul,sse4.1")))
-static uint32_t crc_fold(uint32_t c, const uint8_t *src, uint8_t *dst, size_t n, size_t *done) {
+static uint32_t crc_fold(uint32_t c, const uint8_t *src, uint8_t *dst, size_t n, size_t *done, int nt) {
     const __m128i k1k2 = _mm_set_epi64x(0x01c6e41596LL, 0x0154442bd4LL);
     size_t left = n;
     __m128i a = _mm_loadu_si128((const __m128i *)src);
@@ -155,7 +155,13 @@ static uint32_t crc_fold(uint32_t c, const uint8_t *src, uint8_t *dst, size_t n,
         __m128i l1 = _mm_loadu_si128((const __m128i *)(src + 16));
         __m128i l2 = _mm_loadu_si128((const __m128i *)(src + 32));
         __m128i l3 = _mm_loadu_si128((const __m128i *)(src + 48));
-        if (dst) {
+        if (nt) {
+            _mm_stream_si128((__m128i *)dst, l0);
+            _mm_stream_si128((__m128i *)(dst + 16), l1);
+            _mm_stream_si128((__m128i *)(dst + 32), l2);
+            _mm_stream_si128((__m128i *)(dst + 48), l3);
+            dst += 64;
+        } else if (dst) {
             _mm_storeu_si128((__m128i *)dst, l0);
             _mm_storeu_si128((__m128i *)(dst + 16), l1);
             _mm_storeu_si128((__m128i *)(dst + 32), l2);
@@ -178,7 +184,7 @@ static int have_avx512;
  * lanes): lanes are folded across 2048 bits, then the registers into one across 512
  * bits, which leaves the four 128-bit accumulators crc_tail expects. n >= 256. */
 __attribute__((target("avx512f,vpclmulqdq,pclmul,sse4.1")))
-static uint32_t crc_fold512(uint32_t c, const uint8_t *src, uint8_t *dst, size_t n, size_t *done) {
+static uint32_t crc_fold512(uint32_t c, const uint8_t *src, uint8_t *dst, size_t n, size_t *done, int nt) {
     const __m512i k2048 = _mm512_broadcast_i32x4(_mm_set_epi64x(0x01322d1430LL, 0x011542778aLL));
     const __m512i k512 = _mm512_broadcast_i32x4(_mm_set_epi64x(0x01c6e41596LL, 0x0154442bd4LL));
     size_t left = n;
@@ -202,7 +208,13 @@ static uint32_t crc_fold512(uint32_t c, const uint8_t *src, uint8_t *dst, size_t
         __m512i l1 = _mm512_loadu_si512((const void *)(src + 64));
         __m512i l2 = _mm512_loadu_si512((const void *)(src + 128));
         __m512i l3 = _mm512_loadu_si512((const void *)(src + 192));
-        if (dst) {
+        if (nt) {
+            _mm512_stream_si512((void *)dst, l0);
+            _mm512_stream_si512((void *)(dst + 64), l1);
+            _mm512_stream_si512((void *)(dst + 128), l2);
+            _mm512_stream_si512((void *)(dst + 192), l3);
+            dst += 256;
+        } else if (dst) {
             _mm512_storeu_si512((void *)dst, l0);
             _mm512_storeu_si512((void *)(dst + 64), l1);
             _mm512_storeu_si512((void *)(dst + 128), l2);
@@ -235,15 +247,23 @@ static uint32_t crc_fold512(uint32_t c, const uint8_t *src, uint8_t *dst, size_t
 }
 #endif
 
-/* zlib-compatible: crc32(value, data) with pre/post inversion. Copies into dst when given. */
-static uint32_t crc_copy(uint32_t value, const uint8_t *src, uint8_t *dst, size_t n) {
+/* zlib-compatible: crc32(value, data) with pre/post inversion. Copies into dst when given;
+ * with stream, and dst 64-byte aligned, the bulk of the copy uses non-temporal stores (a put
+ * into the pool: the writer never reads the block back, so it goes to memory without first
+ * reading each line in) and ends with an sfence, so the data is ordered before later stores. */
+static uint32_t crc_copy_stream(uint32_t value, const uint8_t *src, uint8_t *dst, size_t n, int stream) {
     uint32_t c = ~value;
     size_t done = 0;
 #ifdef HAVE_X86
+    int nt = stream && dst && ((uintptr_t)dst & 63) == 0;
     if (have_avx512 && n >= 256)
-        c = crc_fold512(c, src, dst, n, &done);
+        c = crc_fold512(c, src, dst, n, &done, nt);
     else if (have_clmul && n >= 64)
-        c = crc_fold(c, src, dst, n, &done);
+        c = crc_fold(c, src, dst, n, &done, nt);
+    if (nt)
+        _mm_sfence();
+#else
+    (void)stream;
 #endif
     if (dst) {
         /* the CRC is always of the copy: what the caller got, whatever src does meanwhile */
@@ -253,6 +273,9 @@ static uint32_t crc_copy(uint32_t value, const uint8_t *src, uint8_t *dst, size_
         c = crc_bytes(c, src + done, n - done);
     }
     return ~c;
+}
+static uint32_t crc_copy(uint32_t value, const uint8_t *src, uint8_t *dst, size_t n) {
+    return crc_copy_stream(value, src, dst, n, 0);
 }
 
 /* ------------------------------------------------------------ records */
@@ -429,10 +452,12 @@ out:
     return result;
 }
 
-/* Copy src into dest and return the CRC-32 of what was copied (one pass): a put's data. */
+/* Copy src into dest and return the CRC-32 of what was copied (one pass): a put's data
+ * (stream: with non-temporal stores, see crc_copy_stream). */
 static PyObject *py_copy_crc(PyObject *self, PyObject *args) {
     Py_buffer dest, src;
-    if (!PyArg_ParseTuple(args, "w*y*", &dest, &src))
+    int stream = 0;
+    if (!PyArg_ParseTuple(args, "w*y*|p", &dest, &src, &stream))
         return NULL;
     PyObject *result = NULL;
     if (dest.len != src.len) {
@@ -440,7 +465,7 @@ static PyObject *py_copy_crc(PyObject *self, PyObject *args) {
     } else {
         uint32_t c;
         Py_BEGIN_ALLOW_THREADS
-        c = crc_copy(0, src.buf, dest.buf, (size_t)src.len);
+        c = crc_copy_stream(0, src.buf, dest.buf, (size_t)src.len, stream);
         Py_END_ALLOW_THREADS
         result = PyLong_FromUnsignedLong(c);
     }
@@ -969,7 +994,7 @@ static PyMethodDef methods[] = {
     {"probe", py_probe, METH_VARARGS, "probe(buf, table_off, buckets, tseq_off, key) -> hit tuple, None or False"},
     {"probe_prefix", py_probe_prefix, METH_VARARGS,
      "probe_prefix(buf, table_off, buckets, tseq_off, keys, ring_off, head_off, head) -> (hits, head, busy)"},
-    {"copy_crc", py_copy_crc, METH_VARARGS, "copy_crc(dest, src) -> CRC-32 of the bytes copied"},
+    {"copy_crc", py_copy_crc, METH_VARARGS, "copy_crc(dest, src, stream=False) -> CRC-32 of the bytes copied"},
     {"read_into", py_read_into, METH_VARARGS, "read_into(buf, dest, hoff, doff, key, gen, length, crc) -> status"},
     {"read_bytes", py_read_bytes, METH_VARARGS, "read_bytes(buf, hoff, doff, key, gen, length, crc) -> bytes or status"},
     {"writeback", py_writeback, METH_VARARGS, "writeback(buf, offset, length): write back the lines (no fence)"},

@@ -316,7 +316,7 @@ class BelugaClient:
             L.claim_block_slot(buf, a.header_offset, a.data_offset, n)
             L.write_block_header(buf, a.header_offset, L.BlockHeader(L.BLOCK_WRITING, n, a.generation, 0, self._slot, key))
             if algo == CRC32:
-                crc = readpath.copy_crc(buf[a.data_offset : a.data_offset + n], mv)  # one pass
+                crc = readpath.copy_crc(buf[a.data_offset : a.data_offset + n], mv, True)  # one pass, streamed
             else:
                 buf[a.data_offset : a.data_offset + n] = mv
                 crc = checksum(algo, mv)

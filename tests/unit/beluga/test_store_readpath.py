@@ -315,6 +315,40 @@ def test_both_paths_probe_prefixes_post_the_same_touches_and_copy_with_the_same_
             fn(bytearray(3), src)
 
 
+_STREAM_CHECK = """
+import mmap, os, sys, zlib
+from beluga import readpath
+try:
+    from beluga import _native  # directly: the check runs with BELUGA_NATIVE=0 too
+except ImportError:
+    _native = None
+fns = [readpath.py_copy_crc] + ([_native.copy_crc] if _native is not None else [])
+src = os.urandom(300_001)
+for fn in fns:
+    for n in (0, 1, 63, 64, 65, 255, 256, 257, 4096, 262_144, 300_001):
+        for at in (0, 1, 16, 64):  # mmap is page-aligned: 0 and 64 get streamed stores, 1 and 16 do not
+            for stream in (False, True):
+                m = mmap.mmap(-1, n + 256)
+                m[:] = b"\\xa5" * len(m)
+                crc = fn(memoryview(m)[at : at + n], src[:n], stream)
+                assert crc == zlib.crc32(src[:n]), (fn, n, at, stream)
+                assert m[at : at + n] == src[:n], (fn, n, at, stream)
+                assert m[:at] == b"\\xa5" * at and m[at + n :] == b"\\xa5" * (len(m) - at - n), (fn, n, at, stream)
+print("checked", len(fns))
+"""
+
+
+@pytest.mark.parametrize("env", [{}, {"BELUGA_NATIVE_NO_AVX512": "1"}], ids=["this-cpu", "no-avx512"])
+def test_copy_crc_copies_exactly_its_bytes_with_zlibs_crc_streamed_or_not(env):
+    """A put's copy (``stream``: non-temporal stores where the pool's slot is aligned): every size
+    around the folding loops' steps, aligned and not; nothing written outside ``dest``. Both the
+    AVX-512 and the SSE loop of the C version (a child process: the choice is made at import)."""
+    run = subprocess.run([sys.executable, "-c", _STREAM_CHECK], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, **env, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["checked", "2" if _native is not None else "1"]
+
+
 # ---------------------------------------------------------------- a whole get in one call
 READERS = {"python": readpath.PyReader} | ({"native": _native.Reader} if _native is not None else {})
 
