@@ -328,8 +328,9 @@ class BelugaClient:
             commits.append((key, a.segment, a.slot, a.generation, n, crc))
         rows, errors, _ = rpc.STATUS_RESP.unpack(self._call(rpc.OP_COMMIT, rpc.COMMIT_REQ.pack(commits)))
         bad = [(i, r[0]) for i, r in enumerate(rows) if r[0] != rpc.OK]
+        failed = {i for i, _ in bad}
         self._counts["puts"] += len(batch) - len(bad)
-        self._counts["put_bytes"] += sum(mv.nbytes for i, (_, mv) in enumerate(batch) if i not in dict(bad))
+        self._counts["put_bytes"] += sum(mv.nbytes for i, (_, mv) in enumerate(batch) if i not in failed)
         if bad:
             i, code = bad[0]
             raise RequestRejectedError(code, f"commit of key {batch[i][0].hex()[:16]}... rejected "

@@ -123,19 +123,19 @@ class BlockIndex:
 
     def _persist_segment(self, seg: Segment) -> None:
         owner_slot, owner_epoch = seg.owner or (0, 0)
-        entry = L.SegmentEntry(seg.state, owner_slot, owner_epoch,
-                               seg.layout.data_slot_bytes if seg.layout else 0,
-                               seg.layout.slot_count if seg.layout else 0)
-        L.write_segment_entry(self.buf, self.g.segment_entry_offset(seg.index), entry)
+        lay = seg.layout
+        raw = L.encode_segment_entry(seg.state, owner_slot, owner_epoch, lay.data_slot_bytes if lay else 0,
+                                     lay.slot_count if lay else 0)
+        L.write_segment_entry(self.buf, self.g.segment_entry_offset(seg.index), raw)
 
     def _persist_entry(self, seg: int, slot: int, blk: Block | None, free_generation: int = 0) -> None:
         if blk is None:
-            entry = L.IndexEntry(L.ENTRY_FREE, 0, 0, free_generation, 0, 0, bytes(L.KEY_BYTES))
+            raw = L.encode_index_entry(L.ENTRY_FREE, 0, 0, free_generation, 0, 0, None)
         else:
             owner_slot, owner_epoch = blk.owner
-            entry = L.IndexEntry(blk.state, owner_slot, owner_epoch, blk.generation, blk.length, blk.crc,
-                                 blk.key or bytes(L.KEY_BYTES))
-        L.write_index_entry(self.buf, self.g, seg, slot, entry)
+            raw = L.encode_index_entry(blk.state, owner_slot, owner_epoch, blk.generation, blk.length, blk.crc,
+                                       blk.key)
+        L.write_index_entry(self.buf, self.g, seg, slot, raw)
 
     def _new_generation(self) -> int:
         gen = self._next_gen
@@ -355,14 +355,17 @@ class BlockIndex:
     # ------------------------------------------------------------ allocation and eviction
     def _segment_for(self, client: Holder, data_slot_bytes: int) -> Segment:
         me = client.ident
-        same_class = self._by_class.get(data_slot_bytes, [])
-        for seg in same_class:
-            if seg.owner == me and seg.free:
-                return seg
-        for seg in same_class:
-            if seg.free and self._transferable(seg, me):
-                self._set_owner(seg, me)
-                return seg
+        # One pass: a segment of this client's with a free slot, else the first one it may take over.
+        takeover = None
+        for seg in self._by_class.get(data_slot_bytes, ()):
+            if seg.free:
+                if seg.owner == me:
+                    return seg
+                if takeover is None and self._transferable(seg, me):
+                    takeover = seg
+        if takeover is not None:
+            self._set_owner(takeover, me)
+            return takeover
         if self.free_segments:
             seg = self.segments[heapq.heappop(self.free_segments)]
             self._open(seg, data_slot_bytes, me)

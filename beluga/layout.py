@@ -704,9 +704,8 @@ class SegmentEntry:
     slot_count: int
 
     def encode(self) -> bytes:
-        body = SEGMENT_ENTRY.pack(self.state, 0, self.owner_slot, self.owner_epoch, self.data_slot_bytes,
-                                  self.slot_count, 0)
-        return body[:-4] + U32.pack(_checksum.meta_crc(body[:-4]))
+        return encode_segment_entry(self.state, self.owner_slot, self.owner_epoch, self.data_slot_bytes,
+                                    self.slot_count)
 
     @classmethod
     def decode(cls, raw) -> "SegmentEntry | None":
@@ -718,6 +717,12 @@ class SegmentEntry:
 
 
 FREE_SEGMENT = SegmentEntry(SEG_FREE, 0, 0, 0, 0)
+
+
+def encode_segment_entry(state: int, owner_slot: int, owner_epoch: int, data_slot_bytes: int, slot_count: int) -> bytes:
+    """``SegmentEntry(...).encode()`` without building the object."""
+    body = SEGMENT_ENTRY.pack(state, 0, owner_slot, owner_epoch, data_slot_bytes, slot_count, 0)
+    return body[:-4] + U32.pack(_checksum.meta_crc(body[:-4]))
 
 
 def segment_entry_problem(g: Geometry, entry: SegmentEntry) -> str | None:
@@ -757,11 +762,12 @@ def index_entry_problem(entry: "IndexEntry", data_slot_bytes: int) -> str | None
     return None
 
 
-def write_segment_entry(buf, offset: int, entry: SegmentEntry) -> None:
+def write_segment_entry(buf, offset: int, entry: "SegmentEntry | bytes") -> None:
+    """``entry``: the record, or its ``encode_segment_entry`` bytes (the service's hot path builds no object)."""
     # Copy A, then copy B: if the writer dies mid-way, one intact copy (old or new) remains.
     # Non-coherent: copy A is written back and fenced before copy B is written, so memory, too,
     # never holds both copies torn.
-    raw = entry.encode()
+    raw = entry if type(entry) is bytes else entry.encode()
     buf[offset : offset + SEGMENT_RECORD_BYTES] = raw
     _wb(buf, offset, SEGMENT_RECORD_BYTES, "segment entry")
     _fence(buf, "segment entry")
@@ -829,10 +835,11 @@ class IndexEntry:
         return cls(state, owner, epoch, gen, length, dcrc, key)
 
 
-def write_index_entry(buf, g: Geometry, segment: int, slot: int, entry: IndexEntry) -> None:
-    """The entry's one writer (the service). Writing a COMMITTED entry is a block's commit point."""
+def write_index_entry(buf, g: Geometry, segment: int, slot: int, entry: "IndexEntry | bytes") -> None:
+    """The entry's one writer (the service). Writing a COMMITTED entry is a block's commit point.
+    ``entry``: the record, or its ``encode_index_entry`` bytes (the service's hot path builds no object)."""
     off = g.index_entry_offset(segment, slot)
-    buf[off : off + INDEX_ENTRY_BYTES] = entry.encode()
+    buf[off : off + INDEX_ENTRY_BYTES] = entry if type(entry) is bytes else entry.encode()
     _wb(buf, off, INDEX_ENTRY_BYTES, "index entry")  # the response's fence orders it before the answer
 
 
@@ -904,9 +911,10 @@ def block_header_matches(raw: bytes, key: bytes, generation: int, length_bytes: 
             and crc == _checksum.meta_crc(memoryview(raw)[:_HEADER_BODY_BYTES]))
 
 
-def write_block_header(buf, offset: int, header: BlockHeader, data: tuple[int, int] | None = None) -> None:
+def write_block_header(buf, offset: int, header: "BlockHeader | bytes", data: tuple[int, int] | None = None) -> None:
     """The header's one writer (the client holding the slot's reservation). A put writes it
-    WRITING, then the data, then COMPLETE: the COMPLETE header publishes the data.
+    WRITING, then the data, then COMPLETE: the COMPLETE header publishes the data. ``header``: the
+    record, or its ``encode_block_header`` bytes (a put builds no object).
 
     Non-coherent: the WRITING header is written back and fenced before the data is written (a reader
     that sees any new data then sees the header change); with ``data`` = (offset, length), the data's
@@ -914,7 +922,7 @@ def write_block_header(buf, offset: int, header: BlockHeader, data: tuple[int, i
     written back and fenced: the COMMIT request that follows may then name it."""
     if data is not None:
         _fence(buf, "block data")
-    buf[offset : offset + BLOCK_HEADER_BYTES] = header.encode()
+    buf[offset : offset + BLOCK_HEADER_BYTES] = header if type(header) is bytes else header.encode()
     if data is None:
         _wb(buf, offset, BLOCK_HEADER_BYTES, "block header")
         _fence(buf, "block header")
