@@ -491,7 +491,9 @@ class BlockIndex:
         self._touch += 1
         blk.touch = self._touch
         self.counters["commits"] += 1
-        self._maybe_seal(seg)
+        # A full segment stays its writer's: a slot freed there later (a replaced or deleted block) is
+        # that writer's next ALLOC without the segment changing hands twice (two segment-table writes).
+        # Another writer may still take it over while it has no reservation in it (_transferable).
 
     def abort_one(self, client: Holder, si: int, sl: int, gen: int) -> None:
         seg, _ = self._locate(si, sl, "abort")
