@@ -327,7 +327,9 @@ class BlockIndex:
         blk = seg.blocks.pop(slot)
         self._persist_entry(seg.index, slot, None, blk.generation)
         heapq.heappush(seg.free, slot)
-        if seg.state == L.SEG_SEALED and not seg.blocks:
+        if not seg.blocks:
+            # Empty (no block, no reservation), sealed or still a writer's: back to the free pool, where
+            # any size class can have it before a live block is evicted for space.
             self._seal(seg)
 
     def _unindex(self, key: bytes, *, withdraw: bool = True) -> None:
