@@ -911,10 +911,9 @@ def block_header_matches(raw: bytes, key: bytes, generation: int, length_bytes: 
             and crc == _checksum.meta_crc(memoryview(raw)[:_HEADER_BODY_BYTES]))
 
 
-def write_block_header(buf, offset: int, header: "BlockHeader | bytes", data: tuple[int, int] | None = None) -> None:
+def write_block_header(buf, offset: int, header: BlockHeader, data: tuple[int, int] | None = None) -> None:
     """The header's one writer (the client holding the slot's reservation). A put writes it
-    WRITING, then the data, then COMPLETE: the COMPLETE header publishes the data. ``header``: the
-    record, or its ``encode_block_header`` bytes (a put builds no object).
+    WRITING, then the data, then COMPLETE: the COMPLETE header publishes the data.
 
     Non-coherent: the WRITING header is written back and fenced before the data is written (a reader
     that sees any new data then sees the header change); with ``data`` = (offset, length), the data's
@@ -922,7 +921,7 @@ def write_block_header(buf, offset: int, header: "BlockHeader | bytes", data: tu
     written back and fenced: the COMMIT request that follows may then name it."""
     if data is not None:
         _fence(buf, "block data")
-    buf[offset : offset + BLOCK_HEADER_BYTES] = header if type(header) is bytes else header.encode()
+    buf[offset : offset + BLOCK_HEADER_BYTES] = header.encode()
     if data is None:
         _wb(buf, offset, BLOCK_HEADER_BYTES, "block header")
         _fence(buf, "block header")
