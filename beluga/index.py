@@ -318,11 +318,6 @@ class BlockIndex:
             seg.owner = None
             self._persist_segment(seg)
 
-    def _maybe_seal(self, seg: Segment) -> None:
-        # Ownership is only worth keeping while the owner can still write there.
-        if seg.state == L.SEG_OPEN and not seg.free and seg.reserved_count() == 0:
-            self._seal(seg)
-
     def _free_slot(self, seg: Segment, slot: int) -> None:
         blk = seg.blocks.pop(slot)
         self._persist_entry(seg.index, slot, None, blk.generation)
@@ -505,7 +500,6 @@ class BlockIndex:
                                            f"with generation {gen}")
         client.reservations.discard((si, sl))
         self._free_slot(seg, sl)
-        self._maybe_seal(seg)
 
     # ------------------------------------------------------------ lookups, leases, deletion
     def lookup_one(self, client: Holder, key: bytes, *, lease_expiry: float | None) -> tuple | None:
@@ -593,7 +587,6 @@ class BlockIndex:
                 if blk is not None and blk.state == L.ENTRY_RESERVED and blk.deadline <= now:
                     c.reservations.discard((si, sl))
                     self._free_slot(self.segments[si], sl)
-                    self._maybe_seal(self.segments[si])
                     self.counters["reservations_expired"] += 1
 
     def release_holder(self, c: Holder) -> None:
