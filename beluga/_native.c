@@ -131,7 +131,8 @@ static inline uint32_t crc_tail(__m128i a, __m128i b, __m128i d, __m128i e, cons
 
 /* CRC of n >= 64 bytes at src; if dst is not NULL the bytes are also copied there
  * (one pass: each 16 bytes are loaded once, stored and folded). Returns the state
- * after floor(n/16)*16 bytes; *done says how many. */
+ * after floor(n/16)*16 bytes; *done says how many. nt (only with a 64-byte aligned
+ * dst): the main loop's stores are non-temporal; the caller fences. */
 __attribute__((target("pclmul,sse4.1")))
 static uint32_t crc_fold(uint32_t c, const uint8_t *src, uint8_t *dst, size_t n, size_t *done, int nt) {
     const __m128i k1k2 = _mm_set_epi64x(0x01c6e41596LL, 0x0154442bd4LL);
@@ -182,7 +183,8 @@ static int have_avx512;
 
 /* The same folding, 256 bytes per step in four 512-bit registers (each four 128-bit
  * lanes): lanes are folded across 2048 bits, then the registers into one across 512
- * bits, which leaves the four 128-bit accumulators crc_tail expects. n >= 256. */
+ * bits, which leaves the four 128-bit accumulators crc_tail expects. n >= 256; nt as
+ * in crc_fold. */
 __attribute__((target("avx512f,vpclmulqdq,pclmul,sse4.1")))
 static uint32_t crc_fold512(uint32_t c, const uint8_t *src, uint8_t *dst, size_t n, size_t *done, int nt) {
     const __m512i k2048 = _mm512_broadcast_i32x4(_mm_set_epi64x(0x01322d1430LL, 0x011542778aLL));
